@@ -1,0 +1,159 @@
+"""Collection: threshold files become one pytest item per threshold; models without thresholds get a
+measurement item per cache config, so every evaluated configuration shows in the table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .cache_config import CacheConfig
+from .engine import EngineError
+from .options import DEFAULT_CACHES, KVOptions
+from .report import Report
+from .session import KVSession, ModelUnavailable, Verdict
+from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
+
+STATE = pytest.StashKey["KVState"]()
+
+
+class KVState:
+    """Per-run plugin state, kept in ``config.stash``."""
+
+    def __init__(self, config: pytest.Config, options: KVOptions, session: KVSession) -> None:
+        self.config = config
+        self.options = options
+        self.session = session
+        self.report = Report()
+        self.threshold_paths = threshold_files(options.thresholds) if options.models else []
+        # --kv-model value by canonical alias, so a path keeps working under its alias
+        self.model_names: dict[str, str] = {}
+        for name in options.models:
+            self.model_names.setdefault(self.alias_of(name), name)
+
+    def alias_of(self, name: str) -> str:
+        reg = self.session.registry
+        if reg.lookup(name) is not None:
+            return reg.canonical(name)
+        p = Path(name).expanduser()
+        for e in reg.entries.values():
+            if e.path and Path(e.path) == p.resolve():
+                return e.alias
+        return p.stem if p.suffix.lower() == ".gguf" else name
+
+    def known_model(self, name: str) -> str | None:
+        if self.session.registry.lookup(name) is not None:
+            return self.session.registry.canonical(name)
+        return name if name in self.model_names else None
+
+    def categories(self) -> list[str]:
+        return self.session.corpus.categories
+
+    def run(self, alias: str, cache: CacheConfig) -> Any:
+        """Evaluate for an item: skip (or fail under --kv-require) when the model is unavailable."""
+        try:
+            return self.session.evaluate(self.model_names.get(alias, alias), cache)
+        except ModelUnavailable as e:
+            if self.options.require:
+                pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
+            pytest.skip(str(e))
+
+
+def get_state(config: pytest.Config) -> KVState:
+    return config.stash[STATE]
+
+
+class ThresholdFailed(AssertionError):
+    """A threshold that the measurement did not meet."""
+
+
+class ThresholdFile(pytest.File):
+    def collect(self) -> Iterator[pytest.Item]:
+        state = get_state(self.config)
+        try:
+            thresholds = load_thresholds(self.path, state.known_model, state.categories())
+        except ThresholdError as e:
+            raise self.CollectError(f"invalid threshold file: {e}") from e
+        wanted = state.options.caches
+        for t in thresholds:
+            if t.model in state.model_names and (wanted is None or t.cache in wanted):
+                yield ThresholdItem.from_parent(self, name=t.test_id, threshold=t)
+
+
+class KVItemBase(pytest.Item):
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, (ThresholdFailed, EngineError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
+class ThresholdItem(KVItemBase):
+    def __init__(self, *, threshold: Threshold, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+        self.add_marker("kvquality")
+
+    def runtest(self) -> None:
+        t = self.threshold
+        state = get_state(self.config)
+        result = state.run(t.model, t.cache)
+        summary = result[t.category]
+        value, unc = summary.metric(t.metric)
+        passed = t.passes(value)
+        state.session.record_verdict(Verdict(t, value, unc, passed, summary.n_tokens))
+        self.user_properties += [("kv_value", value), ("kv_uncertainty", unc),
+                                 ("kv_threshold", t.rule), ("kv_n_tokens", summary.n_tokens)]
+        if not passed:
+            raise ThresholdFailed(
+                f"{t.model} [{t.cache.label}] {t.category}: {t.metric} = {value:.6g} ± {unc:.2g}, "
+                f"threshold {t.op} {t.limit:g} not met (model {t.model}, cache {t.cache.label}, "
+                f"category {t.category}, {summary.n_tokens} tokens, n_ctx {result.n_ctx}; "
+                f"{t.path}:{t.line})"
+            )
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, self.threshold.line - 1, f"{self.threshold.test_id}: {self.threshold.rule}"
+
+
+class MeasureItem(KVItemBase):
+    """Evaluates one (model, cache config) that has no thresholds, so it shows in the report."""
+
+    def __init__(self, *, model: str, cache: CacheConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.cache = cache
+        self.add_marker("kvquality")
+
+    def runtest(self) -> None:
+        get_state(self.config).run(self.model, self.cache)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.model}::{self.cache.label}::measure"
+
+
+class MeasureCollector(pytest.Collector):
+    """Parent of the measurement items; not a file, created after collection."""
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        return []
+
+
+def add_measure_items(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = get_state(config)
+    if not state.model_names:
+        return
+    covered = {(i.threshold.model, i.threshold.cache) for i in items if isinstance(i, ThresholdItem)}
+    with_thresholds = {m for m, _ in covered}
+    parent = MeasureCollector.from_parent(session, name="kvquality")
+    for alias in state.model_names:
+        caches = state.options.caches
+        if caches is None:
+            if alias in with_thresholds:
+                continue
+            caches = CacheConfig.parse_list(DEFAULT_CACHES)
+        for cache in caches:
+            if (alias, cache) not in covered:
+                items.append(MeasureItem.from_parent(
+                    parent, name=f"{alias}::{cache.label}::measure", model=alias, cache=cache))

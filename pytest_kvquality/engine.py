@@ -1,0 +1,382 @@
+"""The evaluation engine: a small interface, an in-process implementation, a worker client.
+
+``Engine`` is what the plugin talks to. ``LocalEngine`` runs evaluations in
+this process on any ``LogitsBackend`` (llama.cpp inside the worker, a fake in
+fast tests). ``WorkerEngine`` runs a ``LocalEngine`` over llama.cpp in a child
+process, so a native crash fails the tests that needed it, with the tail of
+the llama.cpp log, instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import ipc
+from .cache_config import CacheConfig
+from .metrics import ReferenceRows, TokenStats, compact_reference, kl_compact, kl_exact
+
+#: Reference compression: exact top-k tokens and m tail samples per scored position.
+DEFAULT_TOP_K = 128
+DEFAULT_TAIL_SAMPLES = 64
+#: Lines of the llama.cpp log shown when the worker fails.
+LOG_TAIL_LINES = 40
+
+
+class EngineError(RuntimeError):
+    """An evaluation failed; the message says which model, cache and why."""
+
+
+class WorkerCrash(EngineError):
+    """The model worker process died (native crash, OOM kill)."""
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """How to load a model: the file and how many layers go to the GPU (-1: all)."""
+
+    path: str
+    gpu_layers: int = -1
+
+
+@dataclass
+class Timed:
+    seconds: float
+
+
+@dataclass
+class ReferenceRun(Timed):
+    rows: ReferenceRows
+
+
+@dataclass
+class CandidateRun(Timed):
+    stats: TokenStats
+    #: what llama.cpp decided for the candidate context (rotation_k/v, kv_cache_mib, ...)
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the plugin needs from a model runtime."""
+
+    def info(self) -> dict[str, Any]: ...
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]: ...
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray: ...
+
+    def reference(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int
+    ) -> ReferenceRun: ...
+
+    def evaluate(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
+    ) -> CandidateRun: ...
+
+    def evaluate_exact(
+        self,
+        model: ModelLoad,
+        cache: CacheConfig,
+        ref_model: ModelLoad,
+        ref_cache: CacheConfig,
+        chunks: np.ndarray,
+    ) -> CandidateRun: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsContext(Protocol):
+    info: dict[str, Any]
+
+    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsModel(Protocol):
+    def tokenize(self, text: str) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def context(self, cache: CacheConfig, n_ctx: int) -> LogitsContext: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsBackend(Protocol):
+    def info(self) -> dict[str, Any]: ...
+
+    def load(self, model: ModelLoad) -> LogitsModel: ...
+
+
+def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Tokens predicted by scored rows ``start .. start+n`` (offsets from n_ctx/2)."""
+    first = chunk.shape[0] // 2 + 1
+    return chunk[first + start : first + start + n].astype(np.int64)
+
+
+class LocalEngine:
+    """Runs evaluations in this process; keeps the last model loaded."""
+
+    def __init__(self, backend: LogitsBackend, top_k: int = DEFAULT_TOP_K,
+                 tail_samples: int = DEFAULT_TAIL_SAMPLES) -> None:
+        self.backend = backend
+        self.top_k = top_k
+        self.tail_samples = tail_samples
+        self._models: dict[ModelLoad, LogitsModel] = {}
+
+    def _model(self, model: ModelLoad) -> LogitsModel:
+        if model not in self._models:
+            # keep at most two models (candidate + reference): free the rest first
+            while len(self._models) >= 2:
+                self._models.pop(next(iter(self._models))).close()
+            self._models[model] = self.backend.load(model)
+        return self._models[model]
+
+    def info(self) -> dict[str, Any]:
+        return self.backend.info()
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]:
+        return self._model(model).describe()
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
+        return self._model(model).tokenize(text)
+
+    def reference(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int
+    ) -> ReferenceRun:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        ctx = self._model(model).context(cache, chunks.shape[1])
+        parts: list[ReferenceRows] = []
+        try:
+            for chunk in chunks:
+                done = 0
+                for logits in ctx.scored_logits(chunk):
+                    nxt = _next_tokens(chunk, done, logits.shape[0])
+                    parts.append(compact_reference(logits, nxt, self.top_k, self.tail_samples, rng))
+                    done += logits.shape[0]
+        finally:
+            ctx.close()
+        return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
+
+    def evaluate(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
+    ) -> CandidateRun:
+        t0 = time.perf_counter()
+        ctx = self._model(model).context(cache, chunks.shape[1])
+        parts: list[TokenStats] = []
+        row = 0
+        try:
+            for chunk in chunks:
+                done = 0
+                for logits in ctx.scored_logits(chunk):
+                    n = logits.shape[0]
+                    nxt = _next_tokens(chunk, done, n)
+                    parts.append(kl_compact(logits, ref.slice(row, row + n), nxt))
+                    done += n
+                    row += n
+        finally:
+            ctx.close()
+        if row != len(ref):
+            raise EngineError(f"reference has {len(ref)} rows but the corpus scored {row}")
+        return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), dict(ctx.info))
+
+    def evaluate_exact(
+        self,
+        model: ModelLoad,
+        cache: CacheConfig,
+        ref_model: ModelLoad,
+        ref_cache: CacheConfig,
+        chunks: np.ndarray,
+    ) -> CandidateRun:
+        t0 = time.perf_counter()
+        n_ctx = chunks.shape[1]
+        ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
+        cand_ctx = self._model(model).context(cache, n_ctx)
+        parts: list[TokenStats] = []
+        try:
+            for chunk in chunks:
+                done = 0
+                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk)):
+                    nxt = _next_tokens(chunk, done, cand.shape[0])
+                    parts.append(kl_exact(cand, base, nxt))
+                    done += cand.shape[0]
+        finally:
+            cand_ctx.close()
+            ref_ctx.close()
+        return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), dict(cand_ctx.info))
+
+    def close(self) -> None:
+        for m in self._models.values():
+            m.close()
+        self._models.clear()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class WorkerEngine:
+    """Client of the model worker (``python -m pytest_kvquality.worker``).
+
+    The worker is started on first use and again after a crash. Its stdout and
+    stderr (where llama.cpp logs) go to a log file whose tail is quoted in errors.
+    """
+
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvq-worker-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._to: Any = None
+        self._from: Any = None
+        self._log_path: Path | None = None
+        self._starts = 0
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    def _start(self) -> None:
+        self._starts += 1
+        self._log_path = self.log_dir / f"worker-{os.getpid()}-{self._starts}.log"
+        log = open(self._log_path, "wb")
+        c2w_r, c2w_w = os.pipe()
+        w2c_r, w2c_w = os.pipe()
+        env = dict(os.environ if self.env is None else self.env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_kvquality.worker", str(c2w_r), str(w2c_w)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(c2w_r, w2c_w),
+            env=env, start_new_session=True,
+        )
+        log.close()
+        os.close(c2w_r)
+        os.close(w2c_w)
+        self._to = os.fdopen(c2w_w, "wb")
+        self._from = os.fdopen(w2c_r, "rb")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return "(no worker log)"
+        text = self._log_path.read_bytes().decode("utf-8", errors="replace")
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+              what: str = "") -> ipc.Message:
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        assert self._proc is not None
+        try:
+            ipc.send(self._to, header, arrays)
+            reply, out = ipc.recv(self._from)
+        except (ipc.ChannelClosed, BrokenPipeError) as e:
+            code = self._proc.wait()
+            self._discard()
+            raise WorkerCrash(
+                f"the model worker {_describe_exit(code)} while {what or header['op']}.\n"
+                f"Last lines of the llama.cpp log ({self._log_path}):\n{self.log_tail()}"
+            ) from e
+        if "error" in reply:
+            raise EngineError(
+                f"{reply['error']}\nLast lines of the llama.cpp log ({self._log_path}):\n"
+                f"{self.log_tail(15)}"
+            )
+        return reply, out
+
+    def _discard(self) -> None:
+        for f in (self._to, self._from):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._proc = None
+        self._to = self._from = None
+
+    @staticmethod
+    def _model_args(model: ModelLoad, prefix: str = "") -> dict[str, Any]:
+        return {prefix + "path": model.path, prefix + "gpu_layers": model.gpu_layers}
+
+    @staticmethod
+    def _cache_args(cache: CacheConfig, prefix: str = "") -> dict[str, Any]:
+        return {prefix + "cache": cache.label}
+
+    def info(self) -> dict[str, Any]:
+        return self._call({"op": "info"}, what="reading backend info")[0]["info"]
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]:
+        reply, _ = self._call({"op": "describe", **self._model_args(model)},
+                              what=f"loading {model.path}")
+        return reply["model"]
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
+        _, out = self._call({"op": "tokenize", **self._model_args(model)},
+                            {"text": np.frombuffer(text.encode("utf-8"), np.uint8)},
+                            what=f"tokenizing with {model.path}")
+        return out["tokens"]
+
+    def reference(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int
+    ) -> ReferenceRun:
+        reply, out = self._call(
+            {"op": "reference", "seed": seed, **self._model_args(model), **self._cache_args(cache)},
+            {"chunks": chunks}, what=f"building the {cache.label} reference of {model.path}",
+        )
+        return ReferenceRun(reply["seconds"], ReferenceRows.from_arrays(out))
+
+    def evaluate(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
+    ) -> CandidateRun:
+        reply, out = self._call(
+            {"op": "evaluate", **self._model_args(model), **self._cache_args(cache)},
+            {"chunks": chunks, **{"ref_" + k: v for k, v in ref.arrays().items()}},
+            what=f"evaluating {model.path} with cache {cache.label}",
+        )
+        return CandidateRun(reply["seconds"], TokenStats(**out), reply.get("context", {}))
+
+    def evaluate_exact(
+        self,
+        model: ModelLoad,
+        cache: CacheConfig,
+        ref_model: ModelLoad,
+        ref_cache: CacheConfig,
+        chunks: np.ndarray,
+    ) -> CandidateRun:
+        header = {"op": "exact", **self._model_args(model), **self._cache_args(cache),
+                  **self._model_args(ref_model, "ref_"), **self._cache_args(ref_cache, "ref_")}
+        reply, out = self._call(header, {"chunks": chunks},
+                                what=f"evaluating {model.path} with cache {cache.label} (exact)")
+        return CandidateRun(reply["seconds"], TokenStats(**out), reply.get("context", {}))
+
+    def crash_for_test(self) -> None:
+        """Make the worker segfault on purpose (used by the crash-isolation tests)."""
+        self._call({"op": "segfault"}, what="running a deliberate crash")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                ipc.send(self._to, {"op": "exit"})
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._discard()

@@ -1,0 +1,220 @@
+"""llama-cpp-python behind the ``LogitsBackend`` interface, through the low-level batch API.
+
+Imported only inside the model worker, and before numpy there (see worker.py):
+on the CUDA build a numpy import ahead of ``llama_cpp`` made the model load
+segfault. Logits are requested for the scored positions only and handed out
+one decoded batch at a time, so memory never holds n_ctx x n_vocab floats.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp  # noqa: I001  -- must precede numpy in a fresh process
+
+import numpy as np  # noqa: E402
+
+from .cache_config import GGML_TYPE_IDS, CacheConfig  # noqa: E402
+
+#: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
+LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+class ModelLoadError(RuntimeError):
+    """llama.cpp could not load the model file."""
+
+
+class ContextError(RuntimeError):
+    """llama.cpp could not create a context with the asked-for cache configuration."""
+
+
+_GGML_LOG_DEBUG, _GGML_LOG_CONT = 1, 5
+_last_level = 0
+#: Recent log lines, parsed after a context is created (rotation flags, KV cache size).
+_recent: collections.deque[str] = collections.deque(maxlen=400)
+
+
+@llama_cpp.llama_log_callback
+def _log_to_stderr(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # fd 2 is the worker's log file; the client shows its tail when something fails.
+    # Debug lines (thousands per context) are dropped so the tail stays useful.
+    global _last_level
+    if level != _GGML_LOG_CONT:
+        _last_level = level
+    if text and _last_level != _GGML_LOG_DEBUG:
+        os.write(2, text)
+        _recent.append(text.decode("utf-8", errors="replace"))
+
+
+def backend_info() -> dict[str, Any]:
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp": f"vendored in llama-cpp-python {llama_cpp.__version__}",
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+
+
+class LlamaModel:
+    """One loaded GGUF file; contexts with different caches are created from it."""
+
+    def __init__(self, path: str, gpu_layers: int) -> None:
+        self.path = path
+        params = llama_cpp.llama_model_default_params()
+        offload = llama_cpp.llama_supports_gpu_offload()
+        params.n_gpu_layers = (999 if gpu_layers < 0 else gpu_layers) if offload else 0
+        # weight repacking off: the AMX repack kernels segfault on the CPUs here
+        params.use_extra_bufts = False
+        self.gpu_layers = int(params.n_gpu_layers)
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    def describe(self) -> dict[str, Any]:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, 256)
+        return {
+            "desc": buf.value.decode(errors="replace"),
+            "n_vocab": self.n_vocab,
+            "n_layer": int(llama_cpp.llama_model_n_layer(self.model)),
+            "n_ctx_train": int(llama_cpp.llama_model_n_ctx_train(self.model)),
+            "gpu_layers": self.gpu_layers,
+        }
+
+    def tokenize(self, text: str) -> np.ndarray:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+    def context(self, cache: CacheConfig, n_ctx: int) -> LlamaContext:
+        return LlamaContext(self, cache, n_ctx)
+
+    def close(self) -> None:
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+class LlamaContext:
+    """A context with one cache configuration; yields scored logits chunk by chunk."""
+
+    def __init__(self, model: LlamaModel, cache: CacheConfig, n_ctx: int) -> None:
+        self.model = model
+        self.n_ctx = n_ctx
+        rows = max(32, LOGITS_BUDGET_BYTES // (4 * model.n_vocab))
+        self.n_batch = min(n_ctx, max(rows, 256))
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = self.n_batch
+        p.n_ubatch = min(self.n_batch, 512)
+        p.n_seq_max = 1
+        threads = os.cpu_count() or 1
+        p.n_threads = threads
+        p.n_threads_batch = threads
+        p.type_k = GGML_TYPE_IDS[cache.type_k]
+        p.type_v = GGML_TYPE_IDS[cache.type_v]
+        p.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if cache.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when the KV cache is created
+        _recent.clear()
+        if cache.rotation:
+            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+        else:
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
+        self.ctx = llama_cpp.llama_init_from_model(model.model, p)
+        os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+        if not self.ctx:
+            raise ContextError(
+                f"llama.cpp could not create a context with cache {cache.label} "
+                f"(type_k={cache.type_k}, type_v={cache.type_v}, flash_attn={cache.flash_attn}, "
+                f"n_ctx={n_ctx})"
+            )
+        self.info = context_log_facts("".join(_recent))
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self._tok = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
+        self._out = np.ctypeslib.as_array(
+            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
+        )
+
+    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
+        """Decode one chunk; yield views of the logits of positions n_ctx/2 .. n_ctx-2.
+
+        Each view is valid until the next step of the iterator.
+        """
+        n_ctx = self.n_ctx
+        first, last = n_ctx // 2, n_ctx - 1  # scored positions: [first, last)
+        tokens = chunk.astype(np.int32, copy=True)
+        if self.model.add_bos:
+            tokens[0] = self.model.bos
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        for start in range(0, n_ctx, self.n_batch):
+            size = min(self.n_batch, n_ctx - start)
+            pos = np.arange(start, start + size, dtype=np.int32)
+            self._tok[:size] = tokens[start : start + size]
+            self._pos[:size] = pos
+            want = (pos >= first) & (pos < last)
+            self._out[:size] = want
+            self.batch.n_tokens = size
+            rc = llama_cpp.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
+            n_out = int(want.sum())
+            if n_out:
+                ptr = llama_cpp.llama_get_logits(self.ctx)
+                yield np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+
+def context_log_facts(log: str) -> dict[str, Any]:
+    """What llama.cpp decided when it created the context: rotation of K and V, KV cache size."""
+    facts: dict[str, Any] = {}
+    for half in ("k", "v"):
+        m = re.search(rf"attn_rot_{half} = (\d)", log)
+        if m:
+            facts[f"rotation_{half}"] = m.group(1) == "1"
+    m = re.search(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells", log)
+    if m:
+        facts["kv_cache_mib"] = float(m.group(1))
+        facts["kv_cells"] = int(m.group(2))
+    m = re.search(r"flash_attn\s*=\s*(\w+)", log)
+    if m:
+        facts["flash_attn"] = m.group(1)
+    return facts
+
+
+_initialised = False
+
+
+def init_backend() -> None:
+    global _initialised
+    if not _initialised:
+        llama_cpp.llama_log_set(_log_to_stderr, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _initialised = True

@@ -1,0 +1,384 @@
+"""KL-divergence statistics with the exact definitions of ``llama-perplexity --kl-divergence``.
+
+Pure numpy, no model: every function here is testable on hand-made logits.
+
+The per-token reduction mirrors ``log_softmax(...)`` in llama.cpp's
+``tools/perplexity/perplexity.cpp`` and the summary mirrors the end of its
+``kl_divergence(...)``: the same cutoff (base log-probabilities at or below -16
+are left out of the KL sum), the same uncertainties, the same percentile rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: llama.cpp skips reference tokens whose log-probability is at or below this.
+LOG_P_CUTOFF = np.float32(-16.0)
+
+#: Log-probability written where a compact reference has fewer tokens than slots.
+PAD_LOGP = np.float32(-100.0)
+
+#: Rows reduced at once: keeps temporaries in cache instead of n_rows x n_vocab.
+ROW_BLOCK = 8
+
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+
+
+@dataclass
+class TokenStats:
+    """Per scored token values, the raw material of every statistic."""
+
+    kld: F32
+    p_diff: F32
+    nll: F32
+    nll_base: F32
+    same_top: npt.NDArray[np.bool_]
+
+    @classmethod
+    def empty(cls) -> TokenStats:
+        z = np.zeros(0, np.float32)
+        return cls(z, z.copy(), z.copy(), z.copy(), np.zeros(0, bool))
+
+    @classmethod
+    def concat(cls, parts: list[TokenStats]) -> TokenStats:
+        if not parts:
+            return cls.empty()
+        return cls(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls))
+        )
+
+    def __len__(self) -> int:
+        return int(self.kld.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ReferenceRows:
+    """A compact reference distribution for each scored position.
+
+    ``top_*`` hold the ``k`` most likely tokens exactly; the rest of the
+    distribution above the cutoff (the tail, total mass ``tail_mass``) is
+    represented by ``m`` tokens drawn in proportion to their probability
+    (systematic sampling), which makes the tail term of the KL sum an
+    unbiased estimate instead of the biased-low lumped bucket.
+    """
+
+    argmax: I32
+    next_logp: F32
+    top_ids: I32
+    top_logp: F32
+    tail_ids: I32
+    tail_logp: F32
+    tail_mass: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return int(self.argmax.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ReferenceRows:
+        return cls(**{f.name: arrays[f.name] for f in fields(cls)})
+
+    def slice(self, start: int, stop: int) -> ReferenceRows:
+        return ReferenceRows(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+    @classmethod
+    def concat(cls, parts: list[ReferenceRows]) -> ReferenceRows:
+        return cls(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls))
+        )
+
+
+def log_normalizer(logits: F32) -> tuple[I32, F32]:
+    """Argmax and ``max + log(sum(exp(x - max)))`` per row, as llama.cpp computes them.
+
+    The exponentials are summed in double precision, the log is rounded to float.
+    """
+    n = logits.shape[0]
+    imax = np.empty(n, np.int32)
+    norm = np.empty(n, np.float32)
+    buf = np.empty((min(ROW_BLOCK, n), logits.shape[1]), np.float32)
+    for s in range(0, n, ROW_BLOCK):
+        block = logits[s : s + ROW_BLOCK]
+        b = buf[: block.shape[0]]
+        am = block.argmax(axis=1)
+        mx = block[np.arange(block.shape[0]), am]
+        np.subtract(block, mx[:, None], out=b)
+        np.exp(b, out=b)
+        lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
+        imax[s : s + block.shape[0]] = am
+        norm[s : s + block.shape[0]] = mx + lse
+    return imax, norm
+
+
+def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDArray[Any]) -> F32:
+    """Reference log-probability of the actual next token, floored as llama.cpp stores it.
+
+    llama.cpp keeps reference log-probabilities as uint16 over
+    ``[max(min_logit, max_logit - 16), max_logit]``; anything below reads back
+    as the floor. PPL(base), the PPL ratio and Δp use that floored value.
+    """
+    rows = np.arange(base_logits.shape[0])
+    top = base_logits[rows, imax]
+    floor = np.maximum(base_logits.min(axis=1), top + LOG_P_CUTOFF) - norm
+    return np.maximum(base_logits[rows, next_tokens] - norm, floor).astype(np.float32)
+
+
+def _token_terms(
+    logits: F32, imax: I32, norm: F32, next_tokens: I32, nll_base: F32, ref_argmax: I32
+) -> tuple[F32, F32, npt.NDArray[np.bool_]]:
+    rows = np.arange(logits.shape[0])
+    nll = (norm - logits[rows, next_tokens]).astype(np.float32)
+    p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
+    return nll, p_diff, imax == ref_argmax
+
+
+def kl_exact(cand_logits: F32, base_logits: F32, next_tokens: I32) -> TokenStats:
+    """Per-token statistics from full candidate and reference logits (no compression)."""
+    imax, norm = log_normalizer(cand_logits)
+    bmax, bnorm = log_normalizer(base_logits)
+    n = cand_logits.shape[0]
+    kld = np.empty(n, np.float32)
+    for s in range(0, n, ROW_BLOCK):
+        e = min(s + ROW_BLOCK, n)
+        base_logp = base_logits[s:e] - bnorm[s:e, None]
+        cand_logp = cand_logits[s:e] - norm[s:e, None]
+        keep = base_logp > LOG_P_CUTOFF
+        p = np.where(keep, np.exp(base_logp), np.float32(0))
+        kld[s:e] = np.einsum("ij,ij->i", p.astype(np.float64), (base_logp - cand_logp))
+    nll_base = -base_next_logp(base_logits, bmax, bnorm, next_tokens)
+    nll, p_diff, same = _token_terms(cand_logits, imax, norm, next_tokens, nll_base, bmax)
+    return TokenStats(kld, p_diff, nll, nll_base, same)
+
+
+def compact_reference(
+    base_logits: F32, next_tokens: I32, k: int, m: int, rng: np.random.Generator
+) -> ReferenceRows:
+    """Compress reference logits to ``k`` exact top tokens plus ``m`` tail samples per row."""
+    n, n_vocab = base_logits.shape
+    k = min(k, n_vocab)
+    bmax, bnorm = log_normalizer(base_logits)
+    rows = np.arange(n)
+    top_ids = np.empty((n, k), np.int32)
+    top_logp = np.empty((n, k), np.float32)
+    tail_ids = np.empty((n, m), np.int32)
+    tail_logp = np.empty((n, m), np.float32)
+    tail_mass = np.zeros(n, np.float64)
+    u0 = rng.random(n)
+    for i in range(n):
+        logp = base_logits[i] - bnorm[i]
+        # only tokens above the cutoff count in llama.cpp's sum: work on those alone
+        cand = np.flatnonzero(logp > LOG_P_CUTOFF)
+        lp = logp[cand]
+        part = np.argpartition(-lp, k - 1)[:k] if cand.size > k else np.arange(cand.size)
+        order = part[np.argsort(-lp[part], kind="stable")]
+        kept = order.size
+        top_ids[i, :kept] = cand[order]
+        top_logp[i, :kept] = lp[order]
+        top_ids[i, kept:] = bmax[i]
+        top_logp[i, kept:] = PAD_LOGP
+        rest = np.ones(cand.size, bool)
+        rest[order] = False
+        tail_cand = cand[rest]
+        p = np.exp(lp[rest].astype(np.float64))
+        cum = np.cumsum(p)
+        mass = float(cum[-1]) if cum.size else 0.0
+        tail_mass[i] = mass
+        if mass > 0.0 and m > 0:
+            u = (np.arange(m) + u0[i]) * (mass / m)
+            idx = np.searchsorted(cum, u, side="right").clip(0, cum.size - 1)
+            tail_ids[i] = tail_cand[idx]
+            tail_logp[i] = logp[tail_cand[idx]]
+        else:
+            tail_ids[i] = bmax[i]
+            tail_logp[i] = PAD_LOGP
+    next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
+    return ReferenceRows(bmax, next_logp, top_ids, top_logp, tail_ids, tail_logp, tail_mass)
+
+
+def kl_compact(cand_logits: F32, ref: ReferenceRows, next_tokens: I32) -> TokenStats:
+    """Per-token statistics against a compact reference: one log-sum-exp, an argmax, gathers."""
+    imax, norm = log_normalizer(cand_logits)
+    rows = np.arange(cand_logits.shape[0])[:, None]
+    cand_top = cand_logits[rows, ref.top_ids] - norm[:, None]
+    p_top = np.where(ref.top_logp > LOG_P_CUTOFF, np.exp(ref.top_logp), np.float32(0))
+    kld = np.einsum("ij,ij->i", p_top.astype(np.float64), ref.top_logp - cand_top)
+    if ref.tail_ids.shape[1]:
+        cand_tail = cand_logits[rows, ref.tail_ids] - norm[:, None]
+        tail = (ref.tail_logp - cand_tail).astype(np.float64).mean(axis=1)
+        kld += ref.tail_mass * tail
+    nll_base = (-ref.next_logp).astype(np.float32)
+    nll, p_diff, same = _token_terms(cand_logits, imax, norm, next_tokens, nll_base, ref.argmax)
+    return TokenStats(kld.astype(np.float32), p_diff, nll, nll_base, same)
+
+
+def mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
+    """llama.cpp's mean and standard error of the mean (0 below 11 values)."""
+    if count < 1:
+        return 0.0, 0.0
+    total, total2 = float(total), float(total2)
+    f = total / count
+    df = total2 / count - f * f
+    return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
+
+
+def covariance(suma: float, sumb: float, sumab: float, count: int) -> float:
+    """llama.cpp's covariance of the two means (0 below 10 values)."""
+    if count < 10:
+        return 0.0
+    suma, sumb, sumab = float(suma), float(sumb), float(sumab)
+    return (sumab / count - (suma / count) * (sumb / count)) / (count - 1)
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """llama.cpp's percentile: linear interpolation at ``fraction * (n - 1)``."""
+    if fraction <= 0:
+        return float(sorted_values[0])
+    if fraction >= 1:
+        return float(sorted_values[-1])
+    p = fraction * (sorted_values.size - 1)
+    ip = int(p)
+    p -= ip
+    hi = min(ip + 1, sorted_values.size - 1)
+    return float((1 - p) * sorted_values[ip] + p * sorted_values[hi])
+
+
+def median(sorted_values: np.ndarray) -> float:
+    n = sorted_values.size
+    if n % 2 == 0:
+        return float(0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]))
+    return float(sorted_values[n // 2])
+
+
+KL_PERCENTILES = {"p999": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90,
+                  "p10": 0.10, "p5": 0.05, "p1": 0.01, "p01": 0.001}
+DP_PERCENTILES = {"p999": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p75": 0.75,
+                  "p25": 0.25, "p10": 0.10, "p5": 0.05, "p1": 0.01, "p01": 0.001}
+
+
+@dataclass
+class KLSummary:
+    """Everything ``llama-perplexity --kl-divergence`` prints, as numbers."""
+
+    n_tokens: int
+    ppl: float = 0.0
+    ppl_unc: float = 0.0
+    ppl_base: float = 0.0
+    ppl_base_unc: float = 0.0
+    ln_ppl_cor: float = 0.0
+    ln_ppl_ratio: float = 0.0
+    ln_ppl_ratio_unc: float = 0.0
+    ppl_ratio: float = 0.0
+    ppl_ratio_unc: float = 0.0
+    ppl_diff: float = 0.0
+    ppl_diff_unc: float = 0.0
+    kl_mean: float = 0.0
+    kl_mean_unc: float = 0.0
+    kl_max: float = 0.0
+    kl_median: float = 0.0
+    kl_min: float = 0.0
+    kl_percentiles: dict[str, float] = field(default_factory=dict)
+    dp_mean: float = 0.0
+    dp_mean_unc: float = 0.0
+    dp_max: float = 0.0
+    dp_median: float = 0.0
+    dp_min: float = 0.0
+    dp_percentiles: dict[str, float] = field(default_factory=dict)
+    dp_rms: float = 0.0
+    dp_rms_unc: float = 0.0
+    top1: float = 0.0
+    top1_unc: float = 0.0
+
+    @property
+    def kl_p99(self) -> float:
+        return self.kl_percentiles.get("p99", 0.0)
+
+    def metric(self, name: str) -> tuple[float, float]:
+        """Value and uncertainty of a threshold metric (uncertainty 0 where llama.cpp gives none)."""
+        table: dict[str, tuple[float, float]] = {
+            "kl_mean": (self.kl_mean, self.kl_mean_unc),
+            "kl_median": (self.kl_median, 0.0),
+            "kl_max": (self.kl_max, 0.0),
+            "top1": (self.top1, self.top1_unc),
+            "dp_rms": (self.dp_rms, self.dp_rms_unc),
+            "dp_mean": (self.dp_mean, self.dp_mean_unc),
+            "ppl_ratio": (self.ppl_ratio, self.ppl_ratio_unc),
+            "ln_ppl_ratio": (self.ln_ppl_ratio, self.ln_ppl_ratio_unc),
+        }
+        for key, frac in KL_PERCENTILES.items():
+            table["kl_" + key] = (self.kl_percentiles.get(key, 0.0), 0.0)
+        if name not in table:
+            raise KeyError(name)
+        return table[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KLSummary:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+#: Metric names a threshold may use.
+THRESHOLD_METRICS = (
+    "kl_mean", "kl_median", "kl_max", "kl_p999", "kl_p99", "kl_p95", "kl_p90",
+    "top1", "dp_rms", "dp_mean", "ppl_ratio", "ln_ppl_ratio",
+)
+
+
+def summarize(stats: TokenStats) -> KLSummary:
+    """Reduce per-token values to llama.cpp's summary statistics."""
+    n = len(stats)
+    s = KLSummary(n_tokens=n)
+    if n == 0:
+        return s
+    nll = stats.nll.astype(np.float64)
+    nll_base = stats.nll_base.astype(np.float64)
+    kld = stats.kld.astype(np.float64)
+    p_diff = stats.p_diff.astype(np.float64)
+
+    log_ppl, log_ppl_unc = mean_and_uncertainty(nll.sum(), (nll * nll).sum(), n)
+    s.ppl = math.exp(log_ppl)
+    s.ppl_unc = s.ppl * log_ppl_unc
+    log_base, log_base_unc = mean_and_uncertainty(nll_base.sum(), (nll_base * nll_base).sum(), n)
+    s.ppl_base = math.exp(log_base)
+    s.ppl_base_unc = s.ppl_base * log_base_unc
+    cov = covariance(nll.sum(), nll_base.sum(), (nll * nll_base).sum(), n)
+    denom = log_ppl_unc * log_base_unc
+    s.ln_ppl_cor = cov / denom if denom > 0 else 0.0
+    s.ln_ppl_ratio = log_ppl - log_base
+    s.ln_ppl_ratio_unc = math.sqrt(max(log_ppl_unc**2 + log_base_unc**2 - 2.0 * cov, 0.0))
+    s.ppl_ratio = math.exp(s.ln_ppl_ratio)
+    s.ppl_ratio_unc = s.ppl_ratio * s.ln_ppl_ratio_unc
+    ppl_cov = s.ppl * s.ppl_base * cov
+    s.ppl_diff = s.ppl - s.ppl_base
+    s.ppl_diff_unc = math.sqrt(max(s.ppl_unc**2 + s.ppl_base_unc**2 - 2.0 * ppl_cov, 0.0))
+
+    s.kl_mean, s.kl_mean_unc = mean_and_uncertainty(kld.sum(), (kld * kld).sum(), n)
+    ks = np.sort(stats.kld)
+    s.kl_max, s.kl_min, s.kl_median = float(ks[-1]), float(ks[0]), median(ks)
+    s.kl_percentiles = {k: percentile(ks, f) for k, f in KL_PERCENTILES.items()}
+
+    p_diff2 = p_diff * p_diff
+    s.dp_mean, s.dp_mean_unc = mean_and_uncertainty(p_diff.sum(), p_diff2.sum(), n)
+    ds = np.sort(stats.p_diff)
+    s.dp_max, s.dp_min, s.dp_median = float(ds[-1]), float(ds[0]), median(ds)
+    s.dp_percentiles = {k: percentile(ds, f) for k, f in DP_PERCENTILES.items()}
+    mse, mse_unc = mean_and_uncertainty(p_diff2.sum(), (p_diff2 * p_diff2).sum(), n)
+    s.dp_rms = math.sqrt(mse)
+    s.dp_rms_unc = 0.5 / s.dp_rms * mse_unc if s.dp_rms > 0 else 0.0
+
+    same = int(stats.same_top.sum())
+    s.top1 = same / n
+    s.top1_unc = math.sqrt(s.top1 * (1.0 - s.top1) / (n - 1)) if n > 1 else 0.0
+    return s

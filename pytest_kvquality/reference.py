@@ -1,0 +1,157 @@
+"""The on-disk reference cache: one checksummed file per (model, corpus slice, context, reference config).
+
+File layout (no pickle)::
+
+    b"KVQREF\\x00\\x01" | u32 header length | header JSON | array bytes
+
+The header holds the format version, the full key, each array's dtype, shape
+and offset, and a sha256 over the header (without that field) and the
+payload. A file that is truncated, flipped, of another format or written for
+another key is reported as damaged and rebuilt; it is never used. Writes go
+to a temporary file in the same directory, are fsynced and renamed into
+place, so a killed build leaves no file that a later run would read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import ReferenceRows
+
+MAGIC = b"KVQREF\x00\x01"
+FORMAT_VERSION = 1
+
+
+class ReferenceDamaged(ValueError):
+    """A cache entry exists but cannot be trusted; the message says why."""
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """Everything a reference depends on. Its digest names the file."""
+
+    model_sha256: str
+    tokens_sha256: str  # the chunked tokens: corpus text, tokenizer, n_ctx and chunk count
+    n_ctx: int
+    ref_cache: str
+    llama_cpp: str
+    top_k: int
+    tail_samples: int
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "format": FORMAT_VERSION}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def tokens_digest(chunks: np.ndarray) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(chunks, np.int32).tobytes())
+    h.update(str(chunks.shape).encode())
+    return h.hexdigest()
+
+
+def _checksum(header: dict[str, Any], payload: list[bytes]) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for p in payload:
+        h.update(p)
+    return h.hexdigest()
+
+
+def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: dict[str, Any]) -> None:
+    arrays = rows.arrays()
+    payload = [np.ascontiguousarray(a).tobytes() for a in arrays.values()]
+    layout, offset = [], 0
+    for (name, a), raw in zip(arrays.items(), payload):
+        layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
+                       "offset": offset, "nbytes": len(raw)})
+        offset += len(raw)
+    header: dict[str, Any] = {"format": FORMAT_VERSION, "key": key.as_dict(), "arrays": layout,
+                              "meta": meta}
+    header["checksum"] = _checksum(header, payload)
+    raw_header = json.dumps(header, sort_keys=True).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<I", len(raw_header)))
+            f.write(raw_header)
+            for p in payload:
+                f.write(p)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:
+    """Load and verify a cache entry; raise ``ReferenceDamaged`` if anything is off."""
+    data = path.read_bytes()
+    if len(data) < len(MAGIC) + 4 or data[: len(MAGIC) - 1] != MAGIC[:-1]:
+        raise ReferenceDamaged(f"{path}: not a pytest-kvquality reference file")
+    if data[len(MAGIC) - 1] != MAGIC[-1]:
+        raise ReferenceDamaged(
+            f"{path}: reference format {data[len(MAGIC) - 1]}, this version reads {MAGIC[-1]}"
+        )
+    (n,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start : start + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReferenceDamaged(f"{path}: header is not readable JSON ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        raise ReferenceDamaged(f"{path}: wrong format version {header.get('format')!r}")
+    payload_start = start + n
+    try:
+        layout = header["arrays"]
+        chunks = [data[payload_start + a["offset"] : payload_start + a["offset"] + a["nbytes"]]
+                  for a in layout]
+        expected = header.pop("checksum")
+    except (KeyError, TypeError) as e:
+        raise ReferenceDamaged(f"{path}: header is missing {e}") from e
+    total = sum(a["nbytes"] for a in layout)
+    if len(data) != payload_start + total:
+        raise ReferenceDamaged(
+            f"{path}: size {len(data)} bytes, expected {payload_start + total} (truncated or padded)"
+        )
+    if _checksum(header, chunks) != expected:
+        raise ReferenceDamaged(f"{path}: checksum mismatch (the file was modified or damaged)")
+    if header["key"] != key.as_dict():
+        diff = sorted(k for k in key.as_dict() if header["key"].get(k) != key.as_dict()[k])
+        raise ReferenceDamaged(f"{path}: written for another key (differs in {', '.join(diff)})")
+    arrays = {
+        a["name"]: np.frombuffer(raw, np.dtype(a["dtype"])).reshape(a["shape"])
+        for a, raw in zip(layout, chunks)
+    }
+    return ReferenceRows.from_arrays(arrays), header.get("meta", {})
+
+
+class ReferenceStore:
+    """A directory of reference files named by key digest."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, key: ReferenceKey) -> Path:
+        return self.root / f"{key.digest()[:32]}.kvqref"
+
+    def lock_path(self, key: ReferenceKey) -> Path:
+        return self.root / f"{key.digest()[:32]}.lock"

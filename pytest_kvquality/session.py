@@ -1,0 +1,245 @@
+"""Session state: models, corpus, references and results of one pytest run.
+
+Everything expensive is computed once and memoised: a model is resolved and
+tokenized once, each reference is loaded or built once (under a file lock, so
+parallel workers share it), and each (model, cache config) is evaluated once
+however many thresholds and tests read it. Failures are memoised too, so a
+crash fails every test that needed that evaluation with the same message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+
+from .cache_config import CacheConfig
+from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
+from .engine import Engine, EngineError, ModelLoad
+from .metrics import KLSummary, ReferenceRows, TokenStats, summarize
+from .options import KVOptions
+from .report import Report, ResultRecord, VerdictRecord
+from .reference import (
+    ReferenceDamaged,
+    ReferenceKey,
+    ReferenceStore,
+    read_reference,
+    tokens_digest,
+    write_reference,
+)
+from .registry import ModelNotFound, Registry, ResolvedModel, resolve
+from .thresholds import OVERALL, Threshold
+
+REFERENCE_SEED = 0
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be had here (not registered, file missing): a skip, or a failure under --kv-require."""
+
+
+@dataclass
+class ConfigResult:
+    """Statistics of one model with one cache config, per category and overall."""
+
+    model: str
+    model_sha256: str
+    cache: CacheConfig
+    n_ctx: int
+    categories: dict[str, KLSummary]
+    eval_seconds: float
+    exact: bool = False
+    #: what llama.cpp decided for the candidate context: rotation_k/v, kv_cache_mib, ...
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def overall(self) -> KLSummary:
+        return self.categories[OVERALL]
+
+    def __getitem__(self, category: str) -> KLSummary:
+        return self.categories[category]
+
+    def __getattr__(self, name: str) -> Any:  # result.kl_mean -> overall kl_mean
+        if name.startswith("_") or name == "categories":
+            raise AttributeError(name)
+        return getattr(self.categories[OVERALL], name)
+
+
+@dataclass
+class Verdict:
+    threshold: Threshold
+    value: float
+    uncertainty: float
+    passed: bool
+    n_tokens: int
+
+
+@dataclass
+class KVSession:
+    options: KVOptions
+    engine_factory: Callable[[], Engine]
+    registry: Registry = field(default_factory=Registry)
+    notes: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    results: dict[tuple[str, CacheConfig], ConfigResult] = field(default_factory=dict)
+    progress: Callable[[str], None] | None = None
+    _engine: Engine | None = None
+    _corpus: Corpus | None = None
+    _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
+    _chunks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
+    _regenerated: set[str] = field(default_factory=set)
+    _info: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ pieces
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = self.engine_factory()
+        return self._engine
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.options.corpus) if self.options.corpus else builtin_corpus()
+        return self._corpus
+
+    def backend_info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self.engine.info()
+        return self._info
+
+    def _say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
+    def model(self, name: str) -> ResolvedModel:
+        if name not in self._models:
+            try:
+                self._models[name] = resolve(name, self.registry, self.options.cache_dir)
+            except ModelNotFound as e:
+                self._models[name] = ModelUnavailable(str(e))
+        m = self._models[name]
+        if isinstance(m, Exception):
+            raise m
+        return m
+
+    def load_spec(self, model: ResolvedModel) -> ModelLoad:
+        return ModelLoad(str(model.path), self.options.gpu_layers)
+
+    def chunks(self, model: ResolvedModel) -> dict[str, np.ndarray]:
+        """Tokenized, chunked corpus per category for this model's tokenizer."""
+        if model.sha256 not in self._chunks:
+            spec = self.load_spec(model)
+            out = {}
+            for cat, text in self.corpus.texts.items():
+                tokens = self.engine.tokenize(spec, text)
+                out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat)
+            self._chunks[model.sha256] = out
+        return self._chunks[model.sha256]
+
+    def reference(self, model: ResolvedModel, category: str, chunks: np.ndarray) -> ReferenceRows:
+        """Load the cached reference, or build and store it (once across parallel workers)."""
+        info = self.backend_info()
+        key = ReferenceKey(
+            model_sha256=model.sha256, tokens_sha256=tokens_digest(chunks), n_ctx=chunks.shape[1],
+            ref_cache=self.options.ref_cache.label, llama_cpp=str(info.get("llama_cpp_python")),
+            top_k=getattr(self.engine, "top_k", 128), tail_samples=getattr(self.engine, "tail_samples", 64),
+            seed=REFERENCE_SEED,
+        )
+        store = ReferenceStore(self.options.ref_dir)
+        path = store.path_for(key)
+        store.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(store.lock_path(key))):
+            must_build = self.options.regen and key.digest() not in self._regenerated
+            if path.exists() and not must_build:
+                try:
+                    rows, _ = read_reference(path, key)
+                    return rows
+                except ReferenceDamaged as e:
+                    self.notes.append(f"reference cache entry damaged, rebuilt: {e}")
+            self._say(f"building {self.options.ref_cache.label} reference: {model.alias} / "
+                      f"{category} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
+            run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks,
+                                        REFERENCE_SEED)
+            write_reference(path, key, run.rows, {
+                "model": model.alias, "category": category, "seconds": run.seconds,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            self._regenerated.add(key.digest())
+            return run.rows
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, model_name: str, cache: CacheConfig) -> ConfigResult:
+        """Evaluate (once) a model with a cache config against its reference, per category."""
+        model = self.model(model_name)
+        key = (model.alias, cache)
+        if key in self._errors:
+            raise self._errors[key]
+        if key in self.results:
+            return self.results[key]
+        try:
+            result = self._evaluate(model, cache)
+        except (EngineError, OSError, ValueError) as e:
+            err = EngineError(
+                f"evaluating {model.alias} ({model.path}) with cache {cache.label}, "
+                f"n_ctx {self.options.n_ctx} failed:\n{e}"
+            )
+            self._errors[key] = err
+            raise err from e
+        self.results[key] = result
+        return result
+
+    def _evaluate(self, model: ResolvedModel, cache: CacheConfig) -> ConfigResult:
+        spec = self.load_spec(model)
+        per_cat: dict[str, TokenStats] = {}
+        context: dict[str, Any] = {}
+        seconds = 0.0
+        for cat, chunks in self.chunks(model).items():
+            self._say(f"evaluating {model.alias} {cache.label} / {cat}")
+            if self.options.exact:
+                run = self.engine.evaluate_exact(spec, cache, spec, self.options.ref_cache, chunks)
+            else:
+                ref = self.reference(model, cat, chunks)
+                run = self.engine.evaluate(spec, cache, chunks, ref)
+            per_cat[cat] = run.stats
+            context = run.context
+            seconds += run.seconds
+        summaries = {cat: summarize(s) for cat, s in per_cat.items()}
+        summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
+        return ConfigResult(model.alias, model.sha256, cache, self.options.n_ctx, summaries,
+                            seconds, self.options.exact, context)
+
+    def to_report(self) -> Report:
+        """This process's results as a mergeable report."""
+        rep = Report(notes=list(self.notes))
+        for r in self.results.values():
+            for cat, summary in r.categories.items():
+                rep.records.append(ResultRecord(r.model, r.model_sha256, r.cache.label, r.n_ctx, cat,
+                                                summary, r.eval_seconds, r.exact, r.context))
+        for v in self.verdicts:
+            t = v.threshold
+            rep.verdicts.append(VerdictRecord(t.test_id, t.model, t.cache.label, t.category, t.metric,
+                                              t.rule, v.value, v.uncertainty, v.passed))
+        if self._info is not None:
+            rep.environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp",
+                                                               "gpu_offload") if k in self._info})
+        if self.results:
+            rep.environment["corpus"] = self.corpus.name
+            rep.environment["corpus_sha256"] = self.corpus.content_hash()
+            rep.environment["reference_cache"] = self.options.ref_cache.label
+            rep.environment["models"] = {r.model: r.model_sha256 for r in self.results.values()}
+        return rep
+
+    def record_verdict(self, verdict: Verdict) -> None:
+        self.verdicts.append(verdict)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None

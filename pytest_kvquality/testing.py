@@ -1,0 +1,134 @@
+"""Helpers for testing pytest-kvquality itself and plugins built on it.
+
+``FakeEngine`` runs the real reduction, reference and report code on a tiny
+synthetic language model in numpy: logits depend on the previous token and
+the position, and a quantized cache adds deterministic noise that grows as
+the cache type gets coarser. It loads "models" from small GGUF files written
+by ``write_fake_gguf`` (real GGUF headers, via the ``gguf`` package), so the
+registry and file checks run unchanged.
+
+In a conftest::
+
+    from pytest_kvquality.testing import FakeEngine
+
+    def pytest_kvquality_make_engine(config):
+        return FakeEngine()
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache_config import BITS_PER_ELEMENT, CacheConfig
+from .engine import LocalEngine, ModelLoad
+
+FAKE_VOCAB = 384
+FAKE_BOS = 1
+
+#: Noise added to the logits by each cache type (per K and per V half).
+NOISE = {t: 0.0 if b >= 16 else 0.25 * 2.0 ** (-(b - 4.5)) for t, b in BITS_PER_ELEMENT.items()}
+
+
+def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake") -> Path:
+    """A small valid GGUF file (one tensor) whose metadata seeds the fake model."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32("kvqfake.seed", seed)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _seed_of(path: str) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("kvqfake.seed")
+    if field is None:
+        raise ValueError(f"{path} is not a fake model (no kvqfake.seed)")
+    return int(field.parts[field.data[0]][0])
+
+
+class FakeModel:
+    def __init__(self, path: str) -> None:
+        seed = _seed_of(path)
+        rng = np.random.default_rng(seed)
+        self.path = path
+        self.w_prev = (rng.standard_normal((FAKE_VOCAB, FAKE_VOCAB)) * 2.5).astype(np.float32)
+        self.w_pos = (rng.standard_normal((64, FAKE_VOCAB)) * 0.5).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": 1, "n_ctx_train": 1 << 20,
+                "gpu_layers": 0}
+
+    def tokenize(self, text: str) -> np.ndarray:
+        data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        return np.concatenate([[FAKE_BOS], data % (FAKE_VOCAB - 2) + 2]).astype(np.int32)
+
+    def context(self, cache: CacheConfig, n_ctx: int) -> FakeContext:
+        return FakeContext(self, cache, n_ctx)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeContext:
+    def __init__(self, model: FakeModel, cache: CacheConfig, n_ctx: int) -> None:
+        self.model, self.cache, self.n_ctx = model, cache, n_ctx
+        self.sigma = NOISE[cache.type_k] + NOISE[cache.type_v]
+        if not cache.rotation and cache.quantized:
+            self.sigma *= 1.3
+        self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
+                     "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16")}
+
+    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
+        first, last = self.n_ctx // 2, self.n_ctx - 1
+        tokens = chunk.copy()
+        tokens[0] = FAKE_BOS
+        pos = np.arange(first, last)
+        logits = self.model.w_prev[tokens[pos]] + self.model.w_pos[pos % 64]
+        if self.sigma:
+            digest = hashlib.sha256(tokens.tobytes() + self.cache.label.encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * self.sigma
+        half = (last - first) // 2 or 1  # two blocks, like a batched decode
+        yield np.ascontiguousarray(logits[:half], np.float32)
+        if last - first > half:
+            yield np.ascontiguousarray(logits[half:], np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeBackend:
+    def info(self) -> dict[str, Any]:
+        return {"llama_cpp_python": "fake", "llama_cpp": "fake", "gpu_offload": False,
+                "system_info": "fake"}
+
+    def load(self, model: ModelLoad) -> FakeModel:
+        return FakeModel(model.path)
+
+
+class FakeEngine(LocalEngine):
+    """The real engine logic over the fake model, in-process."""
+
+    def __init__(self, top_k: int = 32, tail_samples: int = 16) -> None:
+        super().__init__(FakeBackend(), top_k=top_k, tail_samples=tail_samples)
+
+
+CONFTEST = '''
+from pytest_kvquality.testing import FakeEngine
+
+def pytest_kvquality_make_engine(config):
+    return FakeEngine()
+'''

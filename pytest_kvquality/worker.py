@@ -1,0 +1,96 @@
+"""The model worker process: ``python -m pytest_kvquality.worker READ_FD WRITE_FD``.
+
+``llama_cpp`` is imported first, before numpy (a numpy import ahead of it
+segfaulted the CUDA build's model load). Requests and replies travel as
+ipc messages; an exception becomes an ``error`` reply, a native crash ends
+the process and the client reports it with the log tail.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _serve(read_fd: int, write_fd: int) -> None:
+    from . import llama_backend  # imports llama_cpp, then numpy
+
+    llama_backend.init_backend()
+
+    import ctypes
+    import os
+
+    import numpy as np
+
+    from . import ipc
+    from .cache_config import CacheConfig
+    from .engine import LocalEngine, ModelLoad
+    from .metrics import ReferenceRows
+
+    class LlamaBackend:
+        def info(self) -> dict[str, object]:
+            return llama_backend.backend_info()
+
+        def load(self, model: ModelLoad) -> llama_backend.LlamaModel:
+            if not os.path.isfile(model.path):
+                raise FileNotFoundError(f"model file {model.path} does not exist")
+            return llama_backend.LlamaModel(model.path, model.gpu_layers)
+
+    engine = LocalEngine(LlamaBackend())
+    inp = os.fdopen(read_fd, "rb")
+    out = os.fdopen(write_fd, "wb")
+
+    def model_of(h: dict[str, object], prefix: str = "") -> ModelLoad:
+        return ModelLoad(str(h[prefix + "path"]), int(h[prefix + "gpu_layers"]))  # type: ignore[call-overload]
+
+    while True:
+        try:
+            header, arrays = ipc.recv(inp)
+        except ipc.ChannelClosed:
+            break
+        op = header["op"]
+        try:
+            if op == "exit":
+                break
+            if op == "info":
+                ipc.send(out, {"info": engine.info()})
+            elif op == "describe":
+                ipc.send(out, {"model": engine.describe(model_of(header))})
+            elif op == "tokenize":
+                text = arrays["text"].tobytes().decode("utf-8")
+                ipc.send(out, {}, {"tokens": engine.tokenize(model_of(header), text)})
+            elif op == "reference":
+                run = engine.reference(model_of(header), CacheConfig.parse(header["cache"]),
+                                       arrays["chunks"], int(header["seed"]))
+                ipc.send(out, {"seconds": run.seconds}, run.rows.arrays())
+            elif op == "evaluate":
+                ref = ReferenceRows.from_arrays(
+                    {k[4:]: v for k, v in arrays.items() if k.startswith("ref_")}
+                )
+                cand = engine.evaluate(model_of(header), CacheConfig.parse(header["cache"]),
+                                       arrays["chunks"], ref)
+                ipc.send(out, {"seconds": cand.seconds, "context": cand.context}, cand.stats.arrays())
+            elif op == "exact":
+                cand = engine.evaluate_exact(
+                    model_of(header), CacheConfig.parse(header["cache"]),
+                    model_of(header, "ref_"), CacheConfig.parse(header["ref_cache"]),
+                    arrays["chunks"],
+                )
+                ipc.send(out, {"seconds": cand.seconds, "context": cand.context}, cand.stats.arrays())
+            elif op == "segfault":
+                ctypes.string_at(0)  # a real SIGSEGV, for the crash-isolation tests
+            else:
+                ipc.send(out, {"error": f"unknown worker op {op!r}"})
+        except Exception as e:  # reported to the client, which raises EngineError
+            ipc.send(out, {"error": f"{type(e).__name__}: {e}"})
+        del arrays
+        _ = np  # numpy stays imported for the engine
+    engine.close()
+
+
+def main(argv: list[str]) -> int:
+    _serve(int(argv[1]), int(argv[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build llama-cpp-python from its sdist into the active Python, keeping the CMake build tree,
+# then build llama-perplexity from the same tree (same llama.cpp, same flags): the tool our
+# numbers are checked against. Idempotent: a finished build is reused.
+#   KVQ_BUILD_DIR (default .build)   LLAMA_CPP_PYTHON_VERSION (default 0.3.36)   CMAKE_ARGS (extra)
+set -euo pipefail
+VER="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+B="$(mkdir -p "${KVQ_BUILD_DIR:-$ROOT/.build}" && cd "${KVQ_BUILD_DIR:-$ROOT/.build}" && pwd)"
+SRC="$B/src/llama_cpp_python-$VER"
+JOBS="$(nproc)"
+if [ ! -f "$SRC/pyproject.toml" ]; then
+  mkdir -p "$B/dl" "$B/src"
+  python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$VER" -d "$B/dl"
+  tar xzf "$B/dl/llama_cpp_python-$VER.tar.gz" -C "$B/src"
+fi
+if python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VER')" 2>/dev/null \
+   && [ -f "$B/cmake/CMakeCache.txt" ]; then
+  echo "llama-cpp-python $VER already installed from $B"
+else
+  echo "building llama-cpp-python $VER ($JOBS jobs; ~10 min on 2 cores)"
+  CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" \
+    python -m pip install -q "$SRC" --config-settings=build-dir="$B/cmake"
+fi
+if [ ! -x "$B/cmake/bin/llama-perplexity" ]; then
+  echo "building llama-perplexity from the same tree"
+  cmake -S "$SRC" -B "$B/cmake" -DLLAMA_BUILD_TOOLS=ON > "$B/reconfigure.log"
+  cmake --build "$B/cmake" --target llama-perplexity -j "$JOBS" > "$B/perplexity-build.log"
+fi
+ln -sf "$B/cmake/bin/llama-perplexity" "$B/llama-perplexity"
+echo "llama-perplexity: $B/llama-perplexity"

@@ -1,0 +1,28 @@
+"""Shared fixtures: fake GGUF models and a pytester project wired to the fake engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_kvquality.testing import CONFTEST, write_fake_gguf
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path) -> Path:
+    """A tiny GGUF file the fake engine loads as a model."""
+    return write_fake_gguf(tmp_path / "models" / "tiny.gguf", seed=7)
+
+
+@pytest.fixture
+def kv_project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester directory whose conftest swaps in the fake engine and a private cache dir."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini(f"""
+        [pytest]
+        kv_ref_dir = {tmp_path / "refs"}
+        kv_ctx = 64
+    """)
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    return pytester

@@ -1,0 +1,141 @@
+"""The bundled Gemma 3 270M through llama.cpp, on a small slice of the built-in corpus.
+
+The comparison with ``llama-perplexity --kl-divergence`` (built from the same
+llama-cpp-python sdist by scripts/install-llama.sh) is the acceptance test of
+the metric definitions: mean KLD within 0.5 % and Same top p within 0.1
+percentage point, on the same model, text, n_ctx and cache types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.metrics import KLSummary, summarize
+from pytest_kvquality.options import default_cache_dir
+from pytest_kvquality.registry import builtin_model_path
+
+pytestmark = pytest.mark.real_model
+
+ROOT = Path(__file__).resolve().parent.parent
+N_CTX = 512
+N_CHUNKS = 4
+
+
+def llama_perplexity_binary() -> Path | None:
+    env = os.environ.get("KVQ_LLAMA_PERPLEXITY")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT / ".build" / "llama-perplexity")
+    return next((c for c in candidates if c.exists()), None)
+
+
+@pytest.fixture(scope="module")
+def gemma() -> ModelLoad:
+    path, _ = builtin_model_path(default_cache_dir())
+    return ModelLoad(str(path), 0)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
+    e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def coding_chunks(engine: WorkerEngine, gemma: ModelLoad):  # type: ignore[no-untyped-def]
+    tokens = engine.tokenize(gemma, builtin_corpus().texts["coding"])
+    return chunk_tokens(tokens, N_CTX, N_CHUNKS, "coding")
+
+
+def parse_llama_perplexity(log: str) -> dict[str, float]:
+    def grab(label: str) -> float:
+        m = re.search(re.escape(label) + r"\s*:\s*(-?[\d.]+)", log)
+        assert m, f"{label!r} not found in llama-perplexity output:\n{log[-3000:]}"
+        return float(m.group(1))
+
+    return {
+        "kl_mean": grab("Mean    KLD"), "kl_max": grab("Maximum KLD"), "kl_p99": grab("99.0%   KLD"),
+        "kl_median": grab("Median  KLD"), "ppl": grab("Mean PPL(Q)"), "ppl_base": grab("Mean PPL(base)"),
+        "dp_rms": grab("RMS Δp") / 100, "top1": grab("Same top p") / 100,
+    }
+
+
+@pytest.fixture(scope="module")
+def llama_perplexity_q4_0(tmp_path_factory: pytest.TempPathFactory, gemma: ModelLoad) -> dict[str, float]:
+    exe = llama_perplexity_binary()
+    if exe is None:
+        pytest.skip("llama-perplexity is not built: run scripts/install-llama.sh (it builds it from "
+                    "the same llama-cpp-python sdist), or set KVQ_LLAMA_PERPLEXITY")
+    d = tmp_path_factory.mktemp("llama-perplexity")
+    text = d / "coding.txt"
+    text.write_text(builtin_corpus().texts["coding"], encoding="utf-8")
+    # -b/-ub 256 and -nr: the batch size and (no) weight repacking that our engine uses
+    common = [str(exe), "-m", gemma.path, "-c", str(N_CTX), "-b", "256", "-ub", "256", "--chunks",
+              str(N_CHUNKS), "-fa", "on", "-nr", "--kl-divergence-base", str(d / "base.bin")]
+    base = subprocess.run([*common, "-f", str(text), "-ctk", "f16", "-ctv", "f16"],
+                          capture_output=True, text=True)
+    assert base.returncode == 0, base.stderr[-3000:]
+    cand = subprocess.run([*common, "--kl-divergence", "-ctk", "q4_0", "-ctv", "q4_0"],
+                          capture_output=True, text=True)
+    assert cand.returncode == 0, cand.stderr[-3000:]
+    return parse_llama_perplexity(cand.stdout + cand.stderr)
+
+
+def assert_matches(ours: KLSummary, theirs: dict[str, float]) -> None:
+    assert ours.kl_mean == pytest.approx(theirs["kl_mean"], rel=0.005)
+    assert abs(ours.top1 - theirs["top1"]) <= 0.001
+    assert ours.ppl == pytest.approx(theirs["ppl"], rel=1e-4)
+    assert ours.ppl_base == pytest.approx(theirs["ppl_base"], rel=1e-3)
+    assert ours.dp_rms == pytest.approx(theirs["dp_rms"], rel=0.005)
+    assert ours.kl_p99 == pytest.approx(theirs["kl_p99"], rel=0.01)
+
+
+def test_exact_mode_equals_llama_perplexity(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, llama_perplexity_q4_0: dict[str, float]  # type: ignore[no-untyped-def]
+) -> None:
+    run = engine.evaluate_exact(gemma, CacheConfig.parse("q4_0"), gemma, CacheConfig.parse("f16"),
+                                coding_chunks)
+    assert_matches(summarize(run.stats), llama_perplexity_q4_0)
+
+
+def test_cached_compact_reference_equals_llama_perplexity(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, llama_perplexity_q4_0: dict[str, float]  # type: ignore[no-untyped-def]
+) -> None:
+    ref = engine.reference(gemma, CacheConfig.parse("f16"), coding_chunks, seed=0)
+    assert len(ref.rows) == N_CHUNKS * (N_CTX // 2 - 1)
+    run = engine.evaluate(gemma, CacheConfig.parse("q4_0"), coding_chunks, ref.rows)
+    assert_matches(summarize(run.stats), llama_perplexity_q4_0)
+
+
+def test_f16_cache_against_its_own_reference_is_lossless(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
+) -> None:
+    one = coding_chunks[:1]
+    ref = engine.reference(gemma, CacheConfig.parse("f16"), one, seed=0)
+    s = summarize(engine.evaluate(gemma, CacheConfig.parse("f16"), one, ref.rows).stats)
+    assert s.top1 == 1.0
+    assert abs(s.kl_mean) < 1e-5
+
+
+def test_rotation_off_is_worse_than_rotation_on_for_q4_0(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
+) -> None:
+    two = coding_chunks[:2]
+    f16 = CacheConfig.parse("f16")
+    on_run = engine.evaluate_exact(gemma, CacheConfig.parse("q4_0"), gemma, f16, two)
+    off_run = engine.evaluate_exact(gemma, CacheConfig.parse("q4_0:norot"), gemma, f16, two)
+    # shared/gpu/README.md: 0.193 (off) vs 0.152 (on) on 6,120 tokens
+    assert summarize(off_run.stats).kl_mean > summarize(on_run.stats).kl_mean
+    # what llama.cpp reported when it created each context
+    assert on_run.context["rotation_k"] is True and on_run.context["rotation_v"] is True
+    assert off_run.context["rotation_k"] is False and off_run.context["rotation_v"] is False
+    assert on_run.context["kv_cache_mib"] > 0
