@@ -94,6 +94,8 @@ class ThresholdItem(KVItemBase):
         super().__init__(**kwargs)
         self.threshold = threshold
         self.add_marker("kvquality")
+        # pytest -n N --dist loadgroup keeps one (model, cache) on one worker: evaluated once
+        self.add_marker(pytest.mark.xdist_group(f"{threshold.model}::{threshold.cache.label}"))
 
     def runtest(self) -> None:
         t = self.threshold
@@ -125,6 +127,7 @@ class MeasureItem(KVItemBase):
         self.model = model
         self.cache = cache
         self.add_marker("kvquality")
+        self.add_marker(pytest.mark.xdist_group(f"{model}::{cache.label}"))
 
     def runtest(self) -> None:
         get_state(self.config).run(self.model, self.cache)
@@ -145,12 +148,15 @@ def add_measure_items(session: pytest.Session, config: pytest.Config, items: lis
     if not state.model_names:
         return
     covered = {(i.threshold.model, i.threshold.cache) for i in items if isinstance(i, ThresholdItem)}
-    with_thresholds = {m for m, _ in covered}
+    tested = {m for m, _ in covered}
+    tested |= {state.alias_of(str(i.callspec.params["kv_model"])) for i in items
+               if hasattr(i, "callspec") and i.callspec.params.get("kv_model")}
     parent = MeasureCollector.from_parent(session, name="kvquality")
     for alias in state.model_names:
         caches = state.options.caches
         if caches is None:
-            if alias in with_thresholds:
+            # nothing else measures this model: measure the default configs so the run says something
+            if alias in tested:
                 continue
             caches = CacheConfig.parse_list(DEFAULT_CACHES)
         for cache in caches:

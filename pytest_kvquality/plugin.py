@@ -31,6 +31,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Build the run's state and put the threshold files of the selected models on the collection list."""
     config.addinivalue_line("markers", "kvquality: a KV-cache quality gate or measurement")
+    config.addinivalue_line("markers", "xdist_group(name): run items of one group on one xdist worker")
     from .collect import STATE, KVState
     from .registry import Registry
     from .session import KVSession
@@ -48,6 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     state = KVState(config, options, KVSession(options, make_engine, registry))
     config.stash[STATE] = state
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() >= 0:
+        state.session.progress = lambda text: reporter.write_line(f"[kvquality] {text}")
     for p in state.threshold_paths:
         if str(p) not in config.args:
             config.args.append(str(p))
@@ -58,9 +62,13 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     from .collect import STATE, ThresholdFile
 
     state = parent.config.stash.get(STATE, None)
-    if state is not None and file_path.resolve() in state.threshold_paths:
-        return ThresholdFile.from_parent(parent, path=file_path)
-    return None
+    if state is None or file_path.resolve() not in state.threshold_paths:
+        return None
+    try:
+        file_path.resolve().relative_to(parent.config.rootpath)
+    except ValueError:  # shipped or out-of-tree file: a short, stable node id
+        return ThresholdFile.from_parent(parent, path=file_path, nodeid=f"thresholds/{file_path.name}")
+    return ThresholdFile.from_parent(parent, path=file_path)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
@@ -77,7 +85,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from .collect import get_state
 
         names = list(get_state(metafunc.config).model_names) or [None]
-        metafunc.parametrize("kv_model", names, indirect=True, ids=[str(n) for n in names])
+        metafunc.parametrize("kv_model", names, indirect=True,
+                            ids=[str(n) if n else "no-kv-model" for n in names])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

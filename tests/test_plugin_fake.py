@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -36,3 +37,183 @@ def test_thresholds_become_items_that_pass_and_fail(kv_project: pytest.Pytester,
     result.stdout.fnmatch_lines(["*KV-cache quality*", "*model*cache*category*mean KLD*"])
     result.assert_outcomes(passed=3, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_kv_eval_fixture_in_a_users_test(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    kv_project.makepyfile(test_user="""
+        def test_q8_0_is_nearly_lossless(kv_eval):
+            result = kv_eval("q8_0")
+            assert result.kl_mean < 0.05
+            assert result["coding"].top1 > 0.8
+            assert set(result.categories) == {"coding", "science", "tool_calling", "long_documents", "overall"}
+
+        def test_q4_0_k_and_v_set_independently(kv_eval):
+            both = kv_eval(k="q4_0", v="q4_0")
+            k_only = kv_eval(k="q4_0", v="f16")
+            assert k_only.kl_mean < both.kl_mean
+            assert both.overall.n_tokens == 4 * 2 * 31
+    """)
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-chunks", "2",
+                                  "--kv-thresholds", str(kv_project.path))
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*tiny*q4_0/f16*overall*", "*tiny*q8_0*overall*"])
+
+
+def test_without_a_model_fixture_tests_skip_and_kv_require_fails_them(kv_project: pytest.Pytester) -> None:
+    kv_project.makepyfile(test_user="def test_x(kv_eval):\n    kv_eval('q8_0')\n")
+    result = kv_project.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no --kv-model given*"])
+    result = kv_project.runpytest("--kv-require")
+    result.assert_outcomes(errors=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*no --kv-model given and --kv-require is set*"])
+
+
+def test_bad_threshold_file_is_a_collection_error_naming_file_key_and_reason(
+    kv_project: pytest.Pytester, fake_model: Path
+) -> None:
+    kv_project.makefile(".yaml", gates="version: 1\nmodels:\n  tiny:\n    q4_0:\n      overall: {kl_mean: '< x'}\n")
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml")
+    result.stdout.fnmatch_lines([
+        "*ERROR collecting gates.yaml*",
+        "*invalid threshold file: *gates.yaml:5: models.tiny.q4_0.overall.kl_mean: threshold 'x' is not a number*",
+    ])
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+def test_known_model_without_a_file_skips_and_kv_require_fails(kv_project: pytest.Pytester) -> None:
+    shipped = Path(__file__).parent.parent / "thresholds" / "published-models.yaml"
+    result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped), "-rs")
+    result.assert_outcomes(skipped=6)
+    result.stdout.fnmatch_lines(["*model qwen3.6-35b-a3b is known but has no file here*"])
+    result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped),
+                                  "--kv-require", "-q")
+    result.assert_outcomes(failed=6)
+    result.stdout.fnmatch_lines(["*qwen3.6-35b-a3b::q4_0::long_documents::kl_mean*"])
+
+
+def test_models_without_thresholds_are_measured_and_reported(
+    kv_project: pytest.Pytester, fake_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results.json"
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q8_0,q4_0:norot",
+                                  "--kv-chunks", "2", "--kv-thresholds", str(kv_project.path),
+                                  "--kv-json", str(out), "-v")
+    result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "*tiny::q4_0:norot::measure PASSED*"])
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 1
+    rec = next(r for r in doc["results"] if r["cache"] == "q4_0:norot" and r["category"] == "overall")
+    for key in ("model", "type_k", "type_v", "rotation", "flash_attn", "n_ctx", "category", "kl_mean",
+                "kl_mean_unc", "kl_median", "kl_p99", "kl_max", "top1", "top1_unc", "dp_rms",
+                "ppl_ratio", "n_tokens", "eval_seconds"):
+        assert key in rec
+    assert (rec["type_k"], rec["type_v"], rec["rotation"], rec["n_ctx"]) == ("q4_0", "q4_0", False, 64)
+    assert rec["rotation_applied_k"] is False
+    assert doc["environment"]["models"]["tiny"] == rec["model_sha256"]
+    assert len(doc["results"]) == 2 * 5
+
+
+def test_ini_keys_mirror_the_options(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    kv_project.makeini(f"""
+        [pytest]
+        kv_models = {fake_model}
+        kv_cache = q8_0
+        kv_ctx = 32
+        kv_chunks = 1
+        kv_ref_dir = {kv_project.path / "refs"}
+        kv_thresholds = {kv_project.path}
+    """)
+    result = kv_project.runpytest("-v")
+    result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "*tiny*q8_0*32*overall*60*"])
+
+
+def test_reference_is_cached_reused_regenerated_and_repaired(kv_project: pytest.Pytester,
+                                                              fake_model: Path) -> None:
+    args = ["--kv-model", str(fake_model), "--kv-cache", "q8_0", "--kv-chunks", "1",
+            "--kv-thresholds", str(kv_project.path), "--kv-ref-dir", "refs"]
+    kv_project.runpytest(*args).assert_outcomes(passed=1)
+    refs = sorted((kv_project.path / "refs").glob("*.kvqref"))
+    assert len(refs) == 4  # one per category
+    stamp = [r.stat().st_mtime_ns for r in refs]
+    first = kv_project.runpytest(*args, "--kv-json", "a.json")
+    assert [r.stat().st_mtime_ns for r in refs] == stamp  # reused
+    kv_project.runpytest(*args, "--kv-regen").assert_outcomes(passed=1)
+    assert all(r.stat().st_mtime_ns != s for r, s in zip(refs, stamp))  # rebuilt
+    data = bytearray(refs[0].read_bytes())
+    data[-5] ^= 0xFF
+    refs[0].write_bytes(bytes(data))
+    result = kv_project.runpytest(*args, "--kv-json", "b.json")
+    result.stdout.fnmatch_lines(["*note: reference cache entry damaged, rebuilt: *checksum mismatch*"])
+    a = json.loads((kv_project.path / "a.json").read_text())["results"]
+    b = json.loads((kv_project.path / "b.json").read_text())["results"]
+    assert [r["kl_mean"] for r in a] == [r["kl_mean"] for r in b]  # same numbers after repair
+    assert first.ret == 0
+
+
+def test_exact_mode_needs_no_reference_cache(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q4_0", "--kv-exact",
+                                  "--kv-chunks", "1", "--kv-thresholds", str(kv_project.path),
+                                  "--kv-ref-dir", "refs")
+    result.assert_outcomes(passed=1)
+    assert not list((kv_project.path / "refs").glob("*.kvqref"))
+    result.stdout.fnmatch_lines(["*reference f16 (exact, no cache)*"])
+
+
+def test_options_are_listed_in_help(kv_project: pytest.Pytester) -> None:
+    result = kv_project.runpytest("--help")
+    for opt in ("--kv-model", "--kv-cache", "--kv-ctx", "--kv-chunks", "--kv-corpus", "--kv-thresholds",
+                "--kv-ref-dir", "--kv-regen", "--kv-json", "--kv-gpu-layers", "--kv-registry",
+                "--kv-exact", "--kv-require"):
+        result.stdout.fnmatch_lines([f"*{opt}*"])
+    result.stdout.fnmatch_lines(["*kv_models*", "*kv_ref_dir*"])
+
+
+def test_user_corpus_categories_drive_thresholds(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    kv_project.makefile(".txt", legal="Article 1. The parties agree. " * 40)
+    kv_project.makefile(".yaml", gates="version: 1\nmodels:\n  tiny:\n    q8_0:\n      legal: {top1: '> 0.5'}\n")
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-corpus", "legal.txt",
+                                  "--kv-thresholds", "gates.yaml", "-v")
+    result.stdout.fnmatch_lines(["*tiny::q8_0::legal::top1 PASSED*"])
+    kv_project.makefile(".txt", legal="short")
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-corpus", "legal.txt",
+                                  "--kv-thresholds", "gates.yaml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*category 'legal' tokenizes to 6 tokens*needs at least 128*"])
+
+
+def test_a_native_crash_fails_only_the_tests_that_needed_it(kv_project: pytest.Pytester,
+                                                             fake_model: Path) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python for the worker")
+    kv_project.makeconftest("""
+        from pytest_kvquality.engine import WorkerEngine
+        from pytest_kvquality.testing import FakeEngine
+
+        class CrashingEngine(FakeEngine):
+            '''The fake model, except that q4_0 evaluations segfault a real worker process.'''
+            def __init__(self):
+                super().__init__()
+                self.worker = WorkerEngine()
+
+            def evaluate(self, model, cache, chunks, ref):
+                if cache.label == "q4_0":
+                    self.worker.crash_for_test()
+                return super().evaluate(model, cache, chunks, ref)
+
+            def close(self):
+                self.worker.close()
+                super().close()
+
+        def pytest_kvquality_make_engine(config):
+            return CrashingEngine()
+    """)
+    kv_project.makefile(".yaml", gates=GATES)
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml",
+                                  "--kv-chunks", "1")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([
+        "*evaluating tiny * with cache q4_0, n_ctx 64 failed:*",
+        "*the model worker killed by signal SIGSEGV while running a deliberate crash*",
+        "*Last lines of the llama.cpp log*",
+    ])

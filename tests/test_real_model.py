@@ -39,8 +39,9 @@ def llama_perplexity_binary() -> Path | None:
 
 @pytest.fixture(scope="module")
 def gemma() -> ModelLoad:
-    path, _ = builtin_model_path(default_cache_dir())
-    return ModelLoad(str(path), 0)
+    env = os.environ.get("KVQ_GEMMA_GGUF")  # e.g. the staged model on the GPU host
+    path = Path(env) if env else builtin_model_path(default_cache_dir())[0]
+    return ModelLoad(str(path), -1)
 
 
 @pytest.fixture(scope="module")

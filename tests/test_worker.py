@@ -1,0 +1,58 @@
+"""The model worker process: native crashes and load failures become clear errors, never a dead session."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kvquality.engine import EngineError, ModelLoad, WorkerCrash, WorkerEngine
+from pytest_kvquality.testing import write_fake_gguf
+
+# find_spec, not import: llama_cpp is only ever imported inside the worker (import-order crash on CUDA)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                reason="the worker tests need llama-cpp-python installed")
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[WorkerEngine]:
+    w = WorkerEngine(tmp_path / "logs")
+    yield w
+    w.close()
+
+
+def test_a_segfault_in_the_worker_is_reported_and_the_worker_restarts(worker: WorkerEngine) -> None:
+    info = worker.info()
+    assert info["llama_cpp_python"] == "0.3.36"
+    with pytest.raises(WorkerCrash) as e:
+        worker.crash_for_test()
+    message = str(e.value)
+    assert "killed by signal SIGSEGV while running a deliberate crash" in message
+    assert "Last lines of the llama.cpp log" in message
+    assert worker.info() == info  # a fresh worker answers the next call
+
+
+def test_a_gguf_of_an_unknown_architecture_fails_with_llama_cpp_reason(
+    worker: WorkerEngine, tmp_path: Path
+) -> None:
+    model = write_fake_gguf(tmp_path / "alien.gguf", arch="notanarch")
+    with pytest.raises(EngineError) as e:
+        worker.describe(ModelLoad(str(model), 0))
+    assert f"llama.cpp could not load {model}" in str(e.value)
+    assert "unknown model architecture: 'notanarch'" in str(e.value)
+    assert worker.info()["llama_cpp_python"]  # the worker survived
+
+
+def test_a_truncated_gguf_fails_cleanly(worker: WorkerEngine, tmp_path: Path) -> None:
+    whole = write_fake_gguf(tmp_path / "whole.gguf", arch="llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EngineError, match="could not load"):
+        worker.describe(ModelLoad(str(cut), 0))
+
+
+def test_a_missing_model_file_is_named(worker: WorkerEngine, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"model file .*nope\.gguf does not exist"):
+        worker.describe(ModelLoad(str(tmp_path / "nope.gguf"), 0))
