@@ -151,7 +151,8 @@ def add_measure_items(session: pytest.Session, config: pytest.Config, items: lis
     tested = {m for m, _ in covered}
     tested |= {state.alias_of(str(i.callspec.params["kv_model"])) for i in items
                if hasattr(i, "callspec") and i.callspec.params.get("kv_model")}
-    parent = MeasureCollector.from_parent(session, name="kvquality")
+    parent = MeasureCollector.from_parent(session, name="kvquality", path=config.rootpath,
+                                          nodeid="kvquality")
     for alias in state.model_names:
         caches = state.options.caches
         if caches is None:

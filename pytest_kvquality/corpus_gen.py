@@ -15,6 +15,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 TARGET_BYTES = {"coding": 42_000, "science": 42_000, "tool_calling": 42_000}
 LONG_DOC_BYTES = 40_000
@@ -286,6 +287,8 @@ def _transcript(r: random.Random, idx: int) -> str:
     city = r.choice(CITIES)
     person = r.choice(PEOPLE)
     call_id = f"call_{idx:04d}"
+    args: dict[str, Any]
+    result: dict[str, Any]
     if kind == 0:
         unit = r.choice(["celsius", "fahrenheit"])
         ask = f"What's the weather like in {city} right now? Please use {unit}."
@@ -310,8 +313,8 @@ def _transcript(r: random.Random, idx: int) -> str:
         orders = [{"order_id": f"A{r.randrange(1000, 9999)}", "total": round(r.random() * 300, 2)}
                   for _ in range(limit)]
         result = {"orders": orders}
-        answer = f"{person} has {limit} {status} orders; the largest total is " \
-                 f"{max(o['total'] for o in orders):.2f}."
+        largest = max(float(o["total"]) for o in orders)
+        answer = f"{person} has {limit} {status} orders; the largest total is {largest:.2f}."
     else:
         amount = r.randrange(5, 5000)
         cur = r.sample(["EUR", "USD", "JPY", "KES", "CAD", "GBP"], 2)

@@ -208,7 +208,7 @@ class LocalEngine:
         try:
             for chunk in chunks:
                 done = 0
-                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk)):
+                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=False):
                     nxt = _next_tokens(chunk, done, cand.shape[0])
                     parts.append(kl_exact(cand, base, nxt))
                     done += cand.shape[0]
@@ -318,12 +318,14 @@ class WorkerEngine:
         return {prefix + "cache": cache.label}
 
     def info(self) -> dict[str, Any]:
-        return self._call({"op": "info"}, what="reading backend info")[0]["info"]
+        info: dict[str, Any] = self._call({"op": "info"}, what="reading backend info")[0]["info"]
+        return info
 
     def describe(self, model: ModelLoad) -> dict[str, Any]:
         reply, _ = self._call({"op": "describe", **self._model_args(model)},
                               what=f"loading {model.path}")
-        return reply["model"]
+        described: dict[str, Any] = reply["model"]
+        return described
 
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
         _, out = self._call({"op": "tokenize", **self._model_args(model)},

@@ -28,7 +28,7 @@ def send(stream: BinaryIO, header: dict[str, Any], arrays: dict[str, np.ndarray]
     stream.write(struct.pack("<I", len(raw)))
     stream.write(raw)
     for v in arrays.values():
-        stream.write(memoryview(np.ascontiguousarray(v)).cast("B"))
+        stream.write(np.ascontiguousarray(v).data.cast("B"))
     stream.flush()
 
 

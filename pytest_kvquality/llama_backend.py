@@ -15,11 +15,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import llama_cpp  # noqa: I001  -- must precede numpy in a fresh process
+import llama_cpp
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from .cache_config import GGML_TYPE_IDS, CacheConfig  # noqa: E402
+from .cache_config import GGML_TYPE_IDS, CacheConfig
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -39,7 +38,7 @@ _last_level = 0
 _recent: collections.deque[str] = collections.deque(maxlen=400)
 
 
-@llama_cpp.llama_log_callback
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_to_stderr(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # fd 2 is the worker's log file; the client shows its tail when something fails.
     # Debug lines (thousands per context) are dropped so the tail stays useful.

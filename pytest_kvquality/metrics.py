@@ -131,7 +131,8 @@ def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDAr
     rows = np.arange(base_logits.shape[0])
     top = base_logits[rows, imax]
     floor = np.maximum(base_logits.min(axis=1), top + LOG_P_CUTOFF) - norm
-    return np.maximum(base_logits[rows, next_tokens] - norm, floor).astype(np.float32)
+    out: F32 = np.maximum(base_logits[rows, next_tokens] - norm, floor).astype(np.float32)
+    return out
 
 
 def _token_terms(
@@ -168,13 +169,13 @@ def compact_reference(
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
     bmax, bnorm = log_normalizer(base_logits)
-    rows = np.arange(n)
+    np.arange(n)
     top_ids = np.empty((n, k), np.int32)
     top_logp = np.empty((n, k), np.float32)
     tail_ids = np.empty((n, m), np.int32)
     tail_logp = np.empty((n, m), np.float32)
     tail_mass = np.zeros(n, np.float64)
-    u0 = rng.random(n)
+    u0 = np.asarray(rng.random(n), np.float64)
     for i in range(n):
         logp = base_logits[i] - bnorm[i]
         # only tokens above the cutoff count in llama.cpp's sum: work on those alone
@@ -315,7 +316,7 @@ class KLSummary:
             "ppl_ratio": (self.ppl_ratio, self.ppl_ratio_unc),
             "ln_ppl_ratio": (self.ln_ppl_ratio, self.ln_ppl_ratio_unc),
         }
-        for key, frac in KL_PERCENTILES.items():
+        for key, _frac in KL_PERCENTILES.items():
             table["kl_" + key] = (self.kl_percentiles.get(key, 0.0), 0.0)
         if name not in table:
             raise KeyError(name)

@@ -84,7 +84,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kv_model" in metafunc.fixturenames:
         from .collect import get_state
 
-        names = list(get_state(metafunc.config).model_names) or [None]
+        names: list[str | None] = [*get_state(metafunc.config).model_names] or [None]
         metafunc.parametrize("kv_model", names, indirect=True,
                             ids=[str(n) if n else "no-kv-model" for n in names])
 

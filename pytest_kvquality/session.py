@@ -22,7 +22,6 @@ from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
 from .engine import Engine, EngineError, ModelLoad
 from .metrics import KLSummary, ReferenceRows, TokenStats, summarize
 from .options import KVOptions
-from .report import Report, ResultRecord, VerdictRecord
 from .reference import (
     ReferenceDamaged,
     ReferenceKey,
@@ -32,6 +31,7 @@ from .reference import (
     write_reference,
 )
 from .registry import ModelNotFound, Registry, ResolvedModel, resolve
+from .report import Report, ResultRecord, VerdictRecord
 from .thresholds import OVERALL, Threshold
 
 REFERENCE_SEED = 0

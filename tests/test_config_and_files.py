@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +230,7 @@ def test_damaged_references_are_detected(tmp_path: Path, damage, message: str) -
 
 
 def test_reference_written_for_another_key_is_refused(tmp_path: Path) -> None:
-    path, key, _ = make_reference(tmp_path)
+    path, _key, _ = make_reference(tmp_path)
     other = ReferenceKey("a" * 64, "b" * 64, 64, "f16", "0.3.99", 16, 8, 0)
     with pytest.raises(ReferenceDamaged, match="differs in llama_cpp"):
         read_reference(path, other)
@@ -262,12 +263,12 @@ def test_unusable_models_are_explained(tmp_path: Path, setup: str, message: str)
     name = {"missing": str(tmp_path / "nope.gguf"), "dir": str(tmp_path), "alias": "llama-9000",
             "text": str(tmp_path / "notes.gguf"), "known": "qwen3.6-35b"}[setup]
     (tmp_path / "notes.gguf").write_text("hello")
-    with pytest.raises(ModelNotFound, match=message):
+    with pytest.raises(ModelNotFound, match=re.escape(message)):
         resolve(name, Registry(), tmp_path / "cache")
 
 
 def test_bad_registry_file(tmp_path: Path) -> None:
     p = tmp_path / "r.yaml"
     p.write_text("version: 1\nmodels:\n  x: {sha256: abc}\n")
-    with pytest.raises(RegistryError, match="models.x needs a 'path'"):
+    with pytest.raises(RegistryError, match=r"models\.x needs a 'path'"):
         Registry.load([p])
