@@ -310,10 +310,14 @@ def _transcript(r: random.Random, idx: int) -> str:
         limit = r.randrange(1, 6)
         ask = f"Show me the last {limit} {status} orders for {person}."
         args = {"customer": person, "status": status, "limit": limit}
-        orders = [{"order_id": f"A{r.randrange(1000, 9999)}", "total": round(r.random() * 300, 2)}
-                  for _ in range(limit)]
+        totals: list[float] = []
+        orders = []
+        for _ in range(limit):
+            order_id, total = f"A{r.randrange(1000, 9999)}", round(r.random() * 300, 2)
+            orders.append({"order_id": order_id, "total": total})
+            totals.append(total)
         result = {"orders": orders}
-        largest = max(float(o["total"]) for o in orders)
+        largest = max(totals)
         answer = f"{person} has {limit} {status} orders; the largest total is {largest:.2f}."
     else:
         amount = r.randrange(5, 5000)
