@@ -15,20 +15,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from . import ipc
 from .cache_config import CacheConfig
-from .metrics import ReferenceRows, TokenStats, compact_reference, kl_compact, kl_exact
+from .metrics import ReferenceRows, TokenStats, compact_rows, kl_compact, kl_exact
 
 #: Reference compression: exact top-k tokens and m tail samples per scored position.
-DEFAULT_TOP_K = 128
-DEFAULT_TAIL_SAMPLES = 64
+DEFAULT_TOP_K = 144
+DEFAULT_TAIL_SAMPLES = 96
 #: Lines of the llama.cpp log shown when the worker fails.
 LOG_TAIL_LINES = 40
 
@@ -125,14 +127,58 @@ def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
     return chunk[first + start : first + start + n].astype(np.int64)
 
 
+T = TypeVar("T")
+
+#: Smallest row block handed to one thread (smaller blocks cost more in overhead than they save).
+MIN_ROWS_PER_TASK = 8
+
+
+class RowParallel:
+    """Reduces the rows of a logits batch on several threads (numpy releases the GIL).
+
+    Each batch is finished before the next decode overwrites llama.cpp's logits
+    buffer, so no copy of the n_rows x n_vocab block is ever made.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        env = os.environ.get("KVQ_THREADS")
+        self.threads = max(1, threads or (int(env) if env else (os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def map(self, n_rows: int, fn: Callable[[int, int], T]) -> list[T]:
+        if self._pool is None or n_rows < 2 * MIN_ROWS_PER_TASK:
+            return [fn(0, n_rows)]
+        step = max(MIN_ROWS_PER_TASK, -(-n_rows // self.threads))
+        bounds = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+        return list(self._pool.map(lambda ab: fn(*ab), bounds))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _compact_block(logits: np.ndarray, nxt: np.ndarray, u0: np.ndarray, k: int, m: int,
+                   a: int, b: int) -> ReferenceRows:
+    return compact_rows(logits[a:b], nxt[a:b], k, m, u0[a:b])
+
+
+def _kl_compact_block(logits: np.ndarray, ref: ReferenceRows, nxt: np.ndarray, a: int, b: int) -> TokenStats:
+    return kl_compact(logits[a:b], ref.slice(a, b), nxt[a:b])
+
+
+def _kl_exact_block(cand: np.ndarray, base: np.ndarray, nxt: np.ndarray, a: int, b: int) -> TokenStats:
+    return kl_exact(cand[a:b], base[a:b], nxt[a:b])
+
+
 class LocalEngine:
     """Runs evaluations in this process; keeps the last model loaded."""
 
     def __init__(self, backend: LogitsBackend, top_k: int = DEFAULT_TOP_K,
-                 tail_samples: int = DEFAULT_TAIL_SAMPLES) -> None:
+                 tail_samples: int = DEFAULT_TAIL_SAMPLES, threads: int | None = None) -> None:
         self.backend = backend
         self.top_k = top_k
         self.tail_samples = tail_samples
+        self.rows = RowParallel(threads)
         self._models: dict[ModelLoad, LogitsModel] = {}
 
     def _model(self, model: ModelLoad) -> LogitsModel:
@@ -163,9 +209,12 @@ class LocalEngine:
             for chunk in chunks:
                 done = 0
                 for logits in ctx.scored_logits(chunk):
-                    nxt = _next_tokens(chunk, done, logits.shape[0])
-                    parts.append(compact_reference(logits, nxt, self.top_k, self.tail_samples, rng))
-                    done += logits.shape[0]
+                    n = logits.shape[0]
+                    nxt = _next_tokens(chunk, done, n)
+                    u0 = np.asarray(rng.random(n))  # per batch: the same result on any number of threads
+                    parts += self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k,
+                                                      self.tail_samples))
+                    done += n
         finally:
             ctx.close()
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
@@ -183,7 +232,8 @@ class LocalEngine:
                 for logits in ctx.scored_logits(chunk):
                     n = logits.shape[0]
                     nxt = _next_tokens(chunk, done, n)
-                    parts.append(kl_compact(logits, ref.slice(row, row + n), nxt))
+                    parts += self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n),
+                                                      nxt))
                     done += n
                     row += n
         finally:
@@ -221,6 +271,7 @@ class LocalEngine:
         for m in self._models.values():
             m.close()
         self._models.clear()
+        self.rows.close()
 
 
 def _describe_exit(code: int) -> str:

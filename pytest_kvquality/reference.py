@@ -27,8 +27,8 @@ import numpy as np
 
 from .metrics import ReferenceRows
 
-MAGIC = b"KVQREF\x00\x01"
-FORMAT_VERSION = 1
+MAGIC = b"KVQREF\x00\x02"
+FORMAT_VERSION = 2
 
 
 class ReferenceDamaged(ValueError):

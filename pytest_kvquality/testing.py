@@ -122,8 +122,8 @@ class FakeBackend:
 class FakeEngine(LocalEngine):
     """The real engine logic over the fake model, in-process."""
 
-    def __init__(self, top_k: int = 32, tail_samples: int = 16) -> None:
-        super().__init__(FakeBackend(), top_k=top_k, tail_samples=tail_samples)
+    def __init__(self, top_k: int = 32, tail_samples: int = 16, threads: int | None = None) -> None:
+        super().__init__(FakeBackend(), top_k=top_k, tail_samples=tail_samples, threads=threads)
 
 
 CONFTEST = '''

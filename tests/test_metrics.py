@@ -126,9 +126,11 @@ def test_compact_reference_tail_estimate_is_unbiased_where_a_lumped_tail_is_not(
     nxt = rng.integers(0, vocab, n)
     exact = kl_exact(cand, base, nxt).kld.astype(np.float64).mean()
     estimates = [kl_compact(cand, compact_reference(base, nxt, 32, 16, np.random.default_rng(s)),
-                            nxt).kld.astype(np.float64).mean() for s in range(4)]
+                            nxt).kld.astype(np.float64).mean() for s in range(8)]
     # most of this distribution's mass is in the tail (flat logits): a hard case
-    assert np.mean(estimates) == pytest.approx(exact, rel=0.01)
+    standard_error = np.std(estimates, ddof=1) / np.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - exact) < max(3 * standard_error, 1e-4)
+    assert np.mean(estimates) == pytest.approx(exact, rel=0.02)
     lumped = []  # top-32 exact plus the tail as one bucket: biased low (log-sum inequality)
     for i in range(n):
         lp_b = base[i] - np.log(np.exp(base[i].astype(np.float64)).sum())
