@@ -18,6 +18,8 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES as M
+from pytest_kvquality.engine import DEFAULT_TOP_K as K
 from pytest_kvquality.engine import ModelLoad, WorkerEngine
 from pytest_kvquality.metrics import compact_reference, kl_compact, kl_exact
 from pytest_kvquality.options import default_cache_dir
@@ -41,7 +43,7 @@ def gemma_like_logits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_kl_math_against_compact_reference(benchmark, gemma_like_logits) -> None:  # type: ignore[no-untyped-def]
     """The per-chunk KL reduction of a candidate: one log-sum-exp, an argmax, gathers."""
     base, cand, nxt = gemma_like_logits
-    ref = compact_reference(base, nxt, 128, 64, np.random.default_rng(1))
+    ref = compact_reference(base, nxt, K, M, np.random.default_rng(1))
     benchmark(kl_compact, cand, ref, nxt)
     benchmark.extra_info["scored_tokens_per_s"] = ROWS / benchmark.stats.stats.mean
 
@@ -54,15 +56,15 @@ def test_kl_math_exact(benchmark, gemma_like_logits) -> None:  # type: ignore[no
 
 def test_reference_compression(benchmark, gemma_like_logits) -> None:  # type: ignore[no-untyped-def]
     base, _, nxt = gemma_like_logits
-    benchmark(compact_reference, base, nxt, 128, 64, np.random.default_rng(1))
+    benchmark(compact_reference, base, nxt, K, M, np.random.default_rng(1))
     benchmark.extra_info["scored_tokens_per_s"] = ROWS / benchmark.stats.stats.mean
 
 
 def test_reference_bytes_per_scored_token(benchmark, gemma_like_logits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """On-disk size of the compact reference (llama-perplexity's base file: 524 KB per token)."""
     base, _, nxt = gemma_like_logits
-    rows = compact_reference(base, nxt, 128, 64, np.random.default_rng(1))
-    key = ReferenceKey("0" * 64, "0" * 64, 512, "f16", "bench", 128, 64, 0)
+    rows = compact_reference(base, nxt, K, M, np.random.default_rng(1))
+    key = ReferenceKey("0" * 64, "0" * 64, 512, "f16", "bench", K, M, 0)
     path = tmp_path / "r.kvqref"
     benchmark.pedantic(write_reference, args=(path, key, rows, {}), rounds=3)
     per_token = path.stat().st_size / ROWS

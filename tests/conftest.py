@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import pytest
 
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
 
-PLUGIN_INSTALLED = any(ep.value == "pytest_kvquality.plugin" for ep in entry_points(group="pytest11"))
+#: Is the plugin loaded by its entry point? Not in an uninstalled checkout (the GPU host runs one
+#: with -p pytest_kvquality.plugin), nor with PYTEST_DISABLE_PLUGIN_AUTOLOAD set.
+PLUGIN_AUTOLOADED = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and any(
+    ep.value == "pytest_kvquality.plugin" for ep in entry_points(group="pytest11"))
+#: ini line that loads the plugin in pytester runs when the entry point does not
+LOAD_PLUGIN = "" if PLUGIN_AUTOLOADED else "addopts = -p pytest_kvquality.plugin"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,11 +32,10 @@ def fake_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def kv_project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory whose conftest swaps in the fake engine and a private cache dir."""
-    if not PLUGIN_INSTALLED:  # an uninstalled checkout (e.g. the GPU host): load it by name
-        pytester.plugins.append("pytest_kvquality.plugin")
     pytester.makeconftest(CONFTEST)
     pytester.makeini(f"""
         [pytest]
+        {LOAD_PLUGIN}
         kv_ref_dir = {tmp_path / "refs"}
         kv_ctx = 64
     """)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import LOAD_PLUGIN
 
 GATES = """
 version: 1
@@ -83,7 +84,8 @@ def test_bad_threshold_file_is_a_collection_error_naming_file_key_and_reason(
 
 
 def test_known_model_without_a_file_skips_and_kv_require_fails(kv_project: pytest.Pytester) -> None:
-    shipped = Path(__file__).parent.parent / "thresholds" / "published-models.yaml"
+    shipped = kv_project.path / "published-models.yaml"  # inside the test dir: its ini is the one found
+    shipped.write_bytes((Path(__file__).parent.parent / "thresholds" / "published-models.yaml").read_bytes())
     result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped), "-rs")
     result.assert_outcomes(skipped=6)
     result.stdout.fnmatch_lines(["*model qwen3.6-35b-a3b is known but has no file here*"])
@@ -117,6 +119,7 @@ def test_models_without_thresholds_are_measured_and_reported(
 def test_ini_keys_mirror_the_options(kv_project: pytest.Pytester, fake_model: Path) -> None:
     kv_project.makeini(f"""
         [pytest]
+        {LOAD_PLUGIN}
         kv_models = {fake_model}
         kv_cache = q8_0
         kv_ctx = 32
