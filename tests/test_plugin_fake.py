@@ -220,3 +220,25 @@ def test_a_native_crash_fails_only_the_tests_that_needed_it(kv_project: pytest.P
         "*the model worker killed by signal SIGSEGV while running a deliberate crash*",
         "*Last lines of the llama.cpp log*",
     ])
+
+
+def test_xdist_workers_share_references_and_merge_results(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    pytest.importorskip("xdist")
+    kv_project.makefile(".yaml", gates=GATES)
+    args = ["--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "2",
+            "--kv-ref-dir", "refs"]
+    serial = kv_project.runpytest(*args, "--kv-json", "serial.json")
+    serial.assert_outcomes(passed=3, failed=1)
+    for ref in (kv_project.path / "refs").glob("*.kvqref"):
+        ref.unlink()  # the parallel run builds them again, once
+    parallel = kv_project.runpytest_subprocess(*args, "-n", "2", "--dist", "loadgroup",
+                                               "--kv-json", "parallel.json")
+    parallel.assert_outcomes(passed=3, failed=1)
+    parallel.stdout.fnmatch_lines(["*KV-cache quality*", "*tiny*q4_0*overall*FAIL 1/1*"])
+    a = json.loads((kv_project.path / "serial.json").read_text())
+    b = json.loads((kv_project.path / "parallel.json").read_text())
+    key = ("cache", "category")
+    assert sorted((r[key[0]], r[key[1]], r["kl_mean"]) for r in a["results"]) == sorted(
+        (r[key[0]], r[key[1]], r["kl_mean"]) for r in b["results"])  # equal to the last digit
+    assert len(b["thresholds"]) == 4
+    assert len(list((kv_project.path / "refs").glob("*.kvqref"))) == 4  # one per category, no duplicates
