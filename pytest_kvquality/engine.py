@@ -31,6 +31,8 @@ from .metrics import ReferenceRows, TokenStats, compact_rows, kl_compact, kl_exa
 #: Reference compression: exact top-k tokens and m tail samples per scored position.
 DEFAULT_TOP_K = 144
 DEFAULT_TAIL_SAMPLES = 96
+#: Seconds between progress reports of a long reference build or evaluation.
+PROGRESS_EVERY_S = 5.0
 #: Lines of the llama.cpp log shown when the worker fails.
 LOG_TAIL_LINES = 40
 
@@ -180,6 +182,16 @@ class LocalEngine:
         self.tail_samples = tail_samples
         self.rows = RowParallel(threads)
         self._models: dict[ModelLoad, LogitsModel] = {}
+        #: called now and then during long runs with chunks done, total, scored tokens, seconds
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        self._last_tick = 0.0
+
+    def _tick(self, done: int, total: int, tokens: int, t0: float) -> None:
+        now = time.perf_counter()
+        if self.on_progress is None or done == total or now - max(self._last_tick, t0) < PROGRESS_EVERY_S:
+            return
+        self._last_tick = now
+        self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
@@ -206,7 +218,7 @@ class LocalEngine:
         ctx = self._model(model).context(cache, chunks.shape[1])
         parts: list[ReferenceRows] = []
         try:
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 done = 0
                 for logits in ctx.scored_logits(chunk):
                     n = logits.shape[0]
@@ -215,6 +227,7 @@ class LocalEngine:
                     parts += self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k,
                                                       self.tail_samples))
                     done += n
+                self._tick(i + 1, len(chunks), (i + 1) * done, t0)
         finally:
             ctx.close()
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
@@ -227,7 +240,7 @@ class LocalEngine:
         parts: list[TokenStats] = []
         row = 0
         try:
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 done = 0
                 for logits in ctx.scored_logits(chunk):
                     n = logits.shape[0]
@@ -236,6 +249,7 @@ class LocalEngine:
                                                       nxt))
                     done += n
                     row += n
+                self._tick(i + 1, len(chunks), row, t0)
         finally:
             ctx.close()
         if row != len(ref):
@@ -256,12 +270,13 @@ class LocalEngine:
         cand_ctx = self._model(model).context(cache, n_ctx)
         parts: list[TokenStats] = []
         try:
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 done = 0
-                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=False):
+                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True):
                     nxt = _next_tokens(chunk, done, cand.shape[0])
-                    parts.append(kl_exact(cand, base, nxt))
+                    parts += self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
                     done += cand.shape[0]
+                self._tick(i + 1, len(chunks), (i + 1) * done, t0)
         finally:
             cand_ctx.close()
             ref_ctx.close()
@@ -299,6 +314,7 @@ class WorkerEngine:
         self._from: Any = None
         self._log_path: Path | None = None
         self._starts = 0
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def log_path(self) -> Path | None:
@@ -336,6 +352,10 @@ class WorkerEngine:
         try:
             ipc.send(self._to, header, arrays)
             reply, out = ipc.recv(self._from)
+            while "progress" in reply:  # a long request reports as it goes
+                if self.on_progress is not None:
+                    self.on_progress(reply["progress"])
+                reply, out = ipc.recv(self._from)
         except (ipc.ChannelClosed, BrokenPipeError) as e:
             code = self._proc.wait()
             self._discard()

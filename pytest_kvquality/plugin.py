@@ -49,9 +49,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
     state = KVState(config, options, KVSession(options, make_engine, registry))
     config.stash[STATE] = state
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and config.get_verbosity() >= 0:
-        state.session.progress = lambda text: reporter.write_line(f"[kvquality] {text}")
+    if config.get_verbosity() >= 0:  # -q hides progress
+        def progress(text: str) -> None:  # the reporter registers after us: look it up when used
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            capture = config.pluginmanager.get_plugin("capturemanager")
+            if reporter is None:
+                return
+            if capture is None:
+                reporter.write_line(f"[kvquality] {text}")
+                return
+            with capture.global_and_fixture_disabled():  # progress is written during a test
+                reporter.write_line(f"[kvquality] {text}")
+
+        state.session.progress = progress
     for p in state.threshold_paths:
         if str(p) not in config.args:
             config.args.append(str(p))

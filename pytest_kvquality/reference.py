@@ -72,7 +72,7 @@ def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: di
     arrays = rows.arrays()
     payload = [np.ascontiguousarray(a).tobytes() for a in arrays.values()]
     layout, offset = [], 0
-    for (name, a), raw in zip(arrays.items(), payload, strict=False):
+    for (name, a), raw in zip(arrays.items(), payload, strict=True):
         layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
                        "offset": offset, "nbytes": len(raw)})
         offset += len(raw)
@@ -139,7 +139,7 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
         raise ReferenceDamaged(f"{path}: written for another key (differs in {', '.join(diff)})")
     arrays = {
         a["name"]: np.frombuffer(raw, np.dtype(a["dtype"])).reshape(a["shape"])
-        for a, raw in zip(layout, chunks, strict=False)
+        for a, raw in zip(layout, chunks, strict=True)
     }
     return ReferenceRows.from_arrays(arrays), header.get("meta", {})
 

@@ -93,6 +93,7 @@ class KVSession:
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
     _regenerated: set[str] = field(default_factory=set)
     _info: dict[str, Any] | None = None
+    _doing: str = ""
 
     # ------------------------------------------------------------ pieces
 
@@ -100,7 +101,15 @@ class KVSession:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = self.engine_factory()
+            if hasattr(self._engine, "on_progress"):
+                self._engine.on_progress = self._progress_line
         return self._engine
+
+    def _progress_line(self, p: dict[str, Any]) -> None:
+        rate = p["tokens"] / p["seconds"] if p["seconds"] > 0 else 0.0
+        eta = p["seconds"] * (p["total"] - p["chunks"]) / max(p["chunks"], 1)
+        self._say(f"  {self._doing}: {p['chunks']}/{p['total']} chunks, {p['tokens']} tokens, "
+                  f"{rate:.0f} tok/s, ETA {eta:.0f} s")
 
     @property
     def corpus(self) -> Corpus:
@@ -162,8 +171,8 @@ class KVSession:
                     return rows
                 except ReferenceDamaged as e:
                     self.notes.append(f"reference cache entry damaged, rebuilt: {e}")
-            self._say(f"building {self.options.ref_cache.label} reference: {model.alias} / "
-                      f"{category} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
+            self._doing = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
+            self._say(f"building {self._doing} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
             run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks,
                                         REFERENCE_SEED)
             write_reference(path, key, run.rows, {
@@ -201,11 +210,12 @@ class KVSession:
         context: dict[str, Any] = {}
         seconds = 0.0
         for cat, chunks in self.chunks(model).items():
-            self._say(f"evaluating {model.alias} {cache.label} / {cat}")
-            if self.options.exact:
+            ref = None if self.options.exact else self.reference(model, cat, chunks)
+            self._doing = f"{model.alias} {cache.label} / {cat}"
+            self._say(f"evaluating {self._doing}")
+            if ref is None:
                 run = self.engine.evaluate_exact(spec, cache, spec, self.options.ref_cache, chunks)
             else:
-                ref = self.reference(model, cat, chunks)
                 run = self.engine.evaluate(spec, cache, chunks, ref)
             per_cat[cat] = run.stats
             context = run.context

@@ -38,6 +38,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
     engine = LocalEngine(LlamaBackend())
     inp = os.fdopen(read_fd, "rb")
     out = os.fdopen(write_fd, "wb")
+    engine.on_progress = lambda p: ipc.send(out, {"progress": p})
 
     def model_of(h: dict[str, object], prefix: str = "") -> ModelLoad:
         return ModelLoad(str(h[prefix + "path"]), int(h[prefix + "gpu_layers"]))  # type: ignore[call-overload]

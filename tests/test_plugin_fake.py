@@ -142,7 +142,7 @@ def test_reference_is_cached_reused_regenerated_and_repaired(kv_project: pytest.
     first = kv_project.runpytest(*args, "--kv-json", "a.json")
     assert [r.stat().st_mtime_ns for r in refs] == stamp  # reused
     kv_project.runpytest(*args, "--kv-regen").assert_outcomes(passed=1)
-    assert all(r.stat().st_mtime_ns != s for r, s in zip(refs, stamp, strict=False))  # rebuilt
+    assert all(r.stat().st_mtime_ns != s for r, s in zip(refs, stamp, strict=True))  # rebuilt
     data = bytearray(refs[0].read_bytes())
     data[-5] ^= 0xFF
     refs[0].write_bytes(bytes(data))
@@ -242,3 +242,23 @@ def test_xdist_workers_share_references_and_merge_results(kv_project: pytest.Pyt
         (r[key[0]], r[key[1]], r["kl_mean"]) for r in b["results"])  # equal to the last digit
     assert len(b["thresholds"]) == 4
     assert len(list((kv_project.path / "refs").glob("*.kvqref"))) == 4  # one per category, no duplicates
+
+
+def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    kv_project.makeconftest("""
+        import pytest_kvquality.engine
+        from pytest_kvquality.testing import FakeEngine
+
+        pytest_kvquality.engine.PROGRESS_EVERY_S = 0.0  # report after every chunk
+
+        def pytest_kvquality_make_engine(config):
+            return FakeEngine()
+    """)
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q8_0", "--kv-chunks", "3",
+                                  "--kv-thresholds", str(kv_project.path))
+    result.stdout.fnmatch_lines([
+        "[[]kvquality[]] building f16 reference tiny / coding (3 x 64 tokens)",
+        "[[]kvquality[]]   f16 reference tiny / coding: 1/3 chunks, 31 tokens, * tok/s, ETA * s",
+        "[[]kvquality[]] evaluating tiny q8_0 / coding",
+        "[[]kvquality[]]   tiny q8_0 / coding: 2/3 chunks, 62 tokens, * tok/s, ETA * s",
+    ])
