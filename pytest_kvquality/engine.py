@@ -73,6 +73,10 @@ class CandidateRun(Timed):
 class Engine(Protocol):
     """What the plugin needs from a model runtime."""
 
+    #: reference compression settings (part of the reference cache key)
+    top_k: int
+    tail_samples: int
+
     def info(self) -> dict[str, Any]: ...
 
     def describe(self, model: ModelLoad) -> dict[str, Any]: ...
@@ -304,6 +308,10 @@ class WorkerEngine:
     The worker is started on first use and again after a crash. Its stdout and
     stderr (where llama.cpp logs) go to a log file whose tail is quoted in errors.
     """
+
+    #: the worker's LocalEngine runs with the defaults
+    top_k = DEFAULT_TOP_K
+    tail_samples = DEFAULT_TAIL_SAMPLES
 
     def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvq-worker-"))

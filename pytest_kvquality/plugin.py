@@ -32,12 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
     """Build the run's state and put the threshold files of the selected models on the collection list."""
     config.addinivalue_line("markers", "kvquality: a KV-cache quality gate or measurement")
     config.addinivalue_line("markers", "xdist_group(name): run items of one group on one xdist worker")
+    from .cache_config import CacheConfigError
     from .collect import STATE, KVState
-    from .registry import Registry
+    from .registry import Registry, RegistryError
     from .session import KVSession
 
-    options = KVOptions.from_config(config)
-    registry = Registry.load(options.registries)
+    try:
+        options = KVOptions.from_config(config)
+        registry = Registry.load(options.registries)
+    except (CacheConfigError, RegistryError) as e:
+        raise pytest.UsageError(f"pytest-kvquality: {e}") from e
 
     def make_engine() -> Any:
         custom = config.hook.pytest_kvquality_make_engine(config=config)

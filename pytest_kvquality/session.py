@@ -157,7 +157,7 @@ class KVSession:
         key = ReferenceKey(
             model_sha256=model.sha256, tokens_sha256=tokens_digest(chunks), n_ctx=chunks.shape[1],
             ref_cache=self.options.ref_cache.label, llama_cpp=str(info.get("llama_cpp_python")),
-            top_k=getattr(self.engine, "top_k", 128), tail_samples=getattr(self.engine, "tail_samples", 64),
+            top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
             seed=REFERENCE_SEED,
         )
         store = ReferenceStore(self.options.ref_dir)

@@ -262,3 +262,15 @@ def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path
         "[[]kvquality[]] evaluating tiny q8_0 / coding",
         "[[]kvquality[]]   tiny q8_0 / coding: 2/3 chunks, 62 tokens, * tok/s, ETA * s",
     ])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kv-cache", "q4_0:nofa"], "quantized V cache (q4_0) needs flash attention"),
+    (["--kv-cache", "q3_k"], "unknown KV cache type 'q3_k'"),
+    (["--kv-registry", "missing.yaml"], "model registry missing.yaml cannot be read"),
+    (["--kv-ctx", "7"], "--kv-ctx must be an even number >= 8"),
+])
+def test_bad_options_are_usage_errors(kv_project: pytest.Pytester, args: list[str], message: str) -> None:
+    result = kv_project.runpytest("--kv-model", "gemma3-270m", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
