@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from .cache_config import CacheConfig
+from .corpus import CorpusError
 from .engine import EngineError
 from .options import DEFAULT_CACHES, KVOptions
 from .report import Report
@@ -34,14 +35,7 @@ class KVState:
             self.model_names.setdefault(self.alias_of(name), name)
 
     def alias_of(self, name: str) -> str:
-        reg = self.session.registry
-        if reg.lookup(name) is not None:
-            return reg.canonical(name)
-        p = Path(name).expanduser()
-        for e in reg.entries.values():
-            if e.path and Path(e.path) == p.resolve():
-                return e.alias
-        return p.stem if p.suffix.lower() == ".gguf" else name
+        return self.session.registry.alias_of(name)
 
     def known_model(self, name: str) -> str | None:
         if self.session.registry.lookup(name) is not None:
@@ -73,7 +67,11 @@ class ThresholdFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         state = get_state(self.config)
         try:
-            thresholds = load_thresholds(self.path, state.known_model, state.categories())
+            categories = state.categories()
+        except CorpusError as e:
+            raise self.CollectError(f"cannot read the corpus: {e}") from e
+        try:
+            thresholds = load_thresholds(self.path, state.known_model, categories)
         except ThresholdError as e:
             raise self.CollectError(f"invalid threshold file: {e}") from e
         wanted = state.options.caches

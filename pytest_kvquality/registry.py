@@ -90,6 +90,21 @@ class Registry:
     def known_names(self) -> list[str]:
         return sorted(self.entries)
 
+    def alias_for_path(self, path: Path) -> str | None:
+        """The alias of a registered file, so a path given directly keeps its name."""
+        target = path.expanduser().resolve()
+        for e in self.entries.values():
+            if e.path and Path(e.path) == target:
+                return e.alias
+        return None
+
+    def alias_of(self, name: str) -> str:
+        """What ``--kv-model NAME`` is called in ids and thresholds (no file access beyond stat)."""
+        if self.lookup(name) is not None:
+            return self.canonical(name)
+        p = Path(name).expanduser()
+        return self.alias_for_path(p) or (p.stem if p.suffix.lower() == ".gguf" else name)
+
 
 def _parse_registry(path: Path) -> dict[str, ModelEntry]:
     try:
@@ -198,10 +213,7 @@ def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
     if path.suffix.lower() == ".gguf" or path.exists() or os.sep in name:
         check_gguf(path)
         sha = file_sha256(path, cache_dir)
-        for e in registry.entries.values():  # a path to a registered file keeps its alias
-            if e.path and Path(e.path) == path.resolve():
-                return ResolvedModel(e.alias, path, sha)
-        return ResolvedModel(path.stem, path, sha)
+        return ResolvedModel(registry.alias_for_path(path) or path.stem, path, sha)
     raise ModelNotFound(
         f"model {name!r} is not registered and is not a path to a .gguf file. "
         f"Registered: {', '.join(registry.known_names())}. Add it to a registry file "

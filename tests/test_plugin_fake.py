@@ -274,3 +274,11 @@ def test_bad_options_are_usage_errors(kv_project: pytest.Pytester, args: list[st
     result = kv_project.runpytest("--kv-model", "gemma3-270m", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_unreadable_corpus_is_a_collection_error(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    kv_project.makefile(".yaml", gates=GATES)
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml",
+                                  "--kv-corpus", "no-such-dir")
+    result.stdout.fnmatch_lines(["*cannot read the corpus: corpus path no-such-dir does not exist*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED
