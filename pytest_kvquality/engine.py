@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -291,6 +291,16 @@ class LocalEngine:
             m.close()
         self._models.clear()
         self.rows.close()
+
+
+def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None) -> dict[str, str]:
+    """One GPU per pytest-xdist worker: worker ``gw<k>`` sees only the k-th (mod n) device of
+    ``CUDA_VISIBLE_DEVICES``. Set in the model worker's environment, before CUDA initialises."""
+    env = dict(environ)
+    devices = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if xdist_worker and xdist_worker.startswith("gw") and xdist_worker[2:].isdigit() and len(devices) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = devices[int(xdist_worker[2:]) % len(devices)]
+    return env
 
 
 def _describe_exit(code: int) -> str:

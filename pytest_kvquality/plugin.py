@@ -47,9 +47,12 @@ def pytest_configure(config: pytest.Config) -> None:
         custom = config.hook.pytest_kvquality_make_engine(config=config)
         if custom is not None:
             return custom
-        from .engine import WorkerEngine
+        import os
 
-        return WorkerEngine(options.cache_dir / "logs")
+        from .engine import WorkerEngine, worker_gpu_env
+
+        env = worker_gpu_env(os.environ, os.environ.get("PYTEST_XDIST_WORKER"))
+        return WorkerEngine(options.cache_dir / "logs", env=env)
 
     state = KVState(config, options, KVSession(options, make_engine, registry))
     config.stash[STATE] = state

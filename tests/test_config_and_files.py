@@ -272,3 +272,31 @@ def test_bad_registry_file(tmp_path: Path) -> None:
     p.write_text("version: 1\nmodels:\n  x: {sha256: abc}\n")
     with pytest.raises(RegistryError, match=r"models\.x needs a 'path'"):
         Registry.load([p])
+
+
+def test_a_reference_write_killed_part_way_leaves_no_entry(tmp_path: Path) -> None:
+    """SIGKILL while the file is being written (held in fsync): no cache entry a later run would read."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "refs" / "entry.kvqref"
+    script = f"""
+import os, time, numpy as np
+from pathlib import Path
+from pytest_kvquality.metrics import compact_reference
+from pytest_kvquality.reference import ReferenceKey, write_reference
+os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))  # a very slow disk
+rng = np.random.default_rng(0)
+rows = compact_reference(rng.standard_normal((50, 400)).astype(np.float32), rng.integers(0, 400, 50), 16, 8, rng)
+write_reference(Path({str(target)!r}), ReferenceKey("a" * 64, "b" * 64, 64, "f16", "x", 16, 8, 0), rows, {{}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not target.exists()  # the entry name never appeared
+    leftovers = list(target.parent.iterdir())
+    assert leftovers and all(p.suffix == ".tmp" for p in leftovers)  # only the temporary, never read

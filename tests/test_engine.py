@@ -42,3 +42,16 @@ def test_compact_estimate_tracks_the_exact_value_on_the_fake_model(fake_model: P
         # the tail estimate's noise is absolute: a few 1e-4 over ~400 tokens of this tail-heavy toy
         assert error < (0.02 * float(exact.kld.mean()) if tolerance == "relative" else 3e-4), cache
     engine.close()
+
+
+def test_each_xdist_worker_gets_its_own_gpu() -> None:
+    from pytest_kvquality.engine import worker_gpu_env
+
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"}
+    assert worker_gpu_env(env, "gw0")["CUDA_VISIBLE_DEVICES"] == "0"
+    assert worker_gpu_env(env, "gw2")["CUDA_VISIBLE_DEVICES"] == "2"
+    assert worker_gpu_env(env, "gw5")["CUDA_VISIBLE_DEVICES"] == "1"  # more workers than GPUs: wrap
+    assert worker_gpu_env(env, None)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # no xdist: all of them
+    assert worker_gpu_env({"CUDA_VISIBLE_DEVICES": "7"}, "gw3")["CUDA_VISIBLE_DEVICES"] == "7"
+    assert "CUDA_VISIBLE_DEVICES" not in worker_gpu_env({"PATH": "/bin"}, "gw1")
+    assert worker_gpu_env(env, "gw1")["PATH"] == "/bin"

@@ -1,0 +1,60 @@
+"""Ctrl-C during a reference build: pytest ends cleanly, the model worker is gone, no cache entry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Model worker processes whose parent is ``parent`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"pytest_kvquality.worker" in cmdline and ppid == parent:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_ctrl_c_during_a_reference_build(tmp_path: Path) -> None:
+    refs = tmp_path / "refs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--kv-model", "gemma3-270m",
+         "--kv-cache", "q8_0", "--kv-chunks", "6", "--kv-ref-dir", str(refs),
+         "--kv-thresholds", str(tmp_path), "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # wait until the reference build is under way
+        lines.append(line)
+        if "[kvquality] building f16 reference" in line:
+            break
+    time.sleep(2.0)
+    workers = worker_pids(proc.pid)
+    assert workers, "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "KeyboardInterrupt" in output
+    for pid in workers:  # the worker was stopped and reaped
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived pytest"
+    assert not list(refs.glob("*.kvqref")), "a partial reference was left in the cache"
+    assert not list(refs.glob("*.tmp"))
