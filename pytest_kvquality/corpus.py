@@ -109,7 +109,3 @@ def chunk_tokens(
         n_chunk = min(n_chunk, max_chunks)
     return np.ascontiguousarray(tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx), np.int32)
 
-
-def scored_slice(n_ctx: int) -> slice:
-    """Positions whose next-token distribution is scored: ``n_ctx/2 .. n_ctx-2``."""
-    return slice(n_ctx // 2, n_ctx - 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,10 +220,3 @@ def kv_eval(kv_model: str, pytestconfig: pytest.Config) -> Callable[..., ConfigR
 
     return evaluate
 
-
-@pytest.fixture(scope="session", autouse=False)
-def kv_report(pytestconfig: pytest.Config) -> Generator[Any, None, None]:
-    """The run's report object (records and verdicts so far)."""
-    from .collect import get_state
-
-    yield get_state(pytestconfig).report

@@ -19,7 +19,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from filelock import FileLock
@@ -220,7 +219,3 @@ def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
         "(--kv-registry) or pass the path to the GGUF file."
     )
 
-
-def registry_as_dict(reg: Registry) -> dict[str, Any]:
-    return {k: {"path": v.path, "sha256": v.sha256, "aliases": list(v.aliases)}
-            for k, v in reg.entries.items()}
