@@ -134,6 +134,7 @@ def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
 
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 #: Smallest row block handed to one thread (smaller blocks cost more in overhead than they save).
 MIN_ROWS_PER_TASK = 8
@@ -197,6 +198,21 @@ class LocalEngine:
         self._last_tick = now
         self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
+    def _scored_batches(
+        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[B]],
+        rows: Callable[[B], int], t0: float,
+    ) -> Iterator[tuple[np.ndarray, B]]:
+        """(next tokens, batch) for every decoded batch of every chunk, reporting progress per chunk."""
+        tokens = 0
+        for i, chunk in enumerate(chunks):
+            done = 0
+            for batch in batches(chunk):
+                n = rows(batch)
+                yield _next_tokens(chunk, done, n), batch
+                done += n
+            tokens += done
+            self._tick(i + 1, len(chunks), tokens, t0)
+
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
             # keep at most two models (candidate + reference): free the rest first
@@ -222,16 +238,11 @@ class LocalEngine:
         ctx = self._model(model).context(cache, chunks.shape[1])
         parts: list[ReferenceRows] = []
         try:
-            for i, chunk in enumerate(chunks):
-                done = 0
-                for logits in ctx.scored_logits(chunk):
-                    n = logits.shape[0]
-                    nxt = _next_tokens(chunk, done, n)
-                    u0 = np.asarray(rng.random(n))  # per batch: the same result on any number of threads
-                    parts += self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k,
-                                                      self.tail_samples))
-                    done += n
-                self._tick(i + 1, len(chunks), (i + 1) * done, t0)
+            for nxt, logits in self._scored_batches(chunks, ctx.scored_logits, len, t0):
+                n = logits.shape[0]
+                u0 = np.asarray(rng.random(n))  # per batch: the same result on any number of threads
+                parts += self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k,
+                                                  self.tail_samples))
         finally:
             ctx.close()
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
@@ -244,16 +255,10 @@ class LocalEngine:
         parts: list[TokenStats] = []
         row = 0
         try:
-            for i, chunk in enumerate(chunks):
-                done = 0
-                for logits in ctx.scored_logits(chunk):
-                    n = logits.shape[0]
-                    nxt = _next_tokens(chunk, done, n)
-                    parts += self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n),
-                                                      nxt))
-                    done += n
-                    row += n
-                self._tick(i + 1, len(chunks), row, t0)
+            for nxt, logits in self._scored_batches(chunks, ctx.scored_logits, len, t0):
+                n = logits.shape[0]
+                parts += self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
+                row += n
         finally:
             ctx.close()
         if row != len(ref):
@@ -273,14 +278,13 @@ class LocalEngine:
         ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
         cand_ctx = self._model(model).context(cache, n_ctx)
         parts: list[TokenStats] = []
+
+        def both(chunk: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            return zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True)
+
         try:
-            for i, chunk in enumerate(chunks):
-                done = 0
-                for base, cand in zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True):
-                    nxt = _next_tokens(chunk, done, cand.shape[0])
-                    parts += self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
-                    done += cand.shape[0]
-                self._tick(i + 1, len(chunks), (i + 1) * done, t0)
+            for nxt, (base, cand) in self._scored_batches(chunks, both, lambda pair: len(pair[0]), t0):
+                parts += self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
         finally:
             cand_ctx.close()
             ref_ctx.close()
