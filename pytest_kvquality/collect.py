@@ -3,6 +3,7 @@ measurement item per cache config, so every evaluated configuration shows in the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 from .cache_config import CacheConfig
 from .corpus import CorpusError
 from .engine import EngineError
+from .gating import Outcome, decide, describe
 from .options import DEFAULT_CACHES, KVOptions
+from .outputs import RunOutputs
 from .report import Report
 from .session import KVSession, ModelUnavailable, Verdict
 from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
@@ -28,6 +31,8 @@ class KVState:
         self.options = options
         self.session = session
         self.report = Report()
+        #: what the end of the run wrote and compared (set by pytest_sessionfinish)
+        self.outputs: RunOutputs | None = None
         self.threshold_paths = threshold_files(options.thresholds) if options.models else []
         # --kv-model value by canonical alias, so a path keeps working under its alias
         self.model_names: dict[str, str] = {}
@@ -42,8 +47,21 @@ class KVState:
             return self.session.registry.canonical(name)
         return name if name in self.model_names else None
 
+    def speed_caches(self) -> list[CacheConfig]:
+        """Configs a ``kv_cache`` test runs for: --kv-cache, else f16 next to the defaults."""
+        return self.options.caches or CacheConfig.parse_list("f16," + DEFAULT_CACHES)
+
     def categories(self) -> list[str]:
         return self.session.corpus.categories
+
+    def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
+        """A timed pass for kv_speed: skip (or fail under --kv-require) when the model is unavailable."""
+        try:
+            return self.session.speed_target(self.model_names.get(alias, alias), cache, phase)
+        except ModelUnavailable as e:
+            if self.options.require:
+                pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
+            pytest.skip(str(e))
 
     def run(self, alias: str, cache: CacheConfig) -> Any:
         """Evaluate for an item: skip (or fail under --kv-require) when the model is unavailable."""
@@ -60,7 +78,11 @@ def get_state(config: pytest.Config) -> KVState:
 
 
 class ThresholdFailed(AssertionError):
-    """A threshold that the measurement did not meet."""
+    """A threshold that the measurement did not meet (or could not decide, under --kv-inconclusive=fail)."""
+
+
+class InconclusiveGate(pytest.PytestWarning):
+    """A threshold whose 95 % bounds straddle the limit, under --kv-inconclusive=warn."""
 
 
 class ThresholdFile(pytest.File):
@@ -100,18 +122,28 @@ class ThresholdItem(KVItemBase):
         state = get_state(self.config)
         result = state.run(t.model, t.cache)
         summary = result[t.category]
-        value, unc = summary.metric(t.metric)
-        passed = t.passes(value)
-        state.session.record_verdict(Verdict(t, value, unc, passed, summary.n_tokens))
-        self.user_properties += [("kv_value", value), ("kv_uncertainty", unc),
-                                 ("kv_threshold", t.rule), ("kv_n_tokens", summary.n_tokens)]
-        if not passed:
-            raise ThresholdFailed(
-                f"{t.model} [{t.cache.label}] {t.category}: {t.metric} = {value:.6g} ± {unc:.2g}, "
-                f"threshold {t.op} {t.limit:g} not met (model {t.model}, cache {t.cache.label}, "
-                f"category {t.category}, {summary.n_tokens} tokens, n_ctx {result.n_ctx}; "
-                f"{t.path}:{t.line})"
-            )
+        decision = decide(t, summary, state.options.gate)
+        state.session.record_verdict(Verdict(t, decision, summary.n_tokens, state.options.gate))
+        # JUnit XML <properties> of this test case (see README, "JUnit")
+        self.user_properties += [
+            ("kv_metric", t.metric), ("kv_value", decision.value), ("kv_uncertainty", decision.uncertainty),
+            ("kv_lower_bound", decision.low), ("kv_upper_bound", decision.high),
+            ("kv_threshold", t.rule), ("kv_verdict", decision.outcome.value), ("kv_gate", state.options.gate),
+            ("kv_n_tokens", summary.n_tokens), ("kv_n_ctx", result.n_ctx), ("kv_model", t.model),
+            ("kv_cache", t.cache.label), ("kv_category", t.category),
+        ]
+        if decision.outcome is Outcome.PASS:
+            return
+        where = (f"(model {t.model}, cache {t.cache.label}, category {t.category}, {summary.n_tokens} tokens, "
+                 f"n_ctx {result.n_ctx}; {t.path}:{t.line})")
+        message = f"{t.model} [{t.cache.label}] {t.category}: {describe(t, decision)} {where}"
+        if decision.outcome is Outcome.FAIL:
+            raise ThresholdFailed(message)
+        policy = state.options.inconclusive
+        if policy == "fail":
+            raise ThresholdFailed(f"{message}; --kv-inconclusive=fail")
+        if policy == "warn":
+            warnings.warn(InconclusiveGate(message), stacklevel=1)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, self.threshold.line - 1, f"{self.threshold.test_id}: {self.threshold.rule}"

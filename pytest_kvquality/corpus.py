@@ -92,12 +92,14 @@ def load_corpus(path: str | Path) -> Corpus:
 
 
 def chunk_tokens(
-    tokens: npt.NDArray[np.int32], n_ctx: int, max_chunks: int | None, category: str
+    tokens: npt.NDArray[np.int32], n_ctx: int, max_chunks: int | None, category: str, offset: int = 0
 ) -> npt.NDArray[np.int32]:
     """Cut tokens into ``n_ctx`` chunks as llama-perplexity does (a trailing partial chunk is dropped).
 
-    llama-perplexity refuses inputs shorter than ``2 * n_ctx`` tokens; so do we.
+    llama-perplexity refuses inputs shorter than ``2 * n_ctx`` tokens; so do we. ``offset`` skips
+    that many tokens first (``--kv-repeat`` shifts the chunk boundaries with it).
     """
+    tokens = tokens[offset:]
     if tokens.size < 2 * n_ctx:
         raise CorpusError(
             f"category {category!r} tokenizes to {tokens.size} tokens; evaluating with "

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -70,6 +70,18 @@ class CandidateRun(Timed):
     context: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SpeedRun(Timed):
+    """One timed decode: ``seconds`` spent in llama.cpp, measured where it ran."""
+
+    n_tokens: int
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+#: speed phases: prompt processing (a batch) and token generation (one token per decode)
+SPEED_PHASES = ("pp", "tg")
+
+
 class Engine(Protocol):
     """What the plugin needs from a model runtime."""
 
@@ -100,6 +112,9 @@ class Engine(Protocol):
         chunks: np.ndarray,
     ) -> CandidateRun: ...
 
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
+              tokens: np.ndarray) -> SpeedRun: ...
+
     def close(self) -> None: ...
 
 
@@ -107,6 +122,8 @@ class LogitsContext(Protocol):
     info: dict[str, Any]
 
     def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]: ...
+
+    def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None: ...
 
     def close(self) -> None: ...
 
@@ -164,6 +181,85 @@ class RowParallel:
             self._pool.shutdown()
 
 
+def overlap_default(offloaded: bool) -> bool:
+    """Overlap the KL math with the next decode? ``KVQ_OVERLAP=1/0`` decides; by default only when
+    the model runs on a GPU, where the host's cores are otherwise idle during a decode (on a CPU
+    build, llama.cpp's threads already use every core)."""
+    env = os.environ.get("KVQ_OVERLAP", "auto").strip().lower()
+    if env in ("1", "on", "true", "yes"):
+        return True
+    if env in ("0", "off", "false", "no"):
+        return False
+    return offloaded
+
+
+class Pipeline:
+    """Reduces batch j on the row pool while llama.cpp decodes batch j+1.
+
+    llama.cpp overwrites its logits buffer at the next decode, so each batch is first copied
+    (in parallel) into one of two slots; a slot is reused only once its reduction is done.
+    Results come back in batch order, so overlapping never changes a bit of the output.
+    """
+
+    def __init__(self, rows: RowParallel, copy_threads: int = 4) -> None:
+        self.rows = rows
+        self._reducer = ThreadPoolExecutor(1)
+        self._copier = ThreadPoolExecutor(copy_threads)
+        self._slots: list[list[np.ndarray]] = [[], []]
+
+    def _copy(self, slot: list[np.ndarray], arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        out = []
+        for i, a in enumerate(arrays):
+            if len(slot) <= i or slot[i].shape[0] < a.shape[0] or slot[i].shape[1:] != a.shape[1:]:
+                buf = np.empty_like(a)
+                slot[i:i + 1] = [buf]
+            dst = slot[i][: a.shape[0]]
+            step = max(1, -(-a.shape[0] // 4))
+            spans = [(lo, lo + step) for lo in range(0, a.shape[0], step)]
+            list(self._copier.map(partial(_copy_rows, dst, a), spans))
+            out.append(dst)
+        return tuple(out)
+
+    def run(self, batches: Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]],
+            reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
+        pending: list[Future[list[T]]] = []
+        in_slot: list[Future[list[T]] | None] = [None, None]
+        row = 0
+        try:
+            for j, (nxt, arrays) in enumerate(batches):
+                s = j % 2
+                busy = in_slot[s]
+                if busy is not None:
+                    busy.result()
+                copies = self._copy(self._slots[s], arrays)
+                in_slot[s] = self._reducer.submit(reduce, nxt, copies, row)
+                pending.append(in_slot[s])  # type: ignore[arg-type]
+                row += nxt.shape[0]
+        except BaseException:  # let running reductions finish before the slots go away
+            for f in pending:
+                f.cancel()
+            for f in pending:
+                if not f.cancelled():
+                    f.exception()
+            raise
+        out: list[T] = []
+        for f in pending:
+            out += f.result()
+        return out
+
+    def close(self) -> None:
+        self._reducer.shutdown()
+        self._copier.shutdown()
+
+
+def _copy_rows(dst: np.ndarray, src: np.ndarray, span: tuple[int, int]) -> None:
+    np.copyto(dst[span[0]:span[1]], src[span[0]:span[1]])
+
+
+def _offloaded(ctx: LogitsContext) -> bool:
+    return int(ctx.info.get("gpu_layers", 0)) > 0
+
+
 def _compact_block(logits: np.ndarray, nxt: np.ndarray, u0: np.ndarray, k: int, m: int,
                    a: int, b: int) -> ReferenceRows:
     return compact_rows(logits[a:b], nxt[a:b], k, m, u0[a:b])
@@ -186,6 +282,8 @@ class LocalEngine:
         self.top_k = top_k
         self.tail_samples = tail_samples
         self.rows = RowParallel(threads)
+        self._pipeline: Pipeline | None = None
+        self._speed_ctx: tuple[tuple[ModelLoad, CacheConfig, int], LogitsContext] | None = None
         self._models: dict[ModelLoad, LogitsModel] = {}
         #: called now and then during long runs with chunks done, total, scored tokens, seconds
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
@@ -199,25 +297,47 @@ class LocalEngine:
         self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
     def _scored_batches(
-        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[B]],
-        rows: Callable[[B], int], t0: float,
-    ) -> Iterator[tuple[np.ndarray, B]]:
-        """(next tokens, batch) for every decoded batch of every chunk, reporting progress per chunk."""
+        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]],
+        t0: float,
+    ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+        """(next tokens, logits) for every decoded batch of every chunk, reporting progress per chunk."""
         tokens = 0
         for i, chunk in enumerate(chunks):
             done = 0
-            for batch in batches(chunk):
-                n = rows(batch)
-                yield _next_tokens(chunk, done, n), batch
+            for arrays in batches(chunk):
+                n = arrays[0].shape[0]
+                yield _next_tokens(chunk, done, n), arrays
                 done += n
             tokens += done
             self._tick(i + 1, len(chunks), tokens, t0)
+
+    def _reduce_all(
+        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]],
+        reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], offloaded: bool, t0: float,
+    ) -> list[T]:
+        """Every batch through ``reduce(next_tokens, logits, first_row)``, in order; overlapped with
+        the decoding when that pays (see ``overlap_default``)."""
+        items = self._scored_batches(chunks, batches, t0)
+        if overlap_default(offloaded):
+            if self._pipeline is None:
+                self._pipeline = Pipeline(self.rows)
+            return self._pipeline.run(items, reduce)
+        out: list[T] = []
+        row = 0
+        for nxt, arrays in items:
+            out += reduce(nxt, arrays, row)
+            row += nxt.shape[0]
+        return out
 
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
             # keep at most two models (candidate + reference): free the rest first
             while len(self._models) >= 2:
-                self._models.pop(next(iter(self._models))).close()
+                old = next(iter(self._models))
+                if self._speed_ctx is not None and self._speed_ctx[0][0] == old:
+                    self._speed_ctx[1].close()
+                    self._speed_ctx = None
+                self._models.pop(old).close()
             self._models[model] = self.backend.load(model)
         return self._models[model]
 
@@ -236,13 +356,16 @@ class LocalEngine:
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         ctx = self._model(model).context(cache, chunks.shape[1])
-        parts: list[ReferenceRows] = []
+
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[ReferenceRows]:
+            (logits,) = arrays
+            n = logits.shape[0]
+            u0 = np.asarray(rng.random(n))  # per batch, in batch order: the same on any thread count
+            return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
+
         try:
-            for nxt, logits in self._scored_batches(chunks, ctx.scored_logits, len, t0):
-                n = logits.shape[0]
-                u0 = np.asarray(rng.random(n))  # per batch: the same result on any number of threads
-                parts += self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k,
-                                                  self.tail_samples))
+            parts = self._reduce_all(chunks, lambda c: ((x,) for x in ctx.scored_logits(c)), reduce,
+                                     _offloaded(ctx), t0)
         finally:
             ctx.close()
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
@@ -252,18 +375,21 @@ class LocalEngine:
     ) -> CandidateRun:
         t0 = time.perf_counter()
         ctx = self._model(model).context(cache, chunks.shape[1])
-        parts: list[TokenStats] = []
-        row = 0
+
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
+            (logits,) = arrays
+            n = logits.shape[0]
+            return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
+
         try:
-            for nxt, logits in self._scored_batches(chunks, ctx.scored_logits, len, t0):
-                n = logits.shape[0]
-                parts += self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
-                row += n
+            parts = self._reduce_all(chunks, lambda c: ((x,) for x in ctx.scored_logits(c)), reduce,
+                                     _offloaded(ctx), t0)
         finally:
             ctx.close()
-        if row != len(ref):
-            raise EngineError(f"reference has {len(ref)} rows but the corpus scored {row}")
-        return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), dict(ctx.info))
+        stats = TokenStats.concat(parts)
+        if len(stats) != len(ref):
+            raise EngineError(f"reference has {len(ref)} rows but the corpus scored {len(stats)}")
+        return CandidateRun(time.perf_counter() - t0, stats, dict(ctx.info))
 
     def evaluate_exact(
         self,
@@ -277,23 +403,46 @@ class LocalEngine:
         n_ctx = chunks.shape[1]
         ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
         cand_ctx = self._model(model).context(cache, n_ctx)
-        parts: list[TokenStats] = []
 
-        def both(chunk: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def both(chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
             return zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True)
 
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
+            base, cand = arrays
+            return self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
+
         try:
-            for nxt, (base, cand) in self._scored_batches(chunks, both, lambda pair: len(pair[0]), t0):
-                parts += self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
+            parts = self._reduce_all(chunks, both, reduce, _offloaded(cand_ctx), t0)
         finally:
             cand_ctx.close()
             ref_ctx.close()
         return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), dict(cand_ctx.info))
 
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
+              tokens: np.ndarray) -> SpeedRun:
+        """Time one prompt-processing or generation pass; the context is kept between rounds."""
+        if phase not in SPEED_PHASES:
+            raise EngineError(f"unknown speed phase {phase!r} (known: {', '.join(SPEED_PHASES)})")
+        key = (model, cache, n_ctx)
+        if self._speed_ctx is None or self._speed_ctx[0] != key:
+            if self._speed_ctx is not None:
+                self._speed_ctx[1].close()
+                self._speed_ctx = None
+            self._speed_ctx = (key, self._model(model).context(cache, n_ctx))
+        ctx = self._speed_ctx[1]
+        t0 = time.perf_counter()
+        ctx.decode_timed(tokens, one_by_one=phase == "tg")
+        return SpeedRun(time.perf_counter() - t0, int(tokens.size), dict(ctx.info))
+
     def close(self) -> None:
+        if self._speed_ctx is not None:
+            self._speed_ctx[1].close()
+            self._speed_ctx = None
         for m in self._models.values():
             m.close()
         self._models.clear()
+        if self._pipeline is not None:
+            self._pipeline.close()
         self.rows.close()
 
 
@@ -458,6 +607,15 @@ class WorkerEngine:
         reply, out = self._call(header, {"chunks": chunks},
                                 what=f"evaluating {model.path} with cache {cache.label} (exact)")
         return CandidateRun(reply["seconds"], TokenStats(**out), reply.get("context", {}))
+
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
+              tokens: np.ndarray) -> SpeedRun:
+        reply, _ = self._call(
+            {"op": "speed", "n_ctx": n_ctx, "phase": phase, **self._model_args(model),
+             **self._cache_args(cache)},
+            {"tokens": tokens}, what=f"timing {phase} of {model.path} with cache {cache.label}",
+        )
+        return SpeedRun(reply["seconds"], reply["n_tokens"], reply.get("context", {}))
 
     def crash_for_test(self) -> None:
         """Make the worker segfault on purpose (used by the crash-isolation tests)."""

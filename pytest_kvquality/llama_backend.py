@@ -36,6 +36,8 @@ _GGML_LOG_DEBUG, _GGML_LOG_CONT = 1, 5
 _last_level = 0
 #: Recent log lines, parsed after a context is created (rotation flags, KV cache size).
 _recent: collections.deque[str] = collections.deque(maxlen=400)
+#: Debug lines collected while a placement probe runs (None: debug lines are dropped).
+_debug: list[str] | None = None
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -45,9 +47,13 @@ def _log_to_stderr(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     global _last_level
     if level != _GGML_LOG_CONT:
         _last_level = level
-    if text and _last_level != _GGML_LOG_DEBUG:
+    if not text:
+        return
+    if _last_level != _GGML_LOG_DEBUG:
         os.write(2, text)
         _recent.append(text.decode("utf-8", errors="replace"))
+    elif _debug is not None:
+        _debug.append(text.decode("utf-8", errors="replace"))
 
 
 def backend_info() -> dict[str, Any]:
@@ -70,8 +76,12 @@ class LlamaModel:
         # weight repacking off: the AMX repack kernels segfault on the CPUs here
         params.use_extra_bufts = False
         self.gpu_layers = int(params.n_gpu_layers)
+        _recent.clear()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.model:
+            if _OUT_OF_MEMORY.search("".join(_recent)):
+                raise ModelLoadError(f"out of memory: llama.cpp could not allocate the weights of {path} "
+                                     f"({self.gpu_layers} layers on the GPU); offload fewer with --kv-gpu-layers")
             raise ModelLoadError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -87,6 +97,26 @@ class LlamaModel:
             "n_layer": int(llama_cpp.llama_model_n_layer(self.model)),
             "n_ctx_train": int(llama_cpp.llama_model_n_ctx_train(self.model)),
             "gpu_layers": self.gpu_layers,
+            **self._attention_shape(),
+        }
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(128)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, 128)
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def _attention_shape(self) -> dict[str, int]:
+        """Hyperparameters that size the KV cache: KV heads and K/V head dimensions."""
+        arch = self._meta("general.architecture") or ""
+        n_head = int(llama_cpp.llama_model_n_head(self.model))
+        n_embd = int(llama_cpp.llama_model_n_embd(self.model))
+        default_head = n_embd // n_head if n_head else 0
+        head_k = self._meta(f"{arch}.attention.key_length")
+        head_v = self._meta(f"{arch}.attention.value_length")
+        return {
+            "n_head_kv": int(llama_cpp.llama_model_n_head_kv(self.model)),
+            "head_k": int(head_k) if head_k and head_k.isdigit() else default_head,
+            "head_v": int(head_v) if head_v and head_v.isdigit() else default_head,
         }
 
     def tokenize(self, text: str) -> np.ndarray:
@@ -133,20 +163,27 @@ class LlamaContext:
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when the KV cache is created
-        _recent.clear()
         if cache.rotation:
             os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
         else:
             os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
-        self.ctx = llama_cpp.llama_init_from_model(model.model, p)
-        os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+        try:
+            placement = kv_placement_probe(model, p) if _wants_probe(model) else {}
+            _recent.clear()
+            self.ctx = llama_cpp.llama_init_from_model(model.model, p)
+        finally:
+            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
         if not self.ctx:
-            raise ContextError(
-                f"llama.cpp could not create a context with cache {cache.label} "
-                f"(type_k={cache.type_k}, type_v={cache.type_v}, flash_attn={cache.flash_attn}, "
-                f"n_ctx={n_ctx})"
-            )
+            log = "".join(_recent)
+            what = (f"cache {cache.label} (type_k={cache.type_k}, type_v={cache.type_v}, "
+                    f"flash_attn={cache.flash_attn}), n_ctx {n_ctx}, model {model.path}")
+            if _OUT_OF_MEMORY.search(log):
+                raise ContextError(f"out of memory: llama.cpp could not allocate a context for {what}; "
+                                   f"lower --kv-ctx or offload fewer layers")
+            raise ContextError(f"llama.cpp could not create a context for {what}")
         self.info = context_log_facts("".join(_recent))
+        self.info["gpu_layers"] = model.gpu_layers
+        self.info.update(placement)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):
             self.batch.n_seq_id[i] = 1
@@ -184,11 +221,82 @@ class LlamaContext:
                 ptr = llama_cpp.llama_get_logits(self.ctx)
                 yield np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
 
+    def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:
+        """Decode tokens from an empty cache, as llama-bench does: a prompt in batches with the
+        last logits only (pp), or one token per decode with logits each time (tg)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        step = 1 if one_by_one else self.n_batch
+        for start in range(0, tokens.size, step):
+            size = min(step, tokens.size - start)
+            self._tok[:size] = tokens[start : start + size]
+            self._pos[:size] = np.arange(start, start + size, dtype=np.int32)
+            self._out[:size] = 0
+            self._out[size - 1] = 1
+            self.batch.n_tokens = size
+            rc = llama_cpp.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
+        llama_cpp.llama_synchronize(self.ctx)
+
     def close(self) -> None:
         if self.ctx:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+
+
+#: what llama.cpp logs when an allocation fails (host or device)
+_OUT_OF_MEMORY = re.compile(
+    r"failed to allocate|out of memory|cudaMalloc failed|failed to create context|std::bad_alloc",
+    re.IGNORECASE)
+#: a graph node in GGML_SCHED_DEBUG=2 output: op, name, size, backend, then its sources
+_SCHED_NODE = re.compile(r"^node #\s*\d+ \(\s*([A-Z0-9_]+)\s*\):\s+\S+\s+\([^)]*\)\s+\[\s*(\S+)")
+
+
+def _wants_probe(model: LlamaModel) -> bool:
+    env = os.environ.get("KVQ_PLACEMENT_PROBE", "auto")
+    return env == "1" or (env != "0" and model.gpu_layers > 0)
+
+
+def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
+    """Where llama.cpp's scheduler puts the graph nodes that read or write the KV cache.
+
+    A K/V pair without a kernel on the GPU (CUDA has flash-attention kernels for a few pairs
+    unless built with GGML_CUDA_FA_ALL_QUANTS) silently runs on the CPU; a throwaway context
+    created with ``GGML_SCHED_DEBUG=2`` lists each node's backend, which is parsed here.
+    """
+    global _debug
+    _debug = []
+    os.environ["GGML_SCHED_DEBUG"] = "2"
+    try:
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+    finally:
+        os.environ.pop("GGML_SCHED_DEBUG", None)
+        lines, _debug = "".join(_debug).splitlines(), None
+    if not ctx:
+        return {}
+    llama_cpp.llama_free(ctx)
+    facts = kv_placement("\n".join(lines))
+    if facts.get("kv_devices"):
+        facts["kv_cpu_fallback"] = model.gpu_layers > 0 and "CPU" in facts["kv_devices"]
+    return facts
+
+
+def kv_placement(sched_debug: str) -> dict[str, Any]:
+    """Devices of the nodes whose sources include the KV cache, and the ops left on the CPU."""
+    devices: set[str] = set()
+    cpu_ops: set[str] = set()
+    for line in sched_debug.splitlines():
+        m = _SCHED_NODE.match(line)
+        if m is None or ("cache_k_l" not in line and "cache_v_l" not in line):
+            continue
+        op, device = m.group(1), m.group(2)
+        devices.add(device)
+        if device == "CPU":
+            cpu_ops.add(op)
+    if not devices:
+        return {}
+    return {"kv_devices": sorted(devices), "kv_cpu_ops": sorted(cpu_ops)}
 
 
 def context_log_facts(log: str) -> dict[str, Any]:
@@ -198,10 +306,12 @@ def context_log_facts(log: str) -> dict[str, Any]:
         m = re.search(rf"attn_rot_{half} = (\d)", log)
         if m:
             facts[f"rotation_{half}"] = m.group(1) == "1"
-    m = re.search(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells", log)
-    if m:
-        facts["kv_cache_mib"] = float(m.group(1))
-        facts["kv_cells"] = int(m.group(2))
+    # one line per cache (two for sliding-window models: full and SWA layers)
+    sizes = re.findall(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", log)
+    if sizes:
+        facts["kv_cache_mib"] = round(sum(float(mib) for mib, _, _ in sizes), 2)
+        facts["kv_cells"] = max(int(cells) for _, cells, _ in sizes)
+        facts["kv_layers"] = sum(int(layers) for _, _, layers in sizes)
     m = re.search(r"flash_attn\s*=\s*(\w+)", log)
     if m:
         facts["flash_attn"] = m.group(1)

@@ -23,6 +23,9 @@ LOG_P_CUTOFF = np.float32(-16.0)
 #: Log-probability written where a compact reference has fewer tokens than slots.
 PAD_LOGP = np.float32(-100.0)
 
+#: One-sided 95 % normal quantile, P(Z > z) = 0.05: the level of every gate bound.
+Z_95 = 1.6448536269514722
+
 #: Rows reduced at once: keeps temporaries in cache instead of n_rows x n_vocab.
 ROW_BLOCK = 8
 
@@ -268,6 +271,21 @@ def percentile(sorted_values: np.ndarray, fraction: float) -> float:
     return float((1 - p) * sorted_values[ip] + p * sorted_values[hi])
 
 
+def quantile_bounds(sorted_values: np.ndarray, fraction: float, z: float) -> tuple[float, float]:
+    """One-sided order-statistic bounds of a quantile (normal approximation to the binomial).
+
+    Distribution-free: the true quantile lies below the upper bound with probability ~Φ(z).
+    Where the rank needed is beyond the data (too few tokens for that tail), the bound is infinite.
+    """
+    n = sorted_values.size
+    spread = z * math.sqrt(n * fraction * (1.0 - fraction))
+    hi_rank = math.ceil(n * fraction + spread)
+    lo_rank = math.floor(n * fraction - spread)
+    high = float(sorted_values[hi_rank - 1]) if 1 <= hi_rank <= n else math.inf
+    low = float(sorted_values[lo_rank - 1]) if 1 <= lo_rank <= n else -math.inf
+    return low, high
+
+
 def median(sorted_values: np.ndarray) -> float:
     n = sorted_values.size
     if n % 2 == 0:
@@ -313,6 +331,8 @@ class KLSummary:
     dp_rms_unc: float = 0.0
     top1: float = 0.0
     top1_unc: float = 0.0
+    #: one-sided 95 % order-statistic bounds (low, high) of the median and percentiles of KLD
+    order_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def kl_p99(self) -> float:
@@ -337,11 +357,17 @@ class KLSummary:
         return table[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        # JSON has no infinity: an unknown bound (too few tokens for that percentile) is null
+        out["order_bounds"] = {k: [None if math.isinf(x) else x for x in v] for k, v in self.order_bounds.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KLSummary:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        s = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and f.name != "order_bounds"})
+        s.order_bounds = {k: (-math.inf if lo is None else lo, math.inf if hi is None else hi)
+                          for k, (lo, hi) in data.get("order_bounds", {}).items()}
+        return s
 
 
 #: Metric names a threshold may use.
@@ -383,6 +409,8 @@ def summarize(stats: TokenStats) -> KLSummary:
     ks = np.sort(stats.kld)
     s.kl_max, s.kl_min, s.kl_median = float(ks[-1]), float(ks[0]), median(ks)
     s.kl_percentiles = {k: percentile(ks, f) for k, f in KL_PERCENTILES.items()}
+    s.order_bounds = {"kl_" + k: quantile_bounds(ks, f, Z_95) for k, f in KL_PERCENTILES.items()}
+    s.order_bounds["kl_median"] = quantile_bounds(ks, 0.5, Z_95)
 
     p_diff2 = p_diff * p_diff
     s.dp_mean, s.dp_mean_unc = mean_and_uncertainty(p_diff.sum(), p_diff2.sum(), n)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
+from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
 
 DEFAULT_N_CTX = 512
 DEFAULT_CACHES = "q8_0,q4_0"
@@ -58,15 +59,36 @@ OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      "evaluate the reference alongside the candidate with full logits (no cached reference)",
      {"action": "store_true", "default": None}),
     ("--kv-require", "kv_require", "bool",
-     "fail instead of skipping when a model is missing (for CI gates)",
+     "fail instead of skipping when a model or the GPU is missing (for CI gates)",
      {"action": "store_true", "default": None}),
+    ("--kv-gate", "kv_gate", "string",
+     "what a threshold compares: 'bound' (one-sided 95 % confidence bound, default) or 'mean'",
+     {"choices": GATE_MODES}),
+    ("--kv-inconclusive", "kv_inconclusive", "string",
+     "verdict when the 95 % bounds straddle a threshold: fail (default), warn or pass",
+     {"choices": INCONCLUSIVE_POLICIES}),
+    ("--kv-repeat", "kv_repeat", "string",
+     "evaluate N times with chunks shifted by n_ctx/N tokens and report the spread (default 1)",
+     {"type": int}),
+    ("--kv-storage", "kv_storage", "string",
+     "where --kv-save/--kv-compare keep baselines (default: .kvquality in the rootdir)", {}),
+    ("--kv-save", "kv_save", "string", "save this run's results as a baseline named NAME", {}),
+    ("--kv-compare", "kv_compare", "string",
+     "compare with a saved baseline: NUM, NAME, or the latest when no value is given",
+     {"nargs": "?", "const": "latest", "default": None}),
+    ("--kv-compare-fail", "kv_compare_fail", "args",
+     "fail on a regression against --kv-compare: METRIC:X% (relative) or METRIC:X (absolute), "
+     "e.g. kl_mean:10% or top1:0.005; repeatable", {"action": "append", "default": None}),
+    ("--kv-markdown", "kv_markdown", "string",
+     "write a Markdown summary (table and failed gates) to this path; also appended to "
+     "$GITHUB_STEP_SUMMARY when that is set", {}),
 ]
 
 
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("kvquality", "KV-cache quality (pytest-kvquality)")
     for opt, ini, ini_type, help_text, kwargs in OPTIONS:
-        group.addoption(opt, dest=ini, help=help_text, **kwargs)
+        group.addoption(opt, dest=ini, help=help_text.replace("%", "%%"), **kwargs)  # argparse formats help
         parser.addini(ini, help=f"default for {opt}: {help_text}", type=ini_type)  # type: ignore[arg-type]
 
 
@@ -111,6 +133,14 @@ class KVOptions:
     ref_cache: CacheConfig = DEFAULT_REFERENCE
     exact: bool = False
     require: bool = False
+    gate: str = "bound"
+    inconclusive: str = "fail"
+    repeat: int = 1
+    storage: Path | None = None
+    save: str | None = None
+    compare: str | None = None
+    compare_fail: list[str] = field(default_factory=list)
+    markdown_path: Path | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> KVOptions:
@@ -145,4 +175,23 @@ class KVOptions:
             o.ref_cache = CacheConfig.parse(str(ref_cache))
         o.exact = bool(_get(config, "kv_exact"))
         o.require = bool(_get(config, "kv_require"))
+        o.gate = str(_get(config, "kv_gate") or "bound")
+        o.inconclusive = str(_get(config, "kv_inconclusive") or "fail")
+        for name, value, allowed in (("--kv-gate", o.gate, GATE_MODES),
+                                     ("--kv-inconclusive", o.inconclusive, INCONCLUSIVE_POLICIES)):
+            if value not in allowed:
+                raise pytest.UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        repeat = _get(config, "kv_repeat")
+        o.repeat = int(repeat) if repeat is not None else 1
+        if o.repeat < 1:
+            raise pytest.UsageError(f"--kv-repeat must be >= 1, got {o.repeat}")
+        storage = _get(config, "kv_storage")
+        o.storage = Path(os.path.expanduser(str(storage))) if storage else config.rootpath / ".kvquality"
+        o.save = _get(config, "kv_save")
+        o.compare = _get(config, "kv_compare")
+        o.compare_fail = [str(x) for x in (_get(config, "kv_compare_fail") or [])]
+        if o.compare_fail and o.compare is None:
+            raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
+        md = _get(config, "kv_markdown")
+        o.markdown_path = Path(str(md)) if md else None
         return o

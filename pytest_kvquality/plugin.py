@@ -32,8 +32,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """Build the run's state and put the threshold files of the selected models on the collection list."""
     config.addinivalue_line("markers", "kvquality: a KV-cache quality gate or measurement")
     config.addinivalue_line("markers", "xdist_group(name): run items of one group on one xdist worker")
+    config.addinivalue_line("markers", "kv_gpu: needs a GPU build of llama-cpp-python (skipped without one, "
+                                       "failed under --kv-require)")
     from .cache_config import CacheConfigError
     from .collect import STATE, KVState
+    from .outputs import parse_criteria
     from .registry import Registry, RegistryError
     from .session import KVSession
 
@@ -42,6 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
         registry = Registry.load(options.registries)
     except (CacheConfigError, RegistryError) as e:
         raise pytest.UsageError(f"pytest-kvquality: {e}") from e
+    parse_criteria(options.compare_fail)  # a bad --kv-compare-fail is a usage error now, not at the end
 
     def make_engine() -> Any:
         custom = config.hook.pytest_kvquality_make_engine(config=config)
@@ -97,38 +101,61 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Run tests that use ``kv_model`` (or ``kv_eval``) once per ``--kv-model``."""
-    if "kv_model" in metafunc.fixturenames:
-        from .collect import get_state
+    """Run tests that use ``kv_model`` (or ``kv_eval``) once per ``--kv-model``, and tests that
+    use ``kv_cache`` once per ``--kv-cache`` config."""
+    from .collect import get_state
 
+    if "kv_model" in metafunc.fixturenames:
         names: list[str | None] = [*get_state(metafunc.config).model_names] or [None]
         metafunc.parametrize("kv_model", names, indirect=True,
                             ids=[str(n) if n else "no-kv-model" for n in names])
+    if "kv_cache" in metafunc.fixturenames:
+        caches = get_state(metafunc.config).speed_caches()
+        metafunc.parametrize("kv_cache", caches, ids=[c.label for c in caches])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``kv_gpu`` tests without a GPU build (fail them under --kv-require)."""
+    if item.get_closest_marker("kv_gpu") is None:
+        return
+    from .collect import get_state
+    from .environment import host_backend
+
+    backend = host_backend()
+    if backend.gpu is None:
+        reason = (f"needs a GPU build of llama-cpp-python; llama-cpp-python {backend.llama_cpp_python} "
+                  f"here is a CPU build")
+        if get_state(item.config).options.require:
+            pytest.fail(f"{reason} and --kv-require is set", pytrace=False)
+        pytest.skip(reason)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Say what will be measured and where references are kept."""
+    """Plugin and llama.cpp versions, the backend, what will be measured, where references live."""
     from .collect import get_state
+    from .environment import host_backend
 
     state = get_state(config)
     o = state.options
+    b = host_backend()
+    lines = [f"kvquality {__version__}: llama-cpp-python {b.llama_cpp_python} (ggml {b.ggml}), {b.label}; "
+             f"references in {o.ref_dir}"]
     if not o.models:
-        return [f"kvquality {__version__}: no --kv-model given"]
-    return [
-        f"kvquality {__version__}: models {', '.join(o.models)}; n_ctx {o.n_ctx}; "
-        f"reference {o.ref_cache.label}{' (exact, no cache)' if o.exact else ''}",
-        f"kvquality references: {o.ref_dir}",
-    ]
+        return [*lines, "kvquality: no --kv-model given"]
+    gate = "95 % bound" if o.gate == "bound" else "plain mean"
+    return [*lines, f"kvquality: models {', '.join(o.models)}; n_ctx {o.n_ctx}; reference {o.ref_cache.label}"
+                    f"{' (exact, no cache)' if o.exact else ''}; gates on the {gate}, inconclusive -> "
+                    f"{o.inconclusive}" + (f"; {o.repeat} offsets" if o.repeat > 1 else "")]
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    """Print the results table (merged from all xdist workers)."""
+    """Print the results table (merged from all xdist workers), the baseline comparison, notes."""
     from .collect import get_state
 
     state = get_state(config)
     report = state.report
-    report.merge(state.session.to_report())
-    if not report.records and not report.notes:
+    out = state.outputs
+    if not (report.records or report.speeds or report.notes or (out and (out.comparison or out.errors))):
         return
     terminalreporter.write_sep("=", "KV-cache quality")
     env = report.environment
@@ -136,30 +163,45 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             f"llama-cpp-python {env.get('llama_cpp_python', '?')}, "
             f"{'GPU' if env.get('gpu_offload') else 'CPU'}, reference {state.options.ref_cache.label}, "
-            f"corpus {env.get('corpus', '?')}"
+            f"corpus {env.get('corpus', '?')}; mean KLD per category"
         )
     for line in report.table():
-        terminalreporter.write_line(line)
+        terminalreporter.write(line.text)
+        if line.verdict:
+            terminalreporter.write(line.verdict, **({line.colour: True, "bold": True} if line.colour else {}))
+        terminalreporter.line("")
     for note in report.notes:
         terminalreporter.write_line(f"note: {note}", yellow=True)
-    if state.options.json_path:
-        terminalreporter.write_line(f"results written to {state.options.json_path}")
+    if out is not None:
+        if out.comparison is not None:
+            for text in out.comparison.lines():
+                red = "REGRESSION" in text
+                terminalreporter.write_line(text, red=red, yellow=text.startswith("warning:"))
+            if out.comparison.regressions:
+                terminalreporter.write_line(
+                    f"{len(out.comparison.regressions)} regression(s) beyond --kv-compare-fail: exit status 1",
+                    red=True, bold=True)
+        for text in out.errors:
+            terminalreporter.write_line(f"error: {text}", red=True)
+        for text in out.written:
+            terminalreporter.write_line(text)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Write ``--kv-json``, hand results to the xdist controller, stop the model worker."""
+    """Merge results; on a worker hand them to the xdist controller, else write the outputs and
+    compare baselines (a regression sets the exit status); stop the model worker."""
     from .collect import STATE
+    from .outputs import finish
 
     state = session.config.stash.get(STATE, None)
     if state is None:
         return
-    report = state.report
-    report.merge(state.session.to_report())
+    state.report.merge(state.session.to_report())
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput["kvquality"] = report.dumps()
-    elif state.options.json_path and report.records:
-        report.write_json(state.options.json_path)
+        workeroutput["kvquality"] = state.report.dumps()
+    else:
+        state.outputs = finish(state.report, state.options, session)
     state.session.close()
 
 
@@ -219,4 +261,15 @@ def kv_eval(kv_model: str, pytestconfig: pytest.Config) -> Callable[..., ConfigR
         return result
 
     return evaluate
+
+
+@pytest.fixture
+def kv_speed(kv_model: str, benchmark: Any, pytestconfig: pytest.Config) -> Callable[..., Any]:
+    """``kv_speed(cache, "pp" | "tg", rounds=5)``: time prompt processing (n_ctx tokens in
+    batches) or generation (128 tokens, one per decode) with pytest-benchmark, so
+    ``--benchmark-compare-fail`` works on it; tokens/s go to the summary table and JSON."""
+    from .collect import get_state
+    from .speed import measure_speed
+
+    return measure_speed(get_state(pytestconfig), kv_model, benchmark)
 

@@ -1,11 +1,14 @@
-"""Reporting: the terminal table and the ``--kv-json`` file, from results merged across workers."""
+"""Reporting: the terminal table, the ``--kv-json`` document and the ``--kv-markdown`` summary,
+from results merged across xdist workers. The JSON schema is in docs/json-schema.md."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,17 @@ from .cache_config import CacheConfig
 from .metrics import KLSummary
 from .thresholds import OVERALL
 
-JSON_SCHEMA_VERSION = 1
+#: version of the --kv-json document (docs/json-schema.md); bumped on any incompatible change
+JSON_SCHEMA_VERSION = 2
+
+#: context facts copied into each JSON result, as (key in the engine's context, JSON key)
+CONTEXT_KEYS = (
+    ("rotation_k", "rotation_applied_k"), ("rotation_v", "rotation_applied_v"),
+    ("kv_cache_mib", "kv_cache_mib"), ("kv_cells", "kv_cells"),
+    ("kv_cache_mib_expected", "kv_cache_mib_expected"), ("kv_bytes_per_token", "kv_bytes_per_token"),
+    ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_devices", "kv_devices"),
+    ("kv_cpu_fallback", "kv_cpu_fallback"),
+)
 
 
 @dataclass
@@ -29,6 +42,12 @@ class ResultRecord:
     eval_seconds: float
     exact: bool
     context: dict[str, Any] = field(default_factory=dict)
+    #: --kv-repeat: {"offset", "kl_mean", "kl_mean_unc", "top1", "n_tokens"} per shifted run
+    repeats: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.model, self.cache, self.n_ctx, self.category)
 
     def to_json(self) -> dict[str, Any]:
         c = CacheConfig.parse(self.cache)
@@ -41,19 +60,24 @@ class ResultRecord:
             "kl_p99": s.kl_p99, "kl_max": s.kl_max, "top1": s.top1, "top1_unc": s.top1_unc,
             "dp_rms": s.dp_rms, "ppl_ratio": s.ppl_ratio, "n_tokens": s.n_tokens,
             "eval_seconds": self.eval_seconds, "exact_reference": self.exact,
-            "rotation_applied_k": self.context.get("rotation_k"),
-            "rotation_applied_v": self.context.get("rotation_v"),
-            "kv_cache_mib": self.context.get("kv_cache_mib"),
+            **{j: self.context.get(k) for k, j in CONTEXT_KEYS},
+            "repeats": self.repeats,
             "stats": s.to_dict(),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResultRecord:
+        context = {k: d[j] for k, j in CONTEXT_KEYS if d.get(j) is not None}
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
                    KLSummary.from_dict(d["stats"]), d["eval_seconds"], d["exact_reference"],
-                   {k: d[f"{j}"] for k, j in (("rotation_k", "rotation_applied_k"),
-                                              ("rotation_v", "rotation_applied_v"),
-                                              ("kv_cache_mib", "kv_cache_mib")) if d.get(j) is not None})
+                   context, d.get("repeats", []))
+
+    def repeat_spread(self) -> float | None:
+        """max - min of mean KLD over this run and its --kv-repeat shifts (None without repeats)."""
+        if not self.repeats:
+            return None
+        values = [self.summary.kl_mean, *(float(r["kl_mean"]) for r in self.repeats)]
+        return max(values) - min(values)
 
 
 @dataclass
@@ -67,9 +91,50 @@ class VerdictRecord:
     value: float
     uncertainty: float
     passed: bool
+    outcome: str = ""
+    low: float = 0.0
+    high: float = 0.0
+    tokens_to_decide: int | None = None
+    gate: str = "bound"
+    n_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        for k in ("low", "high"):  # an unknown percentile bound is infinite: null in JSON
+            if isinstance(d[k], float) and math.isinf(d[k]):
+                d[k] = None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VerdictRecord:
+        d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        d["low"] = -math.inf if d.get("low", 0.0) is None else d.get("low", 0.0)
+        d["high"] = math.inf if d.get("high", 0.0) is None else d.get("high", 0.0)
+        return cls(**d)
+
+
+@dataclass
+class SpeedRecord:
+    """Prompt processing (pp) or generation (tg) speed of one (model, cache config)."""
+
+    model: str
+    cache: str
+    phase: str
+    n_ctx: int
+    n_tokens: int
+    tokens_per_s: float
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class TableLine:
+    """One line of the terminal table; ``verdict`` is coloured by the plugin."""
+
+    text: str
+    verdict: str = ""
+    colour: str | None = None
 
 
 @dataclass
@@ -80,71 +145,197 @@ class Report:
     verdicts: list[VerdictRecord] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    speeds: list[SpeedRecord] = field(default_factory=list)
 
     def merge(self, other: Report) -> None:
-        have = {(r.model, r.cache, r.n_ctx, r.category) for r in self.records}
-        self.records += [r for r in other.records
-                         if (r.model, r.cache, r.n_ctx, r.category) not in have]
+        have = {r.key for r in self.records}
+        self.records += [r for r in other.records if r.key not in have]
         seen = {v.test_id for v in self.verdicts}
         self.verdicts += [v for v in other.verdicts if v.test_id not in seen]
+        timed = {(s.model, s.cache, s.phase, s.n_ctx) for s in self.speeds}
+        self.speeds += [s for s in other.speeds if (s.model, s.cache, s.phase, s.n_ctx) not in timed]
         for k, v in other.environment.items():
-            self.environment.setdefault(k, v)
+            if isinstance(v, dict) and isinstance(self.environment.get(k), dict):
+                self.environment[k] = {**v, **self.environment[k]}
+            else:
+                self.environment.setdefault(k, v)
         self.notes += [n for n in other.notes if n not in self.notes]
 
-    def dumps(self) -> str:
-        return json.dumps({
-            "records": [r.to_json() for r in self.records],
-            "verdicts": [v.to_json() for v in self.verdicts],
-            "environment": self.environment, "notes": self.notes,
-        })
+    # ------------------------------------------------------------ JSON
 
-    @classmethod
-    def loads(cls, text: str) -> Report:
-        d = json.loads(text)
-        return cls([ResultRecord.from_json(r) for r in d["records"]],
-                   [VerdictRecord(**v) for v in d["verdicts"]], d["environment"], d["notes"])
-
-    def write_json(self, path: Path) -> None:
-        doc = {
+    def document(self) -> dict[str, Any]:
+        """The --kv-json document (docs/json-schema.md)."""
+        return {
             "schema_version": JSON_SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "environment": {**self.environment, "python": platform.python_version(),
                             "machine": platform.machine(), "platform": platform.platform()},
             "results": [r.to_json() for r in self.sorted_records()],
             "thresholds": [v.to_json() for v in self.verdicts],
+            "speed": [s.to_json() for s in self.speeds],
             "notes": self.notes,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> Report:
+        if doc.get("schema_version") != JSON_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {doc.get('schema_version')!r}; this plugin reads "
+                             f"{JSON_SCHEMA_VERSION}")
+        return cls([ResultRecord.from_json(r) for r in doc["results"]],
+                   [VerdictRecord.from_json(v) for v in doc["thresholds"]],
+                   dict(doc["environment"]), list(doc["notes"]),
+                   [SpeedRecord(**s) for s in doc.get("speed", [])])
+
+    def dumps(self) -> str:
+        return json.dumps(self.document())
+
+    @classmethod
+    def loads(cls, text: str) -> Report:
+        return cls.from_document(json.loads(text))
+
+    def write_json(self, path: Path) -> None:
+        write_atomic(path, json.dumps(self.document(), indent=2) + "\n")
+
+    # ------------------------------------------------------------ queries
 
     def sorted_records(self) -> list[ResultRecord]:
         def order(r: ResultRecord) -> tuple[str, str, int, int, str]:
             return (r.model, r.cache, r.n_ctx, 1 if r.category == OVERALL else 0, r.category)
         return sorted(self.records, key=order)
 
-    def verdict_for(self, model: str, cache: str, category: str) -> str:
-        vs = [v for v in self.verdicts
-              if (v.model, v.cache, v.category) == (model, cache, category)]
+    def verdict_for(self, model: str, cache: str, category: str | None = None) -> tuple[str, str | None]:
+        """('pass 3' | 'FAIL 1/3' | 'inconclusive 1/3' | '-', colour) over a config's gates."""
+        vs = [v for v in self.verdicts if (v.model, v.cache) == (model, cache)
+              and (category is None or v.category == category)]
         if not vs:
-            return "-"
-        failed = sum(not v.passed for v in vs)
-        return f"FAIL {failed}/{len(vs)}" if failed else f"pass {len(vs)}"
+            return "-", None
+        failed = sum(v.outcome == "fail" or (not v.outcome and not v.passed) for v in vs)
+        unsure = sum(v.outcome == "inconclusive" for v in vs)
+        if failed:
+            return f"FAIL {failed}/{len(vs)}", "red"
+        if unsure:
+            return f"inconclusive {unsure}/{len(vs)}", "yellow"
+        return f"pass {len(vs)}", "green"
 
-    def table(self) -> list[str]:
-        """The summary table as lines: model x cache config x category."""
-        head = ("model", "cache", "n_ctx", "category", "tokens", "mean KLD ± σ", "p99 KLD",
-                "same top", "RMS Δp", "gates")
-        rows = []
+    def speed_of(self, model: str, cache: str, phase: str) -> float | None:
+        for s in self.speeds:
+            if (s.model, s.cache, s.phase) == (model, cache, phase):
+                return s.tokens_per_s
+        return None
+
+    def configs(self) -> dict[str, list[str]]:
+        """Cache configs per model, in table order (results, then speed-only configs)."""
+        out: dict[str, list[str]] = {}
         for r in self.sorted_records():
-            s = r.summary
-            rows.append((
-                r.model, r.cache, str(r.n_ctx), r.category, str(s.n_tokens),
-                f"{s.kl_mean:.5f} ± {s.kl_mean_unc:.5f}", f"{s.kl_p99:.4f}",
-                f"{100 * s.top1:.2f} %", f"{100 * s.dp_rms:.2f} %",
-                self.verdict_for(r.model, r.cache, r.category),
-            ))
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in rows]
+            if r.cache not in out.setdefault(r.model, []):
+                out[r.model].append(r.cache)
+        for s in self.speeds:
+            if s.cache not in out.setdefault(s.model, []):
+                out[s.model].append(s.cache)
+        return out
+
+    def grid(self, model: str) -> tuple[list[str], list[list[str]], list[tuple[str, str | None]]]:
+        """Header, rows and verdicts of one model's table: a row per cache config, mean KLD per
+        category, overall KLD ± σ, same top, KV memory, speed when measured, gates."""
+        recs = [r for r in self.sorted_records() if r.model == model]
+        categories = [c for c in dict.fromkeys(r.category for r in recs) if c != OVERALL]
+        show_speed = any(s.model == model for s in self.speeds)
+        show_spread = any(r.repeats for r in recs)
+        head = ["cache", *categories, "overall KLD ± σ", "same top", "KV B/token"]
+        head += ["spread"] if show_spread else []
+        head += ["pp tok/s", "tg tok/s"] if show_speed else []
+        head += ["gates"]
+        rows, verdicts = [], []
+        for cache in self.configs().get(model, []):
+            by_cat = {r.category: r for r in recs if r.cache == cache}
+            overall = by_cat.get(OVERALL)
+            row = [cache, *(f"{by_cat[c].summary.kl_mean:.5f}" if c in by_cat else "-" for c in categories)]
+            if overall is not None:
+                s = overall.summary
+                per_token = overall.context.get("kv_bytes_per_token")
+                row += [f"{s.kl_mean:.5f} ± {s.kl_mean_unc:.5f}", f"{100 * s.top1:.2f} %",
+                        f"{per_token:,.0f}" if per_token else "-"]
+                spread = overall.repeat_spread()
+                row += [f"{spread:.5f} ({len(overall.repeats) + 1}x)" if spread is not None else "-"] \
+                    if show_spread else []
+            else:
+                row += ["-", "-", "-"] + (["-"] if show_spread else [])
+            if show_speed:
+                for phase in ("pp", "tg"):
+                    v = self.speed_of(model, cache, phase)
+                    row.append(f"{v:,.1f}" if v is not None else "-")
+            verdict = self.verdict_for(model, cache)
+            rows.append(row)
+            verdicts.append(verdict)
+        return head, rows, verdicts
+
+    def table(self) -> list[TableLine]:
+        """The terminal table, grouped by model."""
+        lines: list[TableLine] = []
+        for model in self.configs():
+            head, rows, verdicts = self.grid(model)
+            recs = [r for r in self.records if r.model == model and r.category == OVERALL]
+            ctx = f"n_ctx {recs[0].n_ctx}, {recs[0].summary.n_tokens:,} scored tokens" if recs else "speed only"
+            lines.append(TableLine(f"{model} ({ctx})"))
+            body = [[*r, v[0]] for r, v in zip(rows, verdicts, strict=True)]
+            widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+            lines.append(TableLine("  " + _aligned(head[:-1], widths) + "  " + head[-1]))
+            for b, (text, colour) in zip(body, verdicts, strict=True):
+                lines.append(TableLine("  " + _aligned(b[:-1], widths) + "  ", text, colour))
         return lines
+
+    def failed_gates(self) -> list[VerdictRecord]:
+        return [v for v in self.verdicts if v.outcome in ("fail", "inconclusive") or not (v.outcome or v.passed)]
+
+    def markdown(self, comparison_lines: list[str] | None = None) -> str:
+        """A summary for a pull-request comment or $GITHUB_STEP_SUMMARY."""
+        out = ["## KV-cache quality", ""]
+        env = self.environment
+        out.append(f"llama-cpp-python {env.get('llama_cpp_python', '?')} · "
+                   f"{'GPU' if env.get('gpu_offload') else 'CPU'} · reference "
+                   f"{env.get('reference_cache', 'f16')} · corpus {env.get('corpus', '?')}")
+        out.append("")
+        for model in self.configs():
+            head, rows, verdicts = self.grid(model)
+            out.append(f"### {model}")
+            out.append("")
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
+            for row, (text, _) in zip(rows, verdicts, strict=True):
+                mark = {"p": "✅", "F": "❌", "i": "⚠️"}.get(text[:1], "")
+                out.append("| " + " | ".join([f"`{row[0]}`", *row[1:], f"{mark} {text}".strip()]) + " |")
+            out.append("")
+        failed = self.failed_gates()
+        if failed:
+            out += ["### Gates not passed", "", "| gate | rule | value ± σ | 95 % bounds | verdict |",
+                    "|---|---|---:|---:|---|"]
+            for v in failed:
+                out.append(f"| `{v.test_id}` | `{v.rule}` | {v.value:.6g} ± {v.uncertainty:.2g} | "
+                           f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)} | {v.outcome or 'fail'}"
+                           + (f" (≈{v.tokens_to_decide:,} tokens would decide)" if v.tokens_to_decide else "")
+                           + " |")
+            out.append("")
+        elif self.verdicts:
+            out += [f"All {len(self.verdicts)} gates passed.", ""]
+        if comparison_lines:
+            out += ["### Against the baseline", "", *comparison_lines, ""]
+        for note in self.notes:
+            out.append(f"> {note}")
+        return "\n".join(out).rstrip() + "\n"
+
+
+def _aligned(cells: list[str], widths: list[int]) -> str:
+    """The first cell left-aligned, the numbers right-aligned."""
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
+
+
+def _fmt_bound(x: float) -> str:
+    return "∞" if math.isinf(x) and x > 0 else "−∞" if math.isinf(x) else f"{x:.6g}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -20,6 +20,7 @@ from filelock import FileLock
 from .cache_config import CacheConfig
 from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
 from .engine import Engine, EngineError, ModelLoad
+from .gating import Decision
 from .metrics import KLSummary, ReferenceRows, TokenStats, summarize
 from .options import KVOptions
 from .reference import (
@@ -31,10 +32,12 @@ from .reference import (
     write_reference,
 )
 from .registry import ModelNotFound, Registry, ResolvedModel, resolve
-from .report import Report, ResultRecord, VerdictRecord
+from .report import Report, ResultRecord, SpeedRecord, VerdictRecord
 from .thresholds import OVERALL, Threshold
 
 REFERENCE_SEED = 0
+#: tokens generated one by one in a tg speed round (llama-bench's tg128)
+TG_TOKENS = 128
 
 
 class ModelUnavailable(RuntimeError):
@@ -54,6 +57,8 @@ class ConfigResult:
     exact: bool = False
     #: what llama.cpp decided for the candidate context: rotation_k/v, kv_cache_mib, ...
     context: dict[str, Any] = field(default_factory=dict)
+    #: --kv-repeat: (token offset, summaries per category) of the shifted re-evaluations
+    repeats: list[tuple[int, dict[str, KLSummary]]] = field(default_factory=list)
 
     @property
     def overall(self) -> KLSummary:
@@ -71,10 +76,21 @@ class ConfigResult:
 @dataclass
 class Verdict:
     threshold: Threshold
-    value: float
-    uncertainty: float
-    passed: bool
+    decision: Decision
     n_tokens: int
+    gate: str = "bound"
+
+
+@dataclass
+class SpeedResult:
+    """Prompt-processing or generation speed of one (model, cache config), from pytest-benchmark."""
+
+    model: str
+    cache: CacheConfig
+    phase: str
+    n_ctx: int
+    n_tokens: int
+    tokens_per_s: float
 
 
 @dataclass
@@ -85,11 +101,13 @@ class KVSession:
     notes: list[str] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     results: dict[tuple[str, CacheConfig], ConfigResult] = field(default_factory=dict)
+    speeds: list[SpeedResult] = field(default_factory=list)
     progress: Callable[[str], None] | None = None
     _engine: Engine | None = None
     _corpus: Corpus | None = None
     _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
-    _chunks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    _chunks: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    _described: dict[str, dict[str, Any]] = field(default_factory=dict)
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
     _regenerated: set[str] = field(default_factory=set)
     _info: dict[str, Any] | None = None
@@ -140,16 +158,45 @@ class KVSession:
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
         return ModelLoad(str(model.path), self.options.gpu_layers)
 
-    def chunks(self, model: ResolvedModel) -> dict[str, np.ndarray]:
+    def chunks(self, model: ResolvedModel, offset: int = 0) -> dict[str, np.ndarray]:
         """Tokenized, chunked corpus per category for this model's tokenizer."""
-        if model.sha256 not in self._chunks:
+        key = (model.sha256, offset)
+        if key not in self._chunks:
             spec = self.load_spec(model)
             out = {}
             for cat, text in self.corpus.texts.items():
                 tokens = self.engine.tokenize(spec, text)
-                out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat)
-            self._chunks[model.sha256] = out
-        return self._chunks[model.sha256]
+                out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat, offset)
+            self._chunks[key] = out
+        return self._chunks[key]
+
+    def describe(self, model: ResolvedModel) -> dict[str, Any]:
+        """The model's hyperparameters as llama.cpp reads them (once per model)."""
+        if model.sha256 not in self._described:
+            self._described[model.sha256] = self.engine.describe(self.load_spec(model))
+        return self._described[model.sha256]
+
+    def kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> dict[str, Any]:
+        """KV bytes per token from the hyperparameters, checked against the cache llama.cpp allocated."""
+        d = self.describe(model)
+        if not all(k in d for k in ("n_layer", "n_head_kv", "head_k", "head_v")):
+            return {}
+        per_token = cache.kv_bytes_per_token(d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"])
+        out: dict[str, Any] = {"kv_bytes_per_token": per_token,
+                               "kv_mib_per_32k": per_token * 32768 / 2**20}
+        if "kv_cache_mib" in context and "kv_cells" in context:
+            expected = per_token * context["kv_cells"] / 2**20
+            out["kv_cache_mib_expected"] = round(expected, 2)
+            # llama.cpp prints MiB with two decimals, per cache
+            if abs(expected - context["kv_cache_mib"]) > max(0.02, 0.01 * expected):
+                self._note(f"{model.alias} {cache.label}: llama.cpp allocated {context['kv_cache_mib']} MiB "
+                           f"of KV cache for {context['kv_cells']} cells; the hyperparameters give "
+                           f"{expected:.2f} MiB ({per_token:,.0f} B per token)")
+        return out
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def reference(self, model: ResolvedModel, category: str, chunks: np.ndarray) -> ReferenceRows:
         """Load the cached reference, or build and store it (once across parallel workers)."""
@@ -194,6 +241,9 @@ class KVSession:
             return self.results[key]
         try:
             result = self._evaluate(model, cache)
+            for r in range(1, self.options.repeat):
+                offset = r * self.options.n_ctx // self.options.repeat
+                result.repeats.append((offset, self._evaluate(model, cache, offset).categories))
         except (EngineError, OSError, ValueError) as e:
             err = EngineError(
                 f"evaluating {model.alias} ({model.path}) with cache {cache.label}, "
@@ -204,14 +254,14 @@ class KVSession:
         self.results[key] = result
         return result
 
-    def _evaluate(self, model: ResolvedModel, cache: CacheConfig) -> ConfigResult:
+    def _evaluate(self, model: ResolvedModel, cache: CacheConfig, offset: int = 0) -> ConfigResult:
         spec = self.load_spec(model)
         per_cat: dict[str, TokenStats] = {}
         context: dict[str, Any] = {}
         seconds = 0.0
-        for cat, chunks in self.chunks(model).items():
+        for cat, chunks in self.chunks(model, offset).items():
             ref = None if self.options.exact else self.reference(model, cat, chunks)
-            self._doing = f"{model.alias} {cache.label} / {cat}"
+            self._doing = f"{model.alias} {cache.label} / {cat}" + (f" (offset {offset})" if offset else "")
             self._say(f"evaluating {self._doing}")
             if ref is None:
                 run = self.engine.evaluate_exact(spec, cache, spec, self.options.ref_cache, chunks)
@@ -222,6 +272,12 @@ class KVSession:
             seconds += run.seconds
         summaries = {cat: summarize(s) for cat, s in per_cat.items()}
         summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
+        context.update(self.kv_memory(model, cache, context))
+        if context.get("kv_cpu_fallback"):
+            self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
+                       f"over the KV cache on the CPU although the model is on the GPU (no GPU kernel for "
+                       f"K={cache.type_k}, V={cache.type_v} in this build; for CUDA, build with "
+                       f"-DGGML_CUDA_FA_ALL_QUANTS=ON). Quality is measured as run; speed suffers.")
         return ConfigResult(model.alias, model.sha256, cache, self.options.n_ctx, summaries,
                             seconds, self.options.exact, context)
 
@@ -230,12 +286,19 @@ class KVSession:
         rep = Report(notes=list(self.notes))
         for r in self.results.values():
             for cat, summary in r.categories.items():
+                repeats = [{"offset": off, "kl_mean": cats[cat].kl_mean, "kl_mean_unc": cats[cat].kl_mean_unc,
+                            "top1": cats[cat].top1, "n_tokens": cats[cat].n_tokens}
+                           for off, cats in r.repeats if cat in cats]
                 rep.records.append(ResultRecord(r.model, r.model_sha256, r.cache.label, r.n_ctx, cat,
-                                                summary, r.eval_seconds, r.exact, r.context))
+                                                summary, r.eval_seconds, r.exact, r.context, repeats))
         for v in self.verdicts:
-            t = v.threshold
-            rep.verdicts.append(VerdictRecord(t.test_id, t.model, t.cache.label, t.category, t.metric,
-                                              t.rule, v.value, v.uncertainty, v.passed))
+            t, d = v.threshold, v.decision
+            rep.verdicts.append(VerdictRecord(
+                t.test_id, t.model, t.cache.label, t.category, t.metric, t.rule, d.value, d.uncertainty,
+                d.passed, d.outcome.value, d.low, d.high, d.tokens_to_decide, v.gate, v.n_tokens))
+        for sp in self.speeds:
+            rep.speeds.append(SpeedRecord(sp.model, sp.cache.label, sp.phase, sp.n_ctx, sp.n_tokens,
+                                          sp.tokens_per_s))
         if self._info is not None:
             rep.environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp",
                                                                "gpu_offload") if k in self._info})
@@ -248,6 +311,30 @@ class KVSession:
 
     def record_verdict(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)
+
+    def speed_target(self, model_name: str, cache: CacheConfig, phase: str) -> Callable[[], float]:
+        """A function that times one pp (a prompt of n_ctx tokens) or tg (128 tokens, one per decode)
+        pass in the model worker and returns llama.cpp's seconds; for pytest-benchmark."""
+        model = self.model(model_name)
+        spec = self.load_spec(model)
+        n_ctx = self.options.n_ctx
+        first = next(iter(self.chunks(model).values()))[0]
+        tokens = first[:n_ctx] if phase == "pp" else first[: min(TG_TOKENS, n_ctx)]
+
+        def run_once() -> float:
+            run = self.engine.speed(spec, cache, n_ctx, phase, tokens)
+            return run.seconds
+
+        return run_once
+
+    def record_speed(self, model_name: str, cache: CacheConfig, phase: str, seconds: list[float]) -> SpeedResult:
+        """Keep the median speed of the timed rounds for the summary table and JSON."""
+        model = self.model(model_name)
+        n_tokens = self.options.n_ctx if phase == "pp" else min(TG_TOKENS, self.options.n_ctx)
+        result = SpeedResult(model.alias, cache, phase, self.options.n_ctx, n_tokens,
+                             n_tokens / float(np.median(seconds)))
+        self.speeds.append(result)
+        return result
 
     def close(self) -> None:
         if self._engine is not None:

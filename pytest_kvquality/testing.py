@@ -89,7 +89,9 @@ class FakeContext:
         if not cache.rotation and cache.quantized:
             self.sigma *= 1.3
         self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
-                     "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16")}
+                     "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16"),
+                     "gpu_layers": 0}
+        self._out: np.ndarray | None = None
 
     def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
         first, last = self.n_ctx // 2, self.n_ctx - 1
@@ -101,10 +103,23 @@ class FakeContext:
             digest = hashlib.sha256(tokens.tobytes() + self.cache.label.encode()).digest()
             rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
             logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * self.sigma
-        half = (last - first) // 2 or 1  # two blocks, like a batched decode
-        yield np.ascontiguousarray(logits[:half], np.float32)
-        if last - first > half:
-            yield np.ascontiguousarray(logits[half:], np.float32)
+        # two blocks, like a batched decode, through one reused buffer like llama.cpp's: a consumer
+        # that keeps a view past the next step sees it overwritten
+        half = (last - first) // 2 or 1
+        if self._out is None or self._out.shape[0] < half + 1:
+            self._out = np.empty((half + 1, FAKE_VOCAB), np.float32)
+        for block in (logits[:half], logits[half:]):
+            if block.shape[0]:
+                view = self._out[: block.shape[0]]
+                view[:] = block
+                yield view
+                view[:] = np.nan
+
+    def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:
+        # cost grows with the cache noise, so a benchmark can tell configs apart
+        steps = tokens.size if one_by_one else 1
+        for _ in range(steps):
+            self.model.w_prev[tokens[: max(1, tokens.size // steps)] % FAKE_VOCAB].sum()
 
     def close(self) -> None:
         pass

@@ -77,6 +77,10 @@ def _serve(read_fd: int, write_fd: int) -> None:
                     arrays["chunks"],
                 )
                 ipc.send(out, {"seconds": cand.seconds, "context": cand.context}, cand.stats.arrays())
+            elif op == "speed":
+                sp = engine.speed(model_of(header), CacheConfig.parse(header["cache"]),
+                                  int(header["n_ctx"]), str(header["phase"]), arrays["tokens"])
+                ipc.send(out, {"seconds": sp.seconds, "n_tokens": sp.n_tokens, "context": sp.context})
             elif op == "segfault":
                 ctypes.string_at(0)  # a real SIGSEGV, for the crash-isolation tests
             else:

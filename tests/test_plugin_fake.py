@@ -32,10 +32,12 @@ def test_thresholds_become_items_that_pass_and_fail(kv_project: pytest.Pytester,
         "*tiny::q4_0::coding::top1 PASSED*",
     ])
     result.stdout.fnmatch_lines([
-        "*tiny [[]q4_0[]] overall: kl_mean = * ± *, threshold < 0.0001 not met (model tiny, "
+        "*tiny [[]q4_0[]] overall: kl_mean = * ± * (95 % upper bound *): threshold < 0.0001 not met (model tiny, "
         "cache q4_0, category overall, * tokens, n_ctx 64*",
     ])
-    result.stdout.fnmatch_lines(["*KV-cache quality*", "*model*cache*category*mean KLD*"])
+    result.stdout.fnmatch_lines(["*KV-cache quality*", "tiny (n_ctx 64, * scored tokens)",
+                                 "  cache*coding*overall KLD ± σ*same top*KV B/token*gates",
+                                 "  q4_0 *FAIL 1/2", "  q8_0 *pass 2"])
     result.assert_outcomes(passed=3, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
@@ -57,7 +59,7 @@ def test_kv_eval_fixture_in_a_users_test(kv_project: pytest.Pytester, fake_model
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-chunks", "2",
                                   "--kv-thresholds", str(kv_project.path))
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*tiny*q4_0/f16*overall*", "*tiny*q8_0*overall*"])
+    result.stdout.fnmatch_lines(["tiny (n_ctx 64, *", "  q4_0/f16 *", "  q8_0 *"])
 
 
 def test_without_a_model_fixture_tests_skip_and_kv_require_fails_them(kv_project: pytest.Pytester) -> None:
@@ -104,7 +106,7 @@ def test_models_without_thresholds_are_measured_and_reported(
                                   "--kv-json", str(out), "-v")
     result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "*tiny::q4_0:norot::measure PASSED*"])
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     rec = next(r for r in doc["results"] if r["cache"] == "q4_0:norot" and r["category"] == "overall")
     for key in ("model", "type_k", "type_v", "rotation", "flash_attn", "n_ctx", "category", "kl_mean",
                 "kl_mean_unc", "kl_median", "kl_p99", "kl_max", "top1", "top1_unc", "dp_rms",
@@ -128,7 +130,7 @@ def test_ini_keys_mirror_the_options(kv_project: pytest.Pytester, fake_model: Pa
         kv_thresholds = {kv_project.path}
     """)
     result = kv_project.runpytest("-v")
-    result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "*tiny*q8_0*32*overall*60*"])
+    result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "tiny (n_ctx 32, 60 scored tokens)", "  q8_0 *"])
 
 
 def test_reference_is_cached_reused_regenerated_and_repaired(kv_project: pytest.Pytester,
@@ -167,7 +169,8 @@ def test_options_are_listed_in_help(kv_project: pytest.Pytester) -> None:
     result = kv_project.runpytest("--help")
     for opt in ("--kv-model", "--kv-cache", "--kv-ctx", "--kv-chunks", "--kv-corpus", "--kv-thresholds",
                 "--kv-ref-dir", "--kv-regen", "--kv-json", "--kv-gpu-layers", "--kv-registry",
-                "--kv-exact", "--kv-require"):
+                "--kv-exact", "--kv-require", "--kv-gate", "--kv-inconclusive", "--kv-repeat",
+                "--kv-storage", "--kv-save", "--kv-compare", "--kv-compare-fail", "--kv-markdown"):
         result.stdout.fnmatch_lines([f"*{opt}*"])
     result.stdout.fnmatch_lines(["*kv_models*", "*kv_ref_dir*"])
 
@@ -234,7 +237,7 @@ def test_xdist_workers_share_references_and_merge_results(kv_project: pytest.Pyt
     parallel = kv_project.runpytest_subprocess(*args, "-n", "2", "--dist", "loadgroup",
                                                "--kv-json", "parallel.json")
     parallel.assert_outcomes(passed=3, failed=1)
-    parallel.stdout.fnmatch_lines(["*KV-cache quality*", "*tiny*q4_0*overall*FAIL 1/1*"])
+    parallel.stdout.fnmatch_lines(["*KV-cache quality*", "  q4_0 *FAIL 1/2"])
     a = json.loads((kv_project.path / "serial.json").read_text())
     b = json.loads((kv_project.path / "parallel.json").read_text())
     key = ("cache", "category")
@@ -312,7 +315,7 @@ def test_stress_four_workers_three_configs_shared_references(
 version: 1
 models:
   tiny:
-    q8_0: {overall: {kl_mean: "< 1"}, coding: {top1: "> 0.1"}, science: {kl_p99: "< 9"}}
+    q8_0: {overall: {kl_mean: "< 1"}, coding: {top1: "> 0.1"}, science: {kl_median: "< 9"}}
     q4_0: {overall: {kl_mean: "< 9"}, tool_calling: {top1: "> 0.1"}, long_documents: {kl_max: "< 99"}}
     q8_0/q4_0:norot: {overall: {kl_mean: "< 9", top1: "> 0.1"}, coding: {dp_rms: "< 1"}}
 """)

@@ -1,0 +1,50 @@
+"""What this host offers, found without importing ``llama_cpp`` (the model worker imports it;
+importing it in pytest's process could crash it, see worker.py): versions and GPU backends."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+#: ggml backend libraries that offload to an accelerator, and the name shown for each
+GPU_BACKENDS = {"cuda": "CUDA", "hip": "ROCm", "metal": "Metal", "vulkan": "Vulkan", "sycl": "SYCL"}
+
+
+@dataclass(frozen=True)
+class HostBackend:
+    llama_cpp_python: str
+    ggml: str
+    gpu: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.gpu} build" if self.gpu else "CPU build"
+
+
+def _lib_dir() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def host_backend() -> HostBackend:
+    """llama-cpp-python's version, the vendored ggml's library version, the GPU backend if built."""
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    ggml, gpu = "?", None
+    lib = _lib_dir()
+    if lib is not None and lib.is_dir():
+        for p in lib.iterdir():
+            m = re.match(r"libggml-base\.so\.(\d+\.\d+\.\d+)$", p.name)
+            if m:
+                ggml = m.group(1)
+            m = re.match(r"libggml-([a-z]+)\.(so|dylib|dll)", p.name)
+            if m and m.group(1) in GPU_BACKENDS:
+                gpu = GPU_BACKENDS[m.group(1)]
+    return HostBackend(version, ggml, gpu)
