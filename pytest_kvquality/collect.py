@@ -54,10 +54,14 @@ class KVState:
     def categories(self) -> list[str]:
         return self.session.corpus.categories
 
+    def model_name(self, alias: str) -> str:
+        """The --kv-model value (alias or path) behind a canonical alias."""
+        return self.model_names.get(alias, alias)
+
     def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
         """A timed pass for kv_speed: skip (or fail under --kv-require) when the model is unavailable."""
         try:
-            return self.session.speed_target(self.model_names.get(alias, alias), cache, phase)
+            return self.session.speed_target(self.model_name(alias), cache, phase)
         except ModelUnavailable as e:
             if self.options.require:
                 pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
@@ -66,7 +70,7 @@ class KVState:
     def run(self, alias: str, cache: CacheConfig) -> Any:
         """Evaluate for an item: skip (or fail under --kv-require) when the model is unavailable."""
         try:
-            return self.session.evaluate(self.model_names.get(alias, alias), cache)
+            return self.session.evaluate(self.model_name(alias), cache)
         except ModelUnavailable as e:
             if self.options.require:
                 pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import llama_cpp
 import numpy as np
 
 from .cache_config import GGML_TYPE_IDS, CacheConfig
+from .llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -79,7 +79,7 @@ class LlamaModel:
         _recent.clear()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.model:
-            if _OUT_OF_MEMORY.search("".join(_recent)):
+            if OUT_OF_MEMORY.search("".join(_recent)):
                 raise ModelLoadError(f"out of memory: llama.cpp could not allocate the weights of {path} "
                                      f"({self.gpu_layers} layers on the GPU); offload fewer with --kv-gpu-layers")
             raise ModelLoadError(f"llama.cpp could not load {path}")
@@ -177,9 +177,10 @@ class LlamaContext:
             log = "".join(_recent)
             what = (f"cache {cache.label} (type_k={cache.type_k}, type_v={cache.type_v}, "
                     f"flash_attn={cache.flash_attn}), n_ctx {n_ctx}, model {model.path}")
-            if _OUT_OF_MEMORY.search(log):
-                raise ContextError(f"out of memory: llama.cpp could not allocate a context for {what}; "
-                                   f"lower --kv-ctx or offload fewer layers")
+            if OUT_OF_MEMORY.search(log):
+                hint = "lower --kv-ctx" + (" or offload fewer layers (--kv-gpu-layers)" if model.gpu_layers > 0
+                                           else "")
+                raise ContextError(f"out of memory: llama.cpp could not allocate a context for {what}; {hint}")
             raise ContextError(f"llama.cpp could not create a context for {what}")
         self.info = context_log_facts("".join(_recent))
         self.info["gpu_layers"] = model.gpu_layers
@@ -245,14 +246,6 @@ class LlamaContext:
             self.ctx = None
 
 
-#: what llama.cpp logs when an allocation fails (host or device)
-_OUT_OF_MEMORY = re.compile(
-    r"failed to allocate|out of memory|cudaMalloc failed|failed to create context|std::bad_alloc",
-    re.IGNORECASE)
-#: a graph node in GGML_SCHED_DEBUG=2 output: op, name, size, backend, then its sources
-_SCHED_NODE = re.compile(r"^node #\s*\d+ \(\s*([A-Z0-9_]+)\s*\):\s+\S+\s+\([^)]*\)\s+\[\s*(\S+)")
-
-
 def _wants_probe(model: LlamaModel) -> bool:
     env = os.environ.get("KVQ_PLACEMENT_PROBE", "auto")
     return env == "1" or (env != "0" and model.gpu_layers > 0)
@@ -279,42 +272,6 @@ def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
     facts = kv_placement("\n".join(lines))
     if facts.get("kv_devices"):
         facts["kv_cpu_fallback"] = model.gpu_layers > 0 and "CPU" in facts["kv_devices"]
-    return facts
-
-
-def kv_placement(sched_debug: str) -> dict[str, Any]:
-    """Devices of the nodes whose sources include the KV cache, and the ops left on the CPU."""
-    devices: set[str] = set()
-    cpu_ops: set[str] = set()
-    for line in sched_debug.splitlines():
-        m = _SCHED_NODE.match(line)
-        if m is None or ("cache_k_l" not in line and "cache_v_l" not in line):
-            continue
-        op, device = m.group(1), m.group(2)
-        devices.add(device)
-        if device == "CPU":
-            cpu_ops.add(op)
-    if not devices:
-        return {}
-    return {"kv_devices": sorted(devices), "kv_cpu_ops": sorted(cpu_ops)}
-
-
-def context_log_facts(log: str) -> dict[str, Any]:
-    """What llama.cpp decided when it created the context: rotation of K and V, KV cache size."""
-    facts: dict[str, Any] = {}
-    for half in ("k", "v"):
-        m = re.search(rf"attn_rot_{half} = (\d)", log)
-        if m:
-            facts[f"rotation_{half}"] = m.group(1) == "1"
-    # one line per cache (two for sliding-window models: full and SWA layers)
-    sizes = re.findall(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", log)
-    if sizes:
-        facts["kv_cache_mib"] = round(sum(float(mib) for mib, _, _ in sizes), 2)
-        facts["kv_cells"] = max(int(cells) for _, cells, _ in sizes)
-        facts["kv_layers"] = sum(int(layers) for _, _, layers in sizes)
-    m = re.search(r"flash_attn\s*=\s*(\w+)", log)
-    if m:
-        facts["flash_attn"] = m.group(1)
     return facts
 
 

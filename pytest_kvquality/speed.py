@@ -28,7 +28,7 @@ def measure_speed(state: KVState, model: str, benchmark: Any) -> Callable[..., S
         seconds: list[float] = []
         benchmark.group = f"kv-speed {phase}"
         benchmark.pedantic(lambda: seconds.append(target()), rounds=rounds, warmup_rounds=1, iterations=1)
-        result: SpeedResult = state.session.record_speed(state.alias_of(model), config, phase, seconds)
+        result: SpeedResult = state.session.record_speed(state.model_name(model), config, phase, seconds)
         benchmark.extra_info.update({"model": result.model, "cache": config.label, "phase": phase,
                                      "n_ctx": result.n_ctx, "n_tokens": result.n_tokens,
                                      "tokens_per_s": result.tokens_per_s})

@@ -60,7 +60,8 @@ def _seed_of(path: str) -> int:
 
 
 class FakeModel:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, noise_scale: float = 1.0) -> None:
+        self.noise_scale = noise_scale
         seed = _seed_of(path)
         rng = np.random.default_rng(seed)
         self.path = path
@@ -85,7 +86,7 @@ class FakeModel:
 class FakeContext:
     def __init__(self, model: FakeModel, cache: CacheConfig, n_ctx: int) -> None:
         self.model, self.cache, self.n_ctx = model, cache, n_ctx
-        self.sigma = NOISE[cache.type_k] + NOISE[cache.type_v]
+        self.sigma = (NOISE[cache.type_k] + NOISE[cache.type_v]) * model.noise_scale
         if not cache.rotation and cache.quantized:
             self.sigma *= 1.3
         self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
@@ -126,19 +127,24 @@ class FakeContext:
 
 
 class FakeBackend:
+    def __init__(self, noise_scale: float = 1.0) -> None:
+        self.noise_scale = noise_scale
+
     def info(self) -> dict[str, Any]:
         return {"llama_cpp_python": "fake", "llama_cpp": "fake", "gpu_offload": False,
                 "system_info": "fake"}
 
     def load(self, model: ModelLoad) -> FakeModel:
-        return FakeModel(model.path)
+        return FakeModel(model.path, self.noise_scale)
 
 
 class FakeEngine(LocalEngine):
-    """The real engine logic over the fake model, in-process."""
+    """The real engine logic over the fake model, in-process. ``noise_scale`` scales every cache
+    type's noise (a way to stage a quality regression in tests)."""
 
-    def __init__(self, top_k: int = 32, tail_samples: int = 16, threads: int | None = None) -> None:
-        super().__init__(FakeBackend(), top_k=top_k, tail_samples=tail_samples, threads=threads)
+    def __init__(self, top_k: int = 32, tail_samples: int = 16, threads: int | None = None,
+                 noise_scale: float = 1.0) -> None:
+        super().__init__(FakeBackend(noise_scale), top_k=top_k, tail_samples=tail_samples, threads=threads)
 
 
 CONFTEST = '''

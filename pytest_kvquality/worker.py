@@ -11,7 +11,23 @@ from __future__ import annotations
 import sys
 
 
+def _limit_memory() -> None:
+    """``KVQ_WORKER_MEMORY_LIMIT`` (bytes, or with a K/M/G suffix) caps the worker's address space,
+    so an oversized config fails with llama.cpp's allocation error instead of the kernel's OOM
+    killer taking the host. For CPU builds: CUDA reserves more address space than it uses."""
+    import os
+    import resource
+
+    text = os.environ.get("KVQ_WORKER_MEMORY_LIMIT", "").strip().upper()
+    if not text:
+        return
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    limit = int(float(text.rstrip("KMG")) * scale)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def _serve(read_fd: int, write_fd: int) -> None:
+    _limit_memory()
     from . import llama_backend  # imports llama_cpp, then numpy
 
     llama_backend.init_backend()

@@ -14,11 +14,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
 from pytest_kvquality.metrics import KLSummary, summarize
 from pytest_kvquality.options import default_cache_dir
 from pytest_kvquality.registry import builtin_model_path
@@ -152,3 +153,57 @@ def test_compact_reference_is_within_one_percent_of_exact_with_exact_top1(
     exact = engine.evaluate_exact(gemma, q8, gemma, f16, coding_chunks).stats
     assert (compact.same_top == exact.same_top).all()
     assert summarize(compact).kl_mean == pytest.approx(summarize(exact).kl_mean, rel=0.01)
+
+
+def test_kv_bytes_per_token_from_hyperparameters_match_what_llama_cpp_allocates(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks
+) -> None:  # type: ignore[no-untyped-def]
+    d = engine.describe(gemma)
+    assert (d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"]) == (18, 1, 256, 256)
+    for label in ("f16", "q8_0", "q4_0", "q8_0/q4_0"):
+        cache = CacheConfig.parse(label)
+        run = engine.speed(gemma, cache, N_CTX, "pp", coding_chunks[0])
+        per_token = cache.kv_bytes_per_token(d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"])
+        # llama.cpp prints each cache's MiB with two decimals (two caches: full and sliding-window layers)
+        assert abs(per_token * run.context["kv_cells"] / 2**20 - run.context["kv_cache_mib"]) <= 0.011, label
+    assert CacheConfig.parse("q4_0").kv_bytes_per_token(18, 1, 256, 256) == 18 * 2 * 8 * 18  # 8 blocks of 18 B
+
+
+def test_speed_passes_time_prompt_processing_and_generation(engine: WorkerEngine, gemma: ModelLoad,
+                                                            coding_chunks) -> None:  # type: ignore[no-untyped-def]
+    pp = engine.speed(gemma, CacheConfig.parse("q8_0"), N_CTX, "pp", coding_chunks[0])
+    tg = engine.speed(gemma, CacheConfig.parse("q8_0"), N_CTX, "tg", coding_chunks[0][:16])
+    assert pp.n_tokens == N_CTX and tg.n_tokens == 16
+    assert pp.seconds > 0 and tg.seconds > 0
+    assert pp.n_tokens / pp.seconds > tg.n_tokens / tg.seconds  # a batch beats one token per decode
+
+
+def test_placement_probe_reads_where_the_kv_ops_run(tmp_path: Path, gemma: ModelLoad, coding_chunks,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # on the GPU host the probe runs by itself; here it is asked for, and everything is on the CPU
+    monkeypatch.setenv("KVQ_PLACEMENT_PROBE", "1")
+    e = WorkerEngine(tmp_path / "logs")
+    try:
+        run = e.speed(ModelLoad(gemma.path, 0), CacheConfig.parse("q8_0/q4_0"), 256, "pp", coding_chunks[0][:256])
+    finally:
+        e.close()
+    assert run.context["kv_devices"] == ["CPU"]
+    assert "FLASH_ATTN" in run.context["kv_cpu_ops"]
+    assert run.context["kv_cpu_fallback"] is False  # nothing was offloaded, so nothing fell back
+
+
+def test_out_of_memory_names_model_n_ctx_and_cache(tmp_path: Path, gemma: ModelLoad) -> None:
+    # a capped worker makes the failure deterministic on any host (4M cells of f16 KV: ~75 GB)
+    env = dict(os.environ, KVQ_WORKER_MEMORY_LIMIT="3G")
+    e = WorkerEngine(tmp_path / "logs", env=env)
+    n_ctx = 1 << 22
+    try:
+        with pytest.raises(EngineError) as err:
+            e.speed(ModelLoad(gemma.path, 0), CacheConfig.parse("f16"), n_ctx, "pp", np.zeros(8, np.int32))
+        message = str(err.value)
+        assert "out of memory" in message
+        assert f"n_ctx {n_ctx}" in message and "cache f16" in message and gemma.path in message
+        assert "failed to allocate" in message  # llama.cpp's own words, from the log tail
+        assert e.info()["llama_cpp_python"]  # the worker is still serving
+    finally:
+        e.close()

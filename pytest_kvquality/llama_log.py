@@ -1,0 +1,53 @@
+"""Facts parsed from llama.cpp's log: what it decided when it created a context (rotation, KV
+cache size, flash attention), where its scheduler put the KV-cache ops, and allocation failures.
+
+Pure text functions, so they are tested on saved log lines without loading llama.cpp.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: what llama.cpp logs when an allocation fails (host or device)
+OUT_OF_MEMORY = re.compile(
+    r"failed to allocate|out of memory|cudaMalloc failed|std::bad_alloc",
+    re.IGNORECASE)
+#: a graph node in GGML_SCHED_DEBUG=2 output: op, name, size, backend, then its sources
+_SCHED_NODE = re.compile(r"^node #\s*\d+ \(\s*([A-Z0-9_]+)\s*\):\s+\S+\s+\([^)]*\)\s+\[\s*(\S+)")
+
+
+def kv_placement(sched_debug: str) -> dict[str, Any]:
+    """Devices of the nodes whose sources include the KV cache, and the ops left on the CPU."""
+    devices: set[str] = set()
+    cpu_ops: set[str] = set()
+    for line in sched_debug.splitlines():
+        m = _SCHED_NODE.match(line)
+        if m is None or ("cache_k_l" not in line and "cache_v_l" not in line):
+            continue
+        op, device = m.group(1), m.group(2)
+        devices.add(device)
+        if device == "CPU":
+            cpu_ops.add(op)
+    if not devices:
+        return {}
+    return {"kv_devices": sorted(devices), "kv_cpu_ops": sorted(cpu_ops)}
+
+
+def context_log_facts(log: str) -> dict[str, Any]:
+    """What llama.cpp decided when it created the context: rotation of K and V, KV cache size."""
+    facts: dict[str, Any] = {}
+    for half in ("k", "v"):
+        m = re.search(rf"attn_rot_{half} = (\d)", log)
+        if m:
+            facts[f"rotation_{half}"] = m.group(1) == "1"
+    # one line per cache (two for sliding-window models: full and SWA layers)
+    sizes = re.findall(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", log)
+    if sizes:
+        facts["kv_cache_mib"] = round(sum(float(mib) for mib, _, _ in sizes), 2)
+        facts["kv_cells"] = max(int(cells) for _, cells, _ in sizes)
+        facts["kv_layers"] = sum(int(layers) for _, _, layers in sizes)
+    m = re.search(r"flash_attn\s*=\s*(\w+)", log)
+    if m:
+        facts["flash_attn"] = m.group(1)
+    return facts
