@@ -617,6 +617,19 @@ class WorkerEngine:
         )
         return SpeedRun(reply["seconds"], reply["n_tokens"], reply.get("context", {}))
 
+    def peak_rss_bytes(self) -> int | None:
+        """The worker's peak resident memory so far (Linux ``VmHWM``; None elsewhere or when not running)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        try:
+            status = Path(f"/proc/{self._proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
     def crash_for_test(self) -> None:
         """Make the worker segfault on purpose (used by the crash-isolation tests)."""
         self._call({"op": "segfault"}, what="running a deliberate crash")

@@ -62,6 +62,7 @@ def backend_info() -> dict[str, Any]:
         "llama_cpp": f"vendored in llama-cpp-python {llama_cpp.__version__}",
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 
@@ -152,7 +153,7 @@ class LlamaContext:
         p.n_batch = self.n_batch
         p.n_ubatch = min(self.n_batch, 512)
         p.n_seq_max = 1
-        threads = os.cpu_count() or 1
+        threads = int(os.environ.get("KVQ_LLAMA_THREADS") or os.cpu_count() or 1)
         p.n_threads = threads
         p.n_threads_batch = threads
         p.type_k = GGML_TYPE_IDS[cache.type_k]

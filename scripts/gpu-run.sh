@@ -2,7 +2,7 @@
 # On the GPU host (see shared/gpu/README.md), after `source .gpu/bin/env.sh`: the test suite, the
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
-#   stage: tests | full | long | bench | all (default all)
+#   stage: tests | full | long | bench | memory | speed | oom | multigpu | all (default all)
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
 export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GPU_MODEL:?source env.sh}"
@@ -28,5 +28,42 @@ if [ "$stage" = long ] || [ "$stage" = all ]; then
     | tee "$OUT/long-8192.log" | grep -v "^\[kvquality\]" | tail -20
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
-  KVQ_BENCH_CHUNKS=23 $P benchmarks --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
+  KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
+  for v in "KVQ_OVERLAP=0" "KVQ_LLAMA_THREADS=4" "KVQ_LLAMA_THREADS=4 KVQ_THREADS=12"; do  # what each change buys
+    env $v KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
+      --benchmark-json "$OUT/bench-${v// /_}.json" > "$OUT/bench-${v// /_}.log" 2>&1
+  done
+fi
+if [ "$stage" = memory ] || [ "$stage" = all ]; then
+  $P benchmarks/test_memory.py --benchmark-json "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log" | tail -8
+fi
+if [ "$stage" = speed ] || [ "$stage" = all ]; then  # speed, memory and quality side by side
+  $P benchmarks/test_kv_speed.py --kv-model gemma3-270m --kv-cache f16,q8_0,q4_0,q8_0/q4_0 \
+    --kv-json "$OUT/speed-512.json" --kv-markdown "$OUT/speed-512.md" --benchmark-json "$OUT/speed-bench.json" \
+    2>&1 | tee "$OUT/speed-512.log" | grep -v "^\[kvquality\]" | tail -30
+fi
+if [ "$stage" = oom ] || [ "$stage" = all ]; then  # a KV cache larger than the GPU: a clear error
+  python3 - <<'PY' 2>&1 | tee "$OUT/oom.log"
+import os
+import numpy as np
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
+e = WorkerEngine()
+try:
+    e.speed(ModelLoad(os.environ["KVQ_GPU_MODEL"], -1), CacheConfig.parse("f32"), 1 << 24, "pp", np.zeros(8, np.int32))
+    print("no error?")
+except EngineError as err:
+    print(str(err)[:3000])
+finally:
+    e.close()
+PY
+fi
+if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU each worker process uses
+  ( for i in $(seq 1 90); do nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader; sleep 1; done ) \
+    > "$OUT/multigpu-smi.log" 2>&1 &
+  smi=$!
+  $P --kv-model gemma3-270m -m kvquality -n 2 --dist loadgroup --kv-cache q8_0,q4_0,q8_0:norot,q4_0:norot \
+    --kv-regen --kv-json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.log" | grep -v "^\[kvquality\]" | tail -20
+  kill $smi 2>/dev/null
+  nvidia-smi -L >> "$OUT/multigpu-smi.log"
 fi

@@ -1,0 +1,63 @@
+"""Peak memory of an evaluation at long context: it must not grow with n_ctx × n_vocab.
+
+``Llama(logits_all=True)`` would hold n_ctx × n_vocab float32 logits: 32 GiB at n_ctx 32,768
+with Gemma's 262,144-token vocabulary. The engine asks llama.cpp for the scored rows only and
+reduces them one batch (≤ 256 MiB) at a time, so peak RSS is the model, the KV cache, one logits
+batch and the compact reference. Target: peak RSS ≤ model size + 1.5 GiB at n_ctx 32,768.
+
+The 32,768 case runs one chunk (16,383 scored tokens): seconds on a GPU, several minutes on the
+2-core CPU, so there it runs only with ``KVQ_BENCH_LONG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.environment import host_backend
+from pytest_kvquality.options import default_cache_dir
+from pytest_kvquality.registry import builtin_model_path
+
+GIB = 1 << 30
+
+
+def gemma() -> ModelLoad:
+    env = os.environ.get("KVQ_GEMMA_GGUF")
+    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
+
+
+@pytest.mark.parametrize("n_ctx", [512, 32768])
+def test_peak_rss_does_not_grow_with_context_times_vocabulary(benchmark, n_ctx: int, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if n_ctx > 4096 and host_backend().gpu is None and not os.environ.get("KVQ_BENCH_LONG"):
+        pytest.skip("n_ctx 32,768 on a CPU build takes minutes: set KVQ_BENCH_LONG=1 to run it")
+    model = gemma()
+    engine = WorkerEngine(tmp_path / "logs")
+    try:
+        text = "\n\n".join(builtin_corpus().texts.values())  # ~68k Gemma tokens: two 32k chunks
+        chunks = chunk_tokens(engine.tokenize(model, text), n_ctx, 1, "all")
+        ref = engine.reference(model, CacheConfig.parse("f16"), chunks, 0)
+        run = benchmark.pedantic(engine.evaluate, args=(model, CacheConfig.parse("q4_0"), chunks, ref.rows),
+                                 rounds=1, iterations=1)
+        peak = engine.peak_rss_bytes()
+    finally:
+        engine.close()
+    model_bytes = Path(model.path).stat().st_size
+    logits_all = n_ctx * 262_144 * 4
+    benchmark.extra_info.update({
+        "n_ctx": n_ctx, "scored_tokens": len(run.stats), "worker_peak_rss_gib": (peak or 0) / GIB,
+        "pytest_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "model_gib": model_bytes / GIB, "logits_all_would_need_gib": logits_all / GIB,
+        "kv_cache_mib": run.context.get("kv_cache_mib"), "reference_mib": sum(
+            a.nbytes for a in ref.rows.arrays().values()) / 2**20,
+        "scored_tok_per_s": len(run.stats) / run.seconds, "gpu": host_backend().gpu,
+    })
+    assert np.isfinite(run.stats.kld).all()
+    if peak is not None:
+        assert peak <= model_bytes + 1.5 * GIB, f"worker peak RSS {peak / GIB:.2f} GiB"
