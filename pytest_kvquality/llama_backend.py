@@ -153,7 +153,10 @@ class LlamaContext:
         p.n_batch = self.n_batch
         p.n_ubatch = min(self.n_batch, 512)
         p.n_seq_max = 1
-        threads = int(os.environ.get("KVQ_LLAMA_THREADS") or os.cpu_count() or 1)
+        # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
+        # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)
+        cores = os.cpu_count() or 1
+        threads = int(os.environ.get("KVQ_LLAMA_THREADS") or (min(4, cores) if model.gpu_layers > 0 else cores))
         p.n_threads = threads
         p.n_threads_batch = threads
         p.type_k = GGML_TYPE_IDS[cache.type_k]

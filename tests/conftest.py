@@ -16,11 +16,12 @@ PLUGIN_AUTOLOADED = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and any
     ep.value == "pytest_kvquality.plugin" for ep in entry_points(group="pytest11"))
 #: ini line that loads the plugin in pytester runs when the entry point does not
 LOAD_PLUGIN = "" if PLUGIN_AUTOLOADED else "addopts = -p pytest_kvquality.plugin"
+#: the same, for command lines (a subprocess, or a run whose ini file is not found)
+PLUGIN_ARGS = [] if PLUGIN_AUTOLOADED else ["-p", "pytest_kvquality.plugin"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_model: runs the bundled Gemma 3 270M through llama.cpp")
-    config.addinivalue_line("markers", "needs_gpu: needs a CUDA build and a GPU")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import PLUGIN_ARGS
 
 ARGS = ["--kv-chunks", "2"]
 
@@ -202,7 +203,7 @@ def test_junit_xml_carries_the_metrics_as_properties(kv_project: pytest.Pytester
 
 
 def test_report_header_names_versions_backend_and_references(kv_project: pytest.Pytester, fake_model: Path) -> None:
-    result = kv_project.runpytest("--kv-model", str(fake_model), "--co")
+    result = kv_project.runpytest(*PLUGIN_ARGS, "--kv-model", str(fake_model), "--co")
     result.stdout.fnmatch_lines([
         "kvquality *: llama-cpp-python * (ggml *), * build; references in *",
         "kvquality: models *tiny.gguf; n_ctx *; reference f16; gates on the 95 % bound, inconclusive -> fail",

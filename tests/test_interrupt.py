@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PLUGIN_ARGS
 
 from pytest_kvquality.reference import ReferenceKey, read_reference
 
@@ -38,7 +39,7 @@ def test_ctrl_c_during_a_reference_build(tmp_path: Path) -> None:
     refs = tmp_path / "refs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--kv-model", "gemma3-270m",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *PLUGIN_ARGS, "--kv-model", "gemma3-270m",
          "--kv-cache", "q8_0", "--kv-chunks", "6", "--kv-ref-dir", str(refs),
          "--kv-thresholds", str(tmp_path), "--rootdir", str(tmp_path), str(tmp_path)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
