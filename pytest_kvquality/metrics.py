@@ -174,23 +174,19 @@ def compact_reference(
     return compact_rows(base_logits, next_tokens, k, m, np.asarray(rng.random(base_logits.shape[0])))
 
 
-def _systematic_sample(ids: np.ndarray, logp: F32, m: int, u0: float) -> tuple[np.ndarray, F32, float]:
-    """``m`` tokens drawn from ``ids`` in proportion to exp(logp): one offset, evenly spaced."""
-    p = np.exp(logp.astype(np.float64))
-    cum = np.cumsum(p)
-    mass = float(cum[-1]) if cum.size else 0.0
-    if mass <= 0.0 or m == 0:
-        return np.zeros(m, np.int64), np.full(m, PAD_LOGP, np.float32), 0.0
-    u = (np.arange(m) + u0) * (mass / m)
-    idx = np.searchsorted(cum, u, side="right").clip(0, cum.size - 1)
-    return ids[idx], logp[idx], mass
-
-
 def compact_rows(
     base_logits: F32, next_tokens: npt.NDArray[Any], k: int, m: int, u0: npt.NDArray[np.float64]
 ) -> ReferenceRows:
     """``compact_reference`` with the sampling offsets given: rows can be split across threads
-    and give the same result as one pass."""
+    and give the same result as one pass.
+
+    Works ``ROW_BLOCK`` rows at a time with a handful of whole-array numpy calls (they release the
+    GIL, so threads scale): the tokens above the cutoff (a few hundred to a few thousand of
+    Gemma's 262,144) are pulled out once, and the top ``k`` of each row kept exactly (ties broken
+    by token id, so the split into blocks and threads never changes the result). The rest, the
+    tail, is sampled systematically in token order: one offset ``u0`` per row, ``m`` evenly spaced
+    points on the tail's cumulative mass.
+    """
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
     bmax, bnorm = log_normalizer(base_logits)
@@ -199,23 +195,48 @@ def compact_rows(
     tail_ids = np.empty((n, m), np.int32)
     tail_logp = np.empty((n, m), np.float32)
     tail_mass = np.zeros(n, np.float64)
-    for i in range(n):
-        logp = base_logits[i] - bnorm[i]
-        # the top k among tokens above the cutoff (only those count in llama.cpp's sum)
-        cand = np.flatnonzero(logp > LOG_P_CUTOFF)
-        lp = logp[cand]
-        part = np.argpartition(-lp, k - 1)[:k] if cand.size > k else np.arange(cand.size)
-        order = part[np.argsort(-lp[part], kind="stable")]
-        kept = order.size
-        top_ids[i, :kept] = cand[order]
-        top_logp[i, :kept] = lp[order]
-        top_ids[i, kept:] = bmax[i]
-        top_logp[i, kept:] = PAD_LOGP
-        rest = np.ones(cand.size, bool)
-        rest[order] = False
-        ids, lps, tail_mass[i] = _systematic_sample(cand[rest], lp[rest], m, u0[i])
-        tail_ids[i] = ids if tail_mass[i] > 0 else bmax[i]
-        tail_logp[i] = lps
+    steps = np.arange(m, dtype=np.float64)
+    for s in range(0, n, ROW_BLOCK):
+        e = min(s + ROW_BLOCK, n)
+        r = e - s
+        norm = bnorm[s:e]
+        # every token above the cutoff, as (row, token, log p), in (row, token) order
+        flat = np.flatnonzero(base_logits[s:e] > (norm + LOG_P_CUTOFF)[:, None])
+        rows, ids = np.divmod(flat, n_vocab)
+        lp = base_logits[s:e][rows, ids] - norm[rows]
+        first = np.searchsorted(rows, np.arange(r + 1))  # row i's entries: first[i] .. first[i+1]
+        # the top k of each row, exactly: the k-th largest log p of each longer row, ties by token id
+        kth = np.full(r, -np.inf, np.float32)
+        for i in np.flatnonzero(np.diff(first) > k):
+            seg = lp[first[i] : first[i + 1]]
+            kth[i] = np.partition(seg, seg.size - k)[seg.size - k]
+        above = lp > kth[rows]
+        tied = lp == kth[rows]
+        room = k - np.bincount(rows[above], minlength=r)
+        tied_rank = np.cumsum(tied) - np.concatenate([[0], np.cumsum(tied)])[first[:-1]][rows]
+        keep = above | (tied & (tied_rank <= room[rows]))
+        top = np.flatnonzero(keep)
+        top = top[np.argsort(rows[top] * 64.0 - lp[top], kind="stable")]  # by row, then log p descending
+        rank = np.arange(top.size) - np.searchsorted(rows[top], rows[top])
+        top_ids[s:e] = bmax[s:e, None]  # rows with fewer than k tokens above the cutoff are padded
+        top_logp[s:e] = PAD_LOGP
+        top_ids[s + rows[top], rank] = ids[top]
+        top_logp[s + rows[top], rank] = lp[top]
+        # the tail: m systematic samples per row on the cumulative mass of its remaining tokens
+        tail_ids[s:e] = bmax[s:e, None]
+        tail_logp[s:e] = PAD_LOGP
+        if m == 0:
+            continue
+        tail = np.flatnonzero(~keep)  # in (row, token) order
+        t_first = np.searchsorted(rows[tail], np.arange(r + 1))
+        for i in np.flatnonzero(np.diff(t_first) > 0):  # per row, so blocks and threads never matter
+            seg = tail[t_first[i] : t_first[i + 1]]
+            cum = np.cumsum(np.exp(lp[seg].astype(np.float64)))
+            tail_mass[s + i] = cum[-1]
+            pick = np.searchsorted(cum, (steps + u0[s + i]) * (cum[-1] / m), side="right")
+            pick = seg[np.minimum(pick, seg.size - 1)]  # rounding at the top end
+            tail_ids[s + i] = ids[pick]
+            tail_logp[s + i] = lp[pick]
     next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
     return ReferenceRows(bmax, next_logp, top_ids, top_logp, tail_ids, tail_logp, tail_mass)
 
