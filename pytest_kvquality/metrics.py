@@ -230,13 +230,13 @@ def compact_rows(
         tail = np.flatnonzero(~keep)  # in (row, token) order
         t_first = np.searchsorted(rows[tail], np.arange(r + 1))
         for i in np.flatnonzero(np.diff(t_first) > 0):  # per row, so blocks and threads never matter
-            seg = tail[t_first[i] : t_first[i + 1]]
-            cum = np.cumsum(np.exp(lp[seg].astype(np.float64)))
+            entries = tail[t_first[i] : t_first[i + 1]]
+            cum = np.cumsum(np.exp(lp[entries].astype(np.float64)))
             tail_mass[s + i] = cum[-1]
-            pick = np.searchsorted(cum, (steps + u0[s + i]) * (cum[-1] / m), side="right")
-            pick = seg[np.minimum(pick, seg.size - 1)]  # rounding at the top end
-            tail_ids[s + i] = ids[pick]
-            tail_logp[s + i] = lp[pick]
+            at = np.searchsorted(cum, (steps + u0[s + i]) * (cum[-1] / m), side="right")
+            picked = entries[np.minimum(at, entries.size - 1)]  # rounding at the top end
+            tail_ids[s + i] = ids[picked]
+            tail_logp[s + i] = lp[picked]
     next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
     return ReferenceRows(bmax, next_logp, top_ids, top_logp, tail_ids, tail_logp, tail_mass)
 
