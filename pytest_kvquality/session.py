@@ -275,9 +275,9 @@ class KVSession:
         context.update(self.kv_memory(model, cache, context))
         if context.get("kv_cpu_fallback"):
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
-                       f"over the KV cache on the CPU although the model is on the GPU (no GPU kernel for "
-                       f"K={cache.type_k}, V={cache.type_v} in this build; for CUDA, build with "
-                       f"-DGGML_CUDA_FA_ALL_QUANTS=ON). Quality is measured as run; speed suffers.")
+                       f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "
+                       f"kernel for K={cache.type_k}, V={cache.type_v}. Quality is measured as run; "
+                       f"speed suffers.")
         return ConfigResult(model.alias, model.sha256, cache, self.options.n_ctx, summaries,
                             seconds, self.options.exact, context)
 
