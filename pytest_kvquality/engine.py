@@ -459,9 +459,13 @@ def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None) -> dict
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
-            return f"killed by signal {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
             return f"killed by signal {-code}"
+        if name == "SIGKILL":  # nobody else kills our worker this way
+            return ("killed by signal SIGKILL (most likely the kernel's out-of-memory killer: the model, "
+                    "its KV cache at this n_ctx and one logits batch did not fit in host memory)")
+        return f"killed by signal {name}"
     return f"exited with status {code}"
 
 
@@ -629,6 +633,14 @@ class WorkerEngine:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         return None
+
+    def sleep_for_test(self, seconds: float) -> None:
+        """Keep the worker busy (used by the tests that kill it during a request)."""
+        self._call({"op": "sleep", "seconds": seconds}, what="sleeping for a test")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def crash_for_test(self) -> None:
         """Make the worker segfault on purpose (used by the crash-isolation tests)."""

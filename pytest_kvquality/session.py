@@ -20,6 +20,7 @@ from filelock import FileLock
 from .cache_config import CacheConfig
 from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
 from .engine import Engine, EngineError, ModelLoad
+from .environment import host_backend
 from .gating import Decision
 from .metrics import KLSummary, ReferenceRows, TokenStats, summarize
 from .options import KVOptions
@@ -302,6 +303,7 @@ class KVSession:
         if self._info is not None:
             rep.environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp",
                                                                "gpu_offload") if k in self._info})
+            rep.environment["ggml"] = host_backend().ggml
         if self.results:
             rep.environment["corpus"] = self.corpus.name
             rep.environment["corpus_sha256"] = self.corpus.content_hash()

@@ -97,6 +97,11 @@ def _serve(read_fd: int, write_fd: int) -> None:
                 sp = engine.speed(model_of(header), CacheConfig.parse(header["cache"]),
                                   int(header["n_ctx"]), str(header["phase"]), arrays["tokens"])
                 ipc.send(out, {"seconds": sp.seconds, "n_tokens": sp.n_tokens, "context": sp.context})
+            elif op == "sleep":  # a long request, for the tests that kill the worker during one
+                import time
+
+                time.sleep(float(header["seconds"]))
+                ipc.send(out, {})
             elif op == "segfault":
                 ctypes.string_at(0)  # a real SIGSEGV, for the crash-isolation tests
             else:

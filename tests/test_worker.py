@@ -56,3 +56,19 @@ def test_a_truncated_gguf_fails_cleanly(worker: WorkerEngine, tmp_path: Path) ->
 def test_a_missing_model_file_is_named(worker: WorkerEngine, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"model file .*nope\.gguf does not exist"):
         worker.describe(ModelLoad(str(tmp_path / "nope.gguf"), 0))
+
+
+def test_a_worker_killed_by_the_oom_killer_is_explained(worker: WorkerEngine) -> None:
+    import os
+    import signal
+    import threading
+
+    worker.info()
+    pid = worker.pid
+    assert pid is not None
+    # what the kernel's OOM killer sends, in the middle of a request
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    with pytest.raises(WorkerCrash, match=r"SIGKILL \(most likely the kernel.s out-of-memory killer"):
+        worker.sleep_for_test(30)
+    assert worker.info()["llama_cpp_python"]  # and a fresh worker serves the next request
+    assert worker.pid != pid
