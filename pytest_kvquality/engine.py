@@ -115,6 +115,8 @@ class Engine(Protocol):
     def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
               tokens: np.ndarray) -> SpeedRun: ...
 
+    def quantize(self, src: str, dst: str, weight_type: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -142,6 +144,8 @@ class LogitsBackend(Protocol):
     def info(self) -> dict[str, Any]: ...
 
     def load(self, model: ModelLoad) -> LogitsModel: ...
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None: ...
 
 
 def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
@@ -434,6 +438,10 @@ class LocalEngine:
         ctx.decode_timed(tokens, one_by_one=phase == "tg")
         return SpeedRun(time.perf_counter() - t0, int(tokens.size), dict(ctx.info))
 
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        """Write ``dst``: the weights of ``src`` requantized to ``weight_type`` (e.g. Q3_K_M)."""
+        self.backend.quantize(src, dst, weight_type)
+
     def close(self) -> None:
         if self._speed_ctx is not None:
             self._speed_ctx[1].close()
@@ -633,6 +641,10 @@ class WorkerEngine:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         return None
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        self._call({"op": "quantize", "src": src, "dst": dst, "weight_type": weight_type},
+                   what=f"requantizing {src} to {weight_type}")
 
     def sleep_for_test(self, seconds: float) -> None:
         """Keep the worker busy (used by the tests that kill it during a request)."""

@@ -279,6 +279,28 @@ def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
     return facts
 
 
+#: weight types a GGUF can be requantized to (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+WEIGHT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M",
+                "Q3_K_S", "Q2_K")
+
+
+def quantize(src: str, dst: str, weight_type: str) -> None:
+    """Requantize a GGUF file's weights (``llama_model_quantize``, requantizing allowed)."""
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unknown weight type {weight_type!r}; known: {', '.join(WEIGHT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{weight_type}")
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise RuntimeError(f"llama_model_quantize({src} -> {weight_type}) failed with code {rc}")
+    os.replace(tmp, dst)
+
+
 _initialised = False
 
 

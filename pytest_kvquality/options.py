@@ -55,6 +55,9 @@ OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"action": "append", "default": None}),
     ("--kv-ref-cache", "kv_ref_cache", "string",
      f"cache config of the reference (default {DEFAULT_REFERENCE.label})", {}),
+    ("--kv-ref-model", "kv_ref_model", "string",
+     "reference model (alias or .gguf) when it is not the candidate, e.g. higher-precision weights; "
+     "it must share the tokenizer", {}),
     ("--kv-exact", "kv_exact", "bool",
      "evaluate the reference alongside the candidate with full logits (no cached reference)",
      {"action": "store_true", "default": None}),
@@ -131,6 +134,7 @@ class KVOptions:
     gpu_layers: int = -1
     registries: list[Path] = field(default_factory=list)
     ref_cache: CacheConfig = DEFAULT_REFERENCE
+    ref_model: str | None = None
     exact: bool = False
     require: bool = False
     gate: str = "bound"
@@ -173,6 +177,8 @@ class KVOptions:
         ref_cache = _get(config, "kv_ref_cache")
         if ref_cache:
             o.ref_cache = CacheConfig.parse(str(ref_cache))
+        ref_model = _get(config, "kv_ref_model")
+        o.ref_model = str(ref_model) if ref_model else None
         o.exact = bool(_get(config, "kv_exact"))
         o.require = bool(_get(config, "kv_require"))
         o.gate = str(_get(config, "kv_gate") or "bound")

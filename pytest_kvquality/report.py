@@ -25,7 +25,8 @@ CONTEXT_KEYS = (
     ("kv_cache_mib", "kv_cache_mib"), ("kv_cells", "kv_cells"),
     ("kv_cache_mib_expected", "kv_cache_mib_expected"), ("kv_bytes_per_token", "kv_bytes_per_token"),
     ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_devices", "kv_devices"),
-    ("kv_cpu_fallback", "kv_cpu_fallback"),
+    ("kv_cpu_fallback", "kv_cpu_fallback"), ("reference_model", "reference_model"),
+    ("positions", "positions"),
 )
 
 
@@ -61,6 +62,8 @@ class ResultRecord:
             "dp_rms": s.dp_rms, "ppl_ratio": s.ppl_ratio, "n_tokens": s.n_tokens,
             "eval_seconds": self.eval_seconds, "exact_reference": self.exact,
             **{j: self.context.get(k) for k, j in CONTEXT_KEYS},
+            # the position profile pools the categories: on the overall record only
+            "positions": self.context.get("positions") if self.category == OVERALL else None,
             "repeats": self.repeats,
             "stats": s.to_dict(),
         }

@@ -9,6 +9,7 @@ crash fails every test that needed that evaluation with the same message.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
 from .engine import Engine, EngineError, ModelLoad
 from .environment import host_backend
 from .gating import Decision
-from .metrics import KLSummary, ReferenceRows, TokenStats, summarize
+from .metrics import KLSummary, ReferenceRows, TokenStats, mean_and_uncertainty, summarize
 from .options import KVOptions
 from .reference import (
     ReferenceDamaged,
@@ -37,6 +38,8 @@ from .report import Report, ResultRecord, SpeedRecord, VerdictRecord
 from .thresholds import OVERALL, Threshold
 
 REFERENCE_SEED = 0
+#: context-position buckets of the per-position profile (over the scored second half of a chunk)
+POSITION_BUCKETS = 8
 #: tokens generated one by one in a tg speed round (llama-bench's tg128)
 TG_TOKENS = 128
 
@@ -72,6 +75,24 @@ class ConfigResult:
         if name.startswith("_") or name == "categories":
             raise AttributeError(name)
         return getattr(self.categories[OVERALL], name)
+
+
+def position_profile(per_cat: dict[str, TokenStats], n_ctx: int,
+                     buckets: int = POSITION_BUCKETS) -> list[dict[str, Any]]:
+    """Mean KLD by context position: llama-perplexity scores positions n_ctx/2 .. n_ctx-2 of each
+    chunk, so each category's tokens repeat that range chunk after chunk."""
+    first, rows = n_ctx // 2, n_ctx // 2 - 1
+    kld = np.concatenate([s.kld for s in per_cat.values()]) if per_cat else np.zeros(0, np.float32)
+    pos = np.concatenate([first + np.arange(len(s)) % rows for s in per_cat.values()]) if per_cat else kld
+    edges = np.linspace(first, first + rows, min(buckets, rows) + 1).round().astype(int)
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = kld[(pos >= lo) & (pos < hi)].astype(np.float64)
+        if sel.size:
+            mean, unc = mean_and_uncertainty(sel.sum(), (sel * sel).sum(), sel.size)
+            out.append({"start": int(lo), "end": int(hi), "kl_mean": mean, "kl_mean_unc": unc,
+                        "n_tokens": int(sel.size)})
+    return out
 
 
 @dataclass
@@ -255,17 +276,38 @@ class KVSession:
         self.results[key] = result
         return result
 
+    def reference_model(self, model: ResolvedModel) -> ResolvedModel:
+        """The model whose f16-cache logits are the reference: ``--kv-ref-model``, else the model itself.
+
+        A different reference GGUF (weights at higher precision) must share the tokenizer."""
+        if not self.options.ref_model:
+            return model
+        ref = self.model(self.options.ref_model)
+        if ref.sha256 == model.sha256:
+            return model
+        mine, theirs = self.describe(model), self.describe(ref)
+        if mine.get("n_vocab") != theirs.get("n_vocab"):
+            raise EngineError(f"{model.alias} ({mine.get('n_vocab')} tokens) and the reference "
+                              f"{ref.alias} ({theirs.get('n_vocab')} tokens) have different vocabularies")
+        probe = next(iter(self.corpus.texts.values()))[:4000]
+        if not np.array_equal(self.engine.tokenize(self.load_spec(model), probe),
+                              self.engine.tokenize(self.load_spec(ref), probe)):
+            raise EngineError(f"{model.alias} and the reference {ref.alias} tokenize the corpus differently")
+        return ref
+
     def _evaluate(self, model: ResolvedModel, cache: CacheConfig, offset: int = 0) -> ConfigResult:
         spec = self.load_spec(model)
+        ref_model = self.reference_model(model)
         per_cat: dict[str, TokenStats] = {}
         context: dict[str, Any] = {}
         seconds = 0.0
-        for cat, chunks in self.chunks(model, offset).items():
-            ref = None if self.options.exact else self.reference(model, cat, chunks)
+        for cat, chunks in self.chunks(ref_model, offset).items():
+            ref = None if self.options.exact else self.reference(ref_model, cat, chunks)
             self._doing = f"{model.alias} {cache.label} / {cat}" + (f" (offset {offset})" if offset else "")
             self._say(f"evaluating {self._doing}")
             if ref is None:
-                run = self.engine.evaluate_exact(spec, cache, spec, self.options.ref_cache, chunks)
+                run = self.engine.evaluate_exact(spec, cache, self.load_spec(ref_model), self.options.ref_cache,
+                                                 chunks)
             else:
                 run = self.engine.evaluate(spec, cache, chunks, ref)
             per_cat[cat] = run.stats
@@ -273,6 +315,9 @@ class KVSession:
             seconds += run.seconds
         summaries = {cat: summarize(s) for cat, s in per_cat.items()}
         summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
+        context["positions"] = position_profile(per_cat, self.options.n_ctx)
+        if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
+            context["reference_model"] = ref_model.alias
         context.update(self.kv_memory(model, cache, context))
         if context.get("kv_cpu_fallback"):
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "

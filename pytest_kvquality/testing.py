@@ -34,13 +34,19 @@ FAKE_BOS = 1
 NOISE = {t: 0.0 if b >= 16 else 0.25 * 2.0 ** (-(b - 4.5)) for t, b in BITS_PER_ELEMENT.items()}
 
 
-def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake") -> Path:
+#: weight noise of the fake model's "requantized" variants, by weight type
+FAKE_WEIGHT_NOISE = {"Q8_0": 0.02, "Q6_K": 0.04, "Q5_K_M": 0.08, "Q4_K_M": 0.0, "Q4_0": 0.15,
+                     "Q3_K_M": 0.3, "Q2_K": 0.6}
+
+
+def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake", weight_noise: float = 0.0) -> Path:
     """A small valid GGUF file (one tensor) whose metadata seeds the fake model."""
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_uint32("kvqfake.seed", seed)
+    w.add_float32("kvqfake.weight_noise", weight_noise)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -49,28 +55,33 @@ def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake") -> Path:
     return path
 
 
-def _seed_of(path: str) -> int:
+def _fake_params(path: str) -> tuple[int, float]:
+    """Seed and weight noise of a fake model file."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     field = reader.fields.get("kvqfake.seed")
     if field is None:
         raise ValueError(f"{path} is not a fake model (no kvqfake.seed)")
-    return int(field.parts[field.data[0]][0])
+    noise = reader.fields.get("kvqfake.weight_noise")
+    return int(field.parts[field.data[0]][0]), float(noise.parts[noise.data[0]][0]) if noise else 0.0
 
 
 class FakeModel:
     def __init__(self, path: str, noise_scale: float = 1.0) -> None:
         self.noise_scale = noise_scale
-        seed = _seed_of(path)
+        seed, weight_noise = _fake_params(path)
         rng = np.random.default_rng(seed)
         self.path = path
         self.w_prev = (rng.standard_normal((FAKE_VOCAB, FAKE_VOCAB)) * 2.5).astype(np.float32)
         self.w_pos = (rng.standard_normal((64, FAKE_VOCAB)) * 0.5).astype(np.float32)
+        if weight_noise:  # a "requantized" variant: the same model with perturbed weights
+            noise = np.random.default_rng(seed + 1).standard_normal(self.w_prev.shape).astype(np.float32)
+            self.w_prev += noise * weight_noise
 
     def describe(self) -> dict[str, Any]:
-        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": 1, "n_ctx_train": 1 << 20,
-                "gpu_layers": 0}
+        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": 2, "n_ctx_train": 1 << 20,
+                "gpu_layers": 0, "n_head_kv": 1, "head_k": 64, "head_v": 64}
 
     def tokenize(self, text: str) -> np.ndarray:
         data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -136,6 +147,10 @@ class FakeBackend:
 
     def load(self, model: ModelLoad) -> FakeModel:
         return FakeModel(model.path, self.noise_scale)
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        seed, _ = _fake_params(src)
+        write_fake_gguf(Path(dst), seed=seed, weight_noise=FAKE_WEIGHT_NOISE[weight_type])
 
 
 class FakeEngine(LocalEngine):

@@ -51,6 +51,9 @@ def _serve(read_fd: int, write_fd: int) -> None:
                 raise FileNotFoundError(f"model file {model.path} does not exist")
             return llama_backend.LlamaModel(model.path, model.gpu_layers)
 
+        def quantize(self, src: str, dst: str, weight_type: str) -> None:
+            llama_backend.quantize(src, dst, weight_type)
+
     engine = LocalEngine(LlamaBackend())
     inp = os.fdopen(read_fd, "rb")
     out = os.fdopen(write_fd, "wb")
@@ -97,6 +100,9 @@ def _serve(read_fd: int, write_fd: int) -> None:
                 sp = engine.speed(model_of(header), CacheConfig.parse(header["cache"]),
                                   int(header["n_ctx"]), str(header["phase"]), arrays["tokens"])
                 ipc.send(out, {"seconds": sp.seconds, "n_tokens": sp.n_tokens, "context": sp.context})
+            elif op == "quantize":
+                engine.quantize(str(header["src"]), str(header["dst"]), str(header["weight_type"]))
+                ipc.send(out, {})
             elif op == "sleep":  # a long request, for the tests that kill the worker during one
                 import time
 

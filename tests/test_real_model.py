@@ -220,3 +220,23 @@ def test_out_of_memory_names_model_n_ctx_and_cache(tmp_path: Path, gemma: ModelL
         assert e.info()["llama_cpp_python"]  # the worker is still serving
     finally:
         e.close()
+
+
+def test_requantized_weights_compound_with_the_cache_against_the_original(
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # weights x cache (issue 6): Q4_K_M requantized to Q3_K_M with llama.cpp's quantizer, measured
+    # against the original weights' f16-cache reference, alone, with a q4_0 cache, and the cache alone
+    variant = tmp_path / "gemma-Q3_K_M.gguf"
+    engine.quantize(gemma.path, str(variant), "Q3_K_M")
+    assert 0 < variant.stat().st_size < Path(gemma.path).stat().st_size
+    chunks = coding_chunks[:2]
+    ref = engine.reference(gemma, CacheConfig.parse("f16"), chunks, 0).rows
+    smaller = ModelLoad(str(variant), gemma.gpu_layers)
+    weights = float(engine.evaluate(smaller, CacheConfig.parse("f16"), chunks, ref).stats.kld.mean())
+    cache = float(engine.evaluate(gemma, CacheConfig.parse("q4_0"), chunks, ref).stats.kld.mean())
+    both = float(engine.evaluate(smaller, CacheConfig.parse("q4_0"), chunks, ref).stats.kld.mean())
+    assert weights > 0.01 and cache > 0.01
+    assert both > max(weights, cache)  # the losses compound
+    with pytest.raises(EngineError, match="unknown weight type 'Q9_K'"):
+        engine.quantize(gemma.path, str(tmp_path / "x.gguf"), "Q9_K")

@@ -1,0 +1,366 @@
+"""``python -m pytest_kvquality sweep``: the model-selection report.
+
+A grid of models × K types × V types × rotation on/off × n_ctx, evaluated with the plugin's
+engine, references and cache, plus weights × cache compounding (requantized variants of the first
+model against its own f16-cache reference). Writes ``report.md``, ``sweep.json`` and, when
+matplotlib is installed, ``pareto.png`` and ``positions.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
+from .engine import Engine, EngineError
+from .environment import host_backend
+from .options import DEFAULT_N_CTX, KVOptions, default_cache_dir
+from .registry import Registry, RegistryError
+from .session import ConfigResult, KVSession, ModelUnavailable
+from .thresholds import OVERALL
+
+DEFAULT_TYPES = "f16,q8_0,q4_0"
+DEFAULT_WEIGHTS_CACHE = "q8_0,q4_0"
+
+
+@dataclass
+class SweepRow:
+    """One evaluated (model, n_ctx, cache config)."""
+
+    model: str
+    n_ctx: int
+    cache: CacheConfig
+    kl_mean: float
+    kl_mean_unc: float
+    top1: float
+    categories: dict[str, float]
+    kv_bytes_per_token: float | None
+    positions: list[dict[str, Any]]
+    eval_seconds: float
+    cpu_fallback: bool
+
+    @classmethod
+    def of(cls, r: ConfigResult) -> SweepRow:
+        o = r.overall
+        return cls(r.model, r.n_ctx, r.cache, o.kl_mean, o.kl_mean_unc, o.top1,
+                   {c: s.kl_mean for c, s in r.categories.items() if c != OVERALL},
+                   r.context.get("kv_bytes_per_token"), r.context.get("positions", []), r.eval_seconds,
+                   bool(r.context.get("kv_cpu_fallback")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "n_ctx": self.n_ctx, "cache": self.cache.label,
+                "type_k": self.cache.type_k, "type_v": self.cache.type_v, "rotation": self.cache.rotation,
+                "kl_mean": self.kl_mean, "kl_mean_unc": self.kl_mean_unc, "top1": self.top1,
+                "categories": self.categories, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_mib_per_32k": self.kv_bytes_per_token * 32768 / 2**20 if self.kv_bytes_per_token else None,
+                "positions": self.positions, "eval_seconds": self.eval_seconds, "cpu_fallback": self.cpu_fallback}
+
+
+@dataclass
+class Compounding:
+    """KL of lower-precision weights, of a quantized cache, and of both, against one reference."""
+
+    weights: str
+    cache: str
+    kl_weights: float
+    kl_cache: float
+    kl_both: float
+    top1_both: float
+
+    @property
+    def excess(self) -> float:
+        """How far the combined loss is from the sum of the parts (0: they simply add up)."""
+        return self.kl_both - (self.kl_weights + self.kl_cache)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "sum": self.kl_weights + self.kl_cache, "excess": self.excess}
+
+
+@dataclass
+class Sweep:
+    rows: list[SweepRow] = field(default_factory=list)
+    compounding: list[Compounding] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def grid(k_types: Sequence[str], v_types: Sequence[str], rotations: Sequence[bool]) -> list[CacheConfig]:
+    """K × V × rotation; rotation off only where something is quantized (it changes nothing else)."""
+    out: list[CacheConfig] = []
+    for k in k_types:
+        for v in v_types:
+            for rot in rotations:
+                if not rot and {k, v} <= UNQUANTIZED:
+                    continue
+                c = CacheConfig(k, v, rot)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (bytes, kld) no other point beats on both (fewer bytes and lower KLD)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pytest_kvquality sweep",
+                                description="Grid of models x K types x V types x rotation: a model-selection report.")
+    p.add_argument("--kv-model", action="append", required=True, help="alias or .gguf path; repeatable")
+    p.add_argument("--k-types", default=DEFAULT_TYPES, help=f"K cache types (default {DEFAULT_TYPES})")
+    p.add_argument("--v-types", default=DEFAULT_TYPES, help=f"V cache types (default {DEFAULT_TYPES})")
+    p.add_argument("--rotation", default="on,off", help="on, off or on,off (default)")
+    p.add_argument("--kv-ctx", default=str(DEFAULT_N_CTX), help="context sizes, e.g. 512,8192")
+    p.add_argument("--kv-chunks", type=int, default=None, help="at most N chunks per category")
+    p.add_argument("--kv-corpus", default=None, help="corpus path (default: the built-in corpus)")
+    p.add_argument("--kv-registry", action="append", default=[], help="model registry YAML; repeatable")
+    p.add_argument("--kv-ref-dir", default=None, help="reference cache directory")
+    p.add_argument("--kv-gpu-layers", type=int, default=-1)
+    p.add_argument("--weights", default="", help="requantize the first model's weights to these types "
+                                                 "(e.g. Q3_K_M,Q2_K) and measure weights x cache compounding")
+    p.add_argument("--weights-cache", default=DEFAULT_WEIGHTS_CACHE,
+                   help=f"cache configs for the compounding table (default {DEFAULT_WEIGHTS_CACHE})")
+    p.add_argument("--out", default="kvq-sweep", help="output directory (default kvq-sweep)")
+    return p
+
+
+def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None = None,
+              say: Callable[[str], None] | None = None) -> Sweep:
+    """Run the grid and write the report; returns what it measured."""
+    args = build_parser().parse_args(list(argv))
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        caches = grid(_parse_list(args.k_types), _parse_list(args.v_types),
+                      [r == "on" for r in _parse_list(args.rotation)])
+        weights_caches = CacheConfig.parse_list(args.weights_cache)
+        registry = Registry.load([Path(r) for r in args.kv_registry])
+    except (CacheConfigError, RegistryError) as e:
+        raise SystemExit(f"sweep: {e}") from e
+    if engine_factory is None:
+        from .engine import WorkerEngine
+
+        cache_dir = default_cache_dir()
+        engine_factory = lambda: WorkerEngine(cache_dir / "logs")  # noqa: E731
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(environment={"plugin": __version__, "llama_cpp_python": host_backend().llama_cpp_python,
+                               "ggml": host_backend().ggml, "backend": host_backend().label,
+                               "date": time.strftime("%Y-%m-%d"), "command": " ".join(argv)})
+    engine = engine_factory()
+    try:
+        for n_ctx in (int(x) for x in _parse_list(args.kv_ctx)):
+            options = _options(args, n_ctx)
+            session = KVSession(options, lambda: engine, registry)
+            session.progress = say
+            for model in args.kv_model:
+                for cache in caches:
+                    say(f"sweep: {model} {cache.label} n_ctx {n_ctx}")
+                    try:
+                        sweep.rows.append(SweepRow.of(session.evaluate(model, cache)))
+                    except (EngineError, ModelUnavailable, ValueError) as e:
+                        sweep.failures.append(f"{model} {cache.label} n_ctx {n_ctx}: {e}")
+            sweep.environment.setdefault("corpus", session.corpus.name)
+        if args.weights:
+            _compounding(sweep, args, engine, registry, weights_caches, say)
+    finally:
+        engine.close()
+    write_report(sweep, out)
+    return sweep
+
+
+def _options(args: argparse.Namespace, n_ctx: int, ref_model: str | None = None) -> KVOptions:
+    o = KVOptions(n_ctx=n_ctx, chunks=args.kv_chunks, gpu_layers=args.kv_gpu_layers, ref_model=ref_model)
+    o.corpus = Path(args.kv_corpus) if args.kv_corpus else None
+    if args.kv_ref_dir:
+        o.ref_dir = Path(args.kv_ref_dir)
+    return o
+
+
+def _compounding(sweep: Sweep, args: argparse.Namespace, engine: Engine, registry: Registry,
+                 caches: list[CacheConfig], say: Callable[[str], None]) -> None:
+    """KL(weights only), KL(cache only), KL(both) against the first model with an f16 cache."""
+    n_ctx = int(_parse_list(args.kv_ctx)[0])
+    base_name = args.kv_model[0]
+    options = _options(args, n_ctx, ref_model=base_name)
+    session = KVSession(options, lambda: engine, registry)
+    session.progress = say
+    base = session.model(base_name)
+    f16 = CacheConfig("f16", "f16")
+    for weight_type in _parse_list(args.weights):
+        variant = options.cache_dir / "models" / f"{base.path.stem}-requant-{weight_type}.gguf"
+        if not variant.exists():
+            say(f"sweep: requantizing {base.path.name} to {weight_type}")
+            variant.parent.mkdir(parents=True, exist_ok=True)
+            engine.quantize(str(base.path), str(variant), weight_type)
+        try:
+            w_only = session.evaluate(str(variant), f16).overall
+            for cache in caches:
+                c_only = session.evaluate(base_name, cache).overall
+                both = session.evaluate(str(variant), cache).overall
+                sweep.compounding.append(Compounding(weight_type, cache.label, w_only.kl_mean, c_only.kl_mean,
+                                                     both.kl_mean, both.top1))
+        except (EngineError, ModelUnavailable, ValueError) as e:
+            sweep.failures.append(f"weights {weight_type}: {e}")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(sweep: Sweep, out: Path) -> None:
+    (out / "sweep.json").write_text(json.dumps({
+        "environment": sweep.environment, "rows": [r.to_json() for r in sweep.rows],
+        "compounding": [c.to_json() for c in sweep.compounding], "failures": sweep.failures,
+    }, indent=2) + "\n")
+    plots = _plots(sweep, out)
+    (out / "report.md").write_text(markdown(sweep, plots))
+
+
+def _row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return [_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|", *(_row(r) for r in rows), ""]
+
+
+def markdown(sweep: Sweep, plots: list[str] | str) -> str:
+    env = sweep.environment
+    out = ["# KV-cache model-selection report", "",
+           f"{env.get('date')} · pytest-kvquality {env.get('plugin')} · llama-cpp-python "
+           f"{env.get('llama_cpp_python')} (ggml {env.get('ggml')}) · {env.get('backend')} · corpus "
+           f"{env.get('corpus', '?')}", "", f"`python -m pytest_kvquality sweep {env.get('command', '')}`", ""]
+    for (model, n_ctx), rows in _groups(sweep.rows).items():
+        out += [f"## {model}, n_ctx {n_ctx}", ""]
+        by = {r.cache: r for r in rows}
+        ks = list(dict.fromkeys(r.cache.type_k for r in rows))
+        vs = list(dict.fromkeys(r.cache.type_v for r in rows))
+        out += ["Mean KLD, K type × V type (rotation on):", ""]
+        out += _table(["K \\ V", *vs], [[k, *(_fmt(by.get(CacheConfig(k, v, True))) for v in vs)] for k in ks])
+        quantized = [c for c in ks if c not in UNQUANTIZED]
+        if quantized:
+            out += ["Which half carries the loss — K only, V only, both (rotation on):", ""]
+            out += _table(["type", "K only (V f16)", "V only (K f16)", "both"],
+                          [[t, _fmt(by.get(CacheConfig(t, "f16", True))), _fmt(by.get(CacheConfig("f16", t, True))),
+                            _fmt(by.get(CacheConfig(t, t, True)))] for t in quantized])
+        rot = [(c, by[c], by.get(CacheConfig(c.type_k, c.type_v, False))) for c in by if c.rotation and c.quantized]
+        if any(off is not None for _, _, off in rot):
+            out += ["Hadamard rotation on and off:", ""]
+            out += _table(["cache", "rotation on", "rotation off", "off / on"],
+                          [[f"`{c.label}`", _fmt(on), _fmt(off),
+                            f"{off.kl_mean / on.kl_mean:.2f}×" if off and on.kl_mean > 0 else "-"]
+                           for c, on, off in rot])
+        cats = list(dict.fromkeys(c for r in rows for c in r.categories))
+        out += ["Per category (mean KLD), memory and top-1:", ""]
+        out += _table(["cache", *cats, "overall ± σ", "same top", "KV B/token", "KV MiB per 32k"],
+                      [[f"`{r.cache.label}`" + (" ⚠ CPU" if r.cpu_fallback else ""),
+                        *(f"{r.categories.get(c, 0):.5f}" for c in cats), f"{r.kl_mean:.5f} ± {r.kl_mean_unc:.5f}",
+                        f"{100 * r.top1:.2f} %", f"{r.kv_bytes_per_token:,.0f}" if r.kv_bytes_per_token else "-",
+                        f"{r.kv_bytes_per_token * 32768 / 2**20:,.0f}" if r.kv_bytes_per_token else "-"]
+                       for r in rows])
+        if rows and rows[0].positions:
+            spans = [f"{p['start']}–{p['end'] - 1}" for p in rows[0].positions]
+            out += ["Mean KLD by context position (the scored second half of each chunk):", ""]
+            out += _table(["cache", *spans],
+                          [[f"`{r.cache.label}`", *(f"{p['kl_mean']:.4f}" for p in r.positions)] for r in rows])
+        front = pareto_front([(r.kv_bytes_per_token or 0.0, r.kl_mean) for r in rows])
+        out += ["Pareto front (no other config has both fewer KV bytes and lower mean KLD): "
+                + ", ".join(f"`{rows[i].cache.label}`" for i in front), ""]
+    if sweep.compounding:
+        out += ["## Weights × cache", "",
+                "Against the original weights with an f16 cache: lower-precision weights alone, the cache alone, "
+                "both; `excess` = both − (weights + cache).", ""]
+        out += _table(["weights", "cache", "KL weights", "KL cache", "sum", "KL both", "excess", "same top (both)"],
+                      [[c.weights, f"`{c.cache}`", f"{c.kl_weights:.5f}", f"{c.kl_cache:.5f}",
+                        f"{c.kl_weights + c.kl_cache:.5f}", f"{c.kl_both:.5f}", f"{c.excess:+.5f}",
+                        f"{100 * c.top1_both:.2f} %"] for c in sweep.compounding])
+    if isinstance(plots, str):
+        out += [f"Plots: {plots}", ""]
+    else:
+        out += [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    if sweep.failures:
+        out += ["## Not measured", "", *(f"* {f}" for f in sweep.failures), ""]
+    return "\n".join(out)
+
+
+def _fmt(r: SweepRow | None) -> str:
+    return f"{r.kl_mean:.5f}" if r is not None else "-"
+
+
+def _groups(rows: list[SweepRow]) -> dict[tuple[str, int], list[SweepRow]]:
+    out: dict[tuple[str, int], list[SweepRow]] = {}
+    for r in rows:
+        out.setdefault((r.model, r.n_ctx), []).append(r)
+    return out
+
+
+def _plots(sweep: Sweep, out: Path) -> list[str] | str:
+    """PNG plots with matplotlib (an optional extra); the reason when there are none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'pytest-kvquality[plots]'); tables only"
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (model, n_ctx), rows in _groups(sweep.rows).items():
+        pts = [(r.kv_bytes_per_token or 0.0, max(r.kl_mean, 1e-6)) for r in rows]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{model} n_ctx {n_ctx}")
+        for r, (x, y) in zip(rows, pts, strict=True):
+            ax.annotate(r.cache.label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted(pareto_front(pts), key=lambda i: pts[i][0])
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", linewidth=1)
+    ax.set_xlabel("KV cache bytes per token")
+    ax.set_ylabel("mean KLD against f16 (log)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("KV cache: quality against memory (dashed: Pareto front)")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    made.append(str(out / "pareto.png"))
+    with_positions = [r for r in sweep.rows if r.positions and r.cache.quantized]
+    if with_positions:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in with_positions:
+            ax.plot([(p["start"] + p["end"]) / 2 for p in r.positions], [p["kl_mean"] for p in r.positions],
+                    marker="o", markersize=3, label=f"{r.model} {r.cache.label} n_ctx {r.n_ctx}")
+        ax.set_xlabel("context position")
+        ax.set_ylabel("mean KLD")
+        ax.legend(fontsize=6, ncol=2)
+        ax.set_title("Mean KLD by context position")
+        fig.tight_layout()
+        fig.savefig(out / "positions.png", dpi=120)
+        plt.close(fig)
+        made.append(str(out / "positions.png"))
+    return made
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "sweep":
+        print("usage: python -m pytest_kvquality sweep --kv-model MODEL [options]  (--help for the options)",
+              file=sys.stderr)
+        return 2
+    sweep = run_sweep(args[1:])
+    out = Path(build_parser().parse_args(args[1:]).out)
+    print(f"{len(sweep.rows)} configs measured, {len(sweep.failures)} not; report: {out / 'report.md'}")
+    return 1 if sweep.failures else 0

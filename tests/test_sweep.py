@@ -1,0 +1,116 @@
+"""The model-selection sweep (``python -m pytest_kvquality sweep``) on the fake engine: the grid,
+K versus V, rotation, per-position profile, memory and Pareto front, weights × cache compounding,
+and a report that degrades to tables without matplotlib."""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.sweep import grid, main, pareto_front, run_sweep
+from pytest_kvquality.testing import FakeEngine
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def sweep(model: Path, out: Path, *extra: str) -> Any:
+    return run_sweep(["--kv-model", str(model), "--kv-ctx", "64", "--kv-chunks", "2", "--out", str(out), *extra],
+                     engine_factory=FakeEngine, say=lambda _: None)
+
+
+def test_grid_covers_k_by_v_and_rotation_only_where_it_applies() -> None:
+    configs = grid(["f16", "q4_0"], ["f16", "q4_0"], [True, False])
+    labels = [c.label for c in configs]
+    assert labels == ["f16", "f16/q4_0", "f16/q4_0:norot", "q4_0/f16", "q4_0/f16:norot", "q4_0", "q4_0:norot"]
+
+
+def test_pareto_front_keeps_configs_nothing_beats_on_both_axes() -> None:
+    # (bytes per token, mean KLD): f16, q8_0, q4_0, a dominated config, a tie in bytes
+    points = [(18432, 0.0), (9792, 0.004), (5184, 0.10), (9792, 0.02), (7488, 0.2)]
+    assert pareto_front(points) == [2, 1, 0]
+
+
+def test_sweep_writes_tables_json_and_plots(fake_model: Path, sweep_dir: Path) -> None:
+    out = sweep_dir / "report"
+    result = sweep(fake_model, out, "--k-types", "f16,q8_0,q4_0", "--v-types", "f16,q8_0,q4_0")
+    assert len(result.rows) == 9 + 8  # 3 x 3 with rotation on, and off for the 8 quantized pairs
+    assert not result.failures
+    by = {r.cache.label: r for r in result.rows}
+    assert by["f16"].kl_mean == 0.0
+    assert by["q4_0"].kl_mean > by["q8_0"].kl_mean > 0
+    assert by["q4_0:norot"].kl_mean > by["q4_0"].kl_mean  # the fake, like llama.cpp, gains from rotation
+    report = (out / "report.md").read_text()
+    for heading in ("Mean KLD, K type × V type", "Which half carries the loss", "Hadamard rotation on and off",
+                    "Per category (mean KLD), memory and top-1", "Mean KLD by context position", "Pareto front"):
+        assert heading in report, heading
+    assert "| q4_0 | " in report and "![pareto](pareto.png)" in report and "![positions](positions.png)" in report
+    data = json.loads((out / "sweep.json").read_text())
+    row = next(r for r in data["rows"] if r["cache"] == "q4_0")
+    spans = [(p["start"], p["end"]) for p in row["positions"]]  # n_ctx 64: positions 32..62 in 8 buckets
+    assert len(spans) == 8 and spans[0][0] == 32 and spans[-1][1] == 63
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert sum(p["n_tokens"] for p in row["positions"]) == row_tokens(result, "q4_0")
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "positions.png").stat().st_size > 1000
+
+
+def row_tokens(result: Any, label: str) -> int:
+    r = next(r for r in result.rows if r.cache.label == label)
+    return sum(p["n_tokens"] for p in r.positions)
+
+
+def test_weights_and_cache_losses_compound(fake_model: Path, sweep_dir: Path) -> None:
+    result = sweep(fake_model, sweep_dir / "w", "--k-types", "f16,q4_0", "--v-types", "f16,q4_0",
+                   "--rotation", "on", "--weights", "Q3_K_M,Q2_K", "--weights-cache", "q8_0,q4_0")
+    table = {(c.weights, c.cache): c for c in result.compounding}
+    assert set(table) == {("Q3_K_M", "q8_0"), ("Q3_K_M", "q4_0"), ("Q2_K", "q8_0"), ("Q2_K", "q4_0")}
+    q3, q2 = table[("Q3_K_M", "q4_0")], table[("Q2_K", "q4_0")]
+    assert 0 < q3.kl_weights < q2.kl_weights  # coarser weights, more loss
+    assert q3.kl_cache == q2.kl_cache > 0      # the same cache on the original weights
+    assert q2.kl_both > max(q2.kl_weights, q2.kl_cache)  # the losses add up ...
+    assert abs(q2.excess) < 0.5 * (q2.kl_weights + q2.kl_cache)  # ... roughly like a sum here
+    assert "## Weights × cache" in (sweep_dir / "w" / "report.md").read_text()
+    assert (sweep_dir / "cache" / "models" / "tiny-requant-Q2_K.gguf").exists()  # made once, kept
+
+
+def test_without_matplotlib_the_report_is_tables_only(fake_model: Path, sweep_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    sweep(fake_model, sweep_dir / "t", "--k-types", "q8_0", "--v-types", "q8_0", "--rotation", "on")
+    report = (sweep_dir / "t" / "report.md").read_text()
+    assert "matplotlib is not installed (pip install 'pytest-kvquality[plots]'); tables only" in report
+    assert not (sweep_dir / "t" / "pareto.png").exists()
+
+
+def test_a_config_that_cannot_run_is_listed_not_fatal(fake_model: Path, sweep_dir: Path, tmp_path: Path) -> None:
+    result = run_sweep(["--kv-model", str(fake_model), "--kv-model", str(tmp_path / "missing.gguf"),
+                        "--kv-ctx", "64", "--kv-chunks", "1", "--k-types", "q8_0", "--v-types", "q8_0",
+                        "--rotation", "on", "--out", str(tmp_path / "m")], engine_factory=FakeEngine,
+                       say=lambda _: None)
+    assert len(result.rows) == 1
+    assert "missing.gguf" in result.failures[0]
+    assert "## Not measured" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_cli_usage_and_bad_types(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: python -m pytest_kvquality sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown KV cache type 'q3_k'"):
+        run_sweep(["--kv-model", "x", "--k-types", "q3_k"], engine_factory=FakeEngine)
+    assert CacheConfig.parse("q8_0/q4_0") in grid(["q8_0"], ["q4_0"], [True])
