@@ -135,6 +135,8 @@ class KVOptions:
     registries: list[Path] = field(default_factory=list)
     ref_cache: CacheConfig = DEFAULT_REFERENCE
     ref_model: str | None = None
+    #: leave out corpus categories too short for n_ctx instead of failing (the sweep's long contexts)
+    skip_short_categories: bool = False
     exact: bool = False
     require: bool = False
     gate: str = "bound"

@@ -19,7 +19,7 @@ import numpy as np
 from filelock import FileLock
 
 from .cache_config import CacheConfig
-from .corpus import Corpus, builtin_corpus, chunk_tokens, load_corpus
+from .corpus import Corpus, CorpusError, builtin_corpus, chunk_tokens, load_corpus
 from .engine import Engine, EngineError, ModelLoad
 from .environment import host_backend
 from .gating import Decision
@@ -188,7 +188,14 @@ class KVSession:
             out = {}
             for cat, text in self.corpus.texts.items():
                 tokens = self.engine.tokenize(spec, text)
-                out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat, offset)
+                try:
+                    out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat, offset)
+                except CorpusError as e:
+                    if not self.options.skip_short_categories:
+                        raise
+                    self._note(f"category {cat} left out at n_ctx {self.options.n_ctx}: {e}")
+            if not out:
+                raise CorpusError(f"no corpus category has 2 x {self.options.n_ctx} tokens")
             self._chunks[key] = out
         return self._chunks[key]
 

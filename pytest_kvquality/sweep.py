@@ -89,6 +89,7 @@ class Sweep:
     compounding: list[Compounding] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def grid(k_types: Sequence[str], v_types: Sequence[str], rotations: Sequence[bool]) -> list[CacheConfig]:
@@ -177,6 +178,7 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
                     except (EngineError, ModelUnavailable, ValueError) as e:
                         sweep.failures.append(f"{model} {cache.label} n_ctx {n_ctx}: {e}")
             sweep.environment.setdefault("corpus", session.corpus.name)
+            sweep.notes += [n for n in session.notes if n not in sweep.notes]
         if args.weights:
             _compounding(sweep, args, engine, registry, weights_caches, say)
     finally:
@@ -186,7 +188,8 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
 
 
 def _options(args: argparse.Namespace, n_ctx: int, ref_model: str | None = None) -> KVOptions:
-    o = KVOptions(n_ctx=n_ctx, chunks=args.kv_chunks, gpu_layers=args.kv_gpu_layers, ref_model=ref_model)
+    o = KVOptions(n_ctx=n_ctx, chunks=args.kv_chunks, gpu_layers=args.kv_gpu_layers, ref_model=ref_model,
+                  skip_short_categories=True)
     o.corpus = Path(args.kv_corpus) if args.kv_corpus else None
     if args.kv_ref_dir:
         o.ref_dir = Path(args.kv_ref_dir)
@@ -227,6 +230,7 @@ def write_report(sweep: Sweep, out: Path) -> None:
     (out / "sweep.json").write_text(json.dumps({
         "environment": sweep.environment, "rows": [r.to_json() for r in sweep.rows],
         "compounding": [c.to_json() for c in sweep.compounding], "failures": sweep.failures,
+        "notes": sweep.notes,
     }, indent=2) + "\n")
     plots = _plots(sweep, out)
     (out / "report.md").write_text(markdown(sweep, plots))
@@ -296,6 +300,8 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
         out += [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     if sweep.failures:
         out += ["## Not measured", "", *(f"* {f}" for f in sweep.failures), ""]
+    if sweep.notes:
+        out += ["## Notes", "", *(f"* {n}" for n in sweep.notes), ""]
     return "\n".join(out)
 
 

@@ -114,3 +114,16 @@ def test_cli_usage_and_bad_types(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="unknown KV cache type 'q3_k'"):
         run_sweep(["--kv-model", "x", "--k-types", "q3_k"], engine_factory=FakeEngine)
     assert CacheConfig.parse("q8_0/q4_0") in grid(["q8_0"], ["q4_0"], [True])
+
+
+def test_long_contexts_use_the_categories_long_enough(fake_model: Path, sweep_dir: Path) -> None:
+    # the fake tokenizes a byte per token: the built-in categories have 42k-123k tokens; at
+    # n_ctx 32768 only those with 65,536 tokens or more can be chunked
+    result = sweep(fake_model, sweep_dir / "long", "--k-types", "q8_0", "--v-types", "q8_0", "--rotation", "on")
+    assert not result.failures
+    long = run_sweep(["--kv-model", str(fake_model), "--kv-ctx", "32768", "--kv-chunks", "1", "--k-types", "q8_0",
+                      "--v-types", "q8_0", "--rotation", "on", "--out", str(sweep_dir / "long2")],
+                     engine_factory=FakeEngine, say=lambda _: None)
+    assert len(long.rows) == 1 and len(long.rows[0].categories) < 4
+    assert any("left out at n_ctx 32768" in n for n in long.notes)
+    assert long.rows[0].positions[-1]["end"] == 32767
