@@ -2,7 +2,8 @@
 # On the GPU host (see shared/gpu/README.md), after `source .gpu/bin/env.sh`: the test suite, the
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
-#   stage: tests | full | long | bench | memory | speed | oom | multigpu | all (default all)
+#   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | all (default all)
+# The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (shared/gpu).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
 export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GPU_MODEL:?source env.sh}"
@@ -57,6 +58,11 @@ except EngineError as err:
 finally:
     e.close()
 PY
+fi
+if [ "$stage" = sweep ]; then  # the model-selection report: every cache type, rotation, 512 and 8192
+  python3 -m pytest_kvquality sweep --kv-registry "$REG" --kv-model gemma3-270m \
+    --k-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl --v-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl \
+    --rotation on,off --kv-ctx 512,8192 --weights Q3_K_M,Q2_K --out "$OUT/sweep" 2>&1 | tail -5
 fi
 if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU each worker process uses
   ( for i in $(seq 1 90); do nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader; sleep 1; done ) \
