@@ -62,7 +62,7 @@ fi
 if [ "$stage" = sweep ]; then  # the model-selection report: every cache type, rotation, 512 and 8192
   python3 -m pytest_kvquality sweep --kv-registry "$REG" --kv-model gemma3-270m \
     --k-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl --v-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl \
-    --rotation on,off --kv-ctx 512,8192 --weights Q3_K_M,Q2_K --out "$OUT/sweep" 2>&1 | tail -5
+    --rotation on,off --kv-ctx 512,8192 --kv-chunks 8 --weights Q3_K_M,Q2_K --out "$OUT/sweep" 2>&1 | tail -5
 fi
 if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU each worker process uses
   ( for i in $(seq 1 90); do nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader; sleep 1; done ) \
