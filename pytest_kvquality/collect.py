@@ -4,9 +4,9 @@ measurement item per cache config, so every evaluated configuration shows in the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -21,6 +21,7 @@ from .session import KVSession, ModelUnavailable, Verdict
 from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
 
 STATE = pytest.StashKey["KVState"]()
+T = TypeVar("T")
 
 
 class KVState:
@@ -58,23 +59,22 @@ class KVState:
         """The --kv-model value (alias or path) behind a canonical alias."""
         return self.model_names.get(alias, alias)
 
-    def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
-        """A timed pass for kv_speed: skip (or fail under --kv-require) when the model is unavailable."""
+    def _available(self, work: Callable[[], T]) -> T:
+        """Run ``work``; an unavailable model skips the item (fails it under --kv-require)."""
         try:
-            return self.session.speed_target(self.model_name(alias), cache, phase)
+            return work()
         except ModelUnavailable as e:
             if self.options.require:
                 pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
             pytest.skip(str(e))
 
+    def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
+        """A timed pass for kv_speed."""
+        return self._available(lambda: self.session.speed_target(self.model_name(alias), cache, phase))
+
     def run(self, alias: str, cache: CacheConfig) -> Any:
-        """Evaluate for an item: skip (or fail under --kv-require) when the model is unavailable."""
-        try:
-            return self.session.evaluate(self.model_name(alias), cache)
-        except ModelUnavailable as e:
-            if self.options.require:
-                pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
-            pytest.skip(str(e))
+        """Evaluate for an item."""
+        return self._available(lambda: self.session.evaluate(self.model_name(alias), cache))
 
 
 def get_state(config: pytest.Config) -> KVState:

@@ -236,8 +236,9 @@ class Pipeline:
                 if busy is not None:
                     busy.result()
                 copies = self._copy(self._slots[s], arrays)
-                in_slot[s] = self._reducer.submit(reduce, nxt, copies, row)
-                pending.append(in_slot[s])  # type: ignore[arg-type]
+                future = self._reducer.submit(reduce, nxt, copies, row)
+                in_slot[s] = future
+                pending.append(future)
                 row += nxt.shape[0]
         except BaseException:  # let running reductions finish before the slots go away
             for f in pending:

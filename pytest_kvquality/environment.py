@@ -3,6 +3,7 @@ importing it in pytest's process could crash it, see worker.py): versions and GP
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -31,6 +32,7 @@ def _lib_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
+@functools.cache
 def host_backend() -> HostBackend:
     """llama-cpp-python's version, the vendored ggml's library version, the GPU backend if built."""
     try:

@@ -88,6 +88,7 @@ class LlamaModel:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self._placements: dict[tuple[CacheConfig, int], dict[str, Any]] = {}
 
     def describe(self) -> dict[str, Any]:
         buf = ctypes.create_string_buffer(256)
@@ -131,6 +132,14 @@ class LlamaModel:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
+    def placement(self, cache: CacheConfig, n_ctx: int, params: Any) -> dict[str, Any]:
+        """Where the KV ops of this cache config run (probed once per config and n_ctx)."""
+        if not _wants_probe(self):
+            return {}
+        if (cache, n_ctx) not in self._placements:
+            self._placements[(cache, n_ctx)] = kv_placement_probe(self, params)
+        return dict(self._placements[(cache, n_ctx)])
+
     def context(self, cache: CacheConfig, n_ctx: int) -> LlamaContext:
         return LlamaContext(self, cache, n_ctx)
 
@@ -172,7 +181,7 @@ class LlamaContext:
         else:
             os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
         try:
-            placement = kv_placement_probe(model, p) if _wants_probe(model) else {}
+            placement = model.placement(cache, n_ctx, p)
             _recent.clear()
             self.ctx = llama_cpp.llama_init_from_model(model.model, p)
         finally:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from .baseline import BaselineError, Criterion
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
 
@@ -145,7 +146,7 @@ class KVOptions:
     storage: Path | None = None
     save: str | None = None
     compare: str | None = None
-    compare_fail: list[str] = field(default_factory=list)
+    compare_fail: list[Criterion] = field(default_factory=list)
     markdown_path: Path | None = None
 
     @classmethod
@@ -197,7 +198,10 @@ class KVOptions:
         o.storage = Path(os.path.expanduser(str(storage))) if storage else config.rootpath / ".kvquality"
         o.save = _get(config, "kv_save")
         o.compare = _get(config, "kv_compare")
-        o.compare_fail = [str(x) for x in (_get(config, "kv_compare_fail") or [])]
+        try:  # a bad --kv-compare-fail is a usage error now, not at the end of the run
+            o.compare_fail = [Criterion.parse(str(x)) for x in (_get(config, "kv_compare_fail") or [])]
+        except BaselineError as e:
+            raise pytest.UsageError(f"pytest-kvquality: {e}") from e
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
         md = _get(config, "kv_markdown")

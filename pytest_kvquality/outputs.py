@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .baseline import BaselineError, BaselineStorage, Comparison, Criterion, compare
+from .baseline import BaselineError, BaselineStorage, Comparison, compare
 from .options import KVOptions
 from .report import Report
 
@@ -23,13 +24,6 @@ class RunOutputs:
     errors: list[str] = field(default_factory=list)
 
 
-def parse_criteria(texts: list[str]) -> list[Criterion]:
-    try:
-        return [Criterion.parse(t) for t in texts]
-    except BaselineError as e:
-        raise pytest.UsageError(f"pytest-kvquality: {e}") from e
-
-
 def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOutputs:
     """Compare (before saving, so 'latest' is the previous run), save, write the summaries; a
     regression under --kv-compare-fail makes a passing run exit with status 1."""
@@ -38,7 +32,7 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
     if options.compare is not None:
         try:
             path = storage.find(options.compare)
-            out.comparison = compare(path.stem, storage.load(path), report, parse_criteria(options.compare_fail))
+            out.comparison = compare(path.stem, storage.load(path), report, options.compare_fail)
         except BaselineError as e:
             out.errors.append(str(e))
             if options.compare_fail:  # a gate that cannot compare must not pass
@@ -70,3 +64,36 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
 def _failed(status: int | pytest.ExitCode) -> int | pytest.ExitCode:
     """A regression fails a run that passed; other statuses (errors, no tests) are kept."""
     return pytest.ExitCode.TESTS_FAILED if status == pytest.ExitCode.OK else status
+
+
+def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: RunOutputs | None) -> None:
+    """The KV-cache section of pytest's terminal summary: table, notes, comparison, files written."""
+    if not (report.records or report.speeds or report.notes or (out and (out.comparison or out.errors))):
+        return
+    tr.write_sep("=", "KV-cache quality")
+    env = report.environment
+    if env:
+        tr.write_line(
+            f"llama-cpp-python {env.get('llama_cpp_python', '?')}, "
+            f"{'GPU' if env.get('gpu_offload') else 'CPU'}, reference {options.ref_cache.label}, "
+            f"corpus {env.get('corpus', '?')}; mean KLD per category"
+        )
+    for line in report.table():
+        tr.write(line.text)
+        if line.verdict:
+            tr.write(line.verdict, **({line.colour: True, "bold": True} if line.colour else {}))
+        tr.line("")
+    for note in report.notes:
+        tr.write_line(f"note: {note}", yellow=True)
+    if out is None:
+        return
+    if out.comparison is not None:
+        for text in out.comparison.lines():
+            tr.write_line(text, red="REGRESSION" in text, yellow=text.startswith("warning:"))
+        if out.comparison.regressions:
+            tr.write_line(f"{len(out.comparison.regressions)} regression(s) beyond --kv-compare-fail: exit status 1",
+                          red=True, bold=True)
+    for text in out.errors:
+        tr.write_line(f"error: {text}", red=True)
+    for text in out.written:
+        tr.write_line(text)

@@ -36,7 +36,6 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "failed under --kv-require)")
     from .cache_config import CacheConfigError
     from .collect import STATE, KVState
-    from .outputs import parse_criteria
     from .registry import Registry, RegistryError
     from .session import KVSession
 
@@ -45,7 +44,6 @@ def pytest_configure(config: pytest.Config) -> None:
         registry = Registry.load(options.registries)
     except (CacheConfigError, RegistryError) as e:
         raise pytest.UsageError(f"pytest-kvquality: {e}") from e
-    parse_criteria(options.compare_fail)  # a bad --kv-compare-fail is a usage error now, not at the end
 
     def make_engine() -> Any:
         custom = config.hook.pytest_kvquality_make_engine(config=config)
@@ -151,40 +149,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Print the results table (merged from all xdist workers), the baseline comparison, notes."""
     from .collect import get_state
+    from .outputs import write_terminal_summary
 
     state = get_state(config)
-    report = state.report
-    out = state.outputs
-    if not (report.records or report.speeds or report.notes or (out and (out.comparison or out.errors))):
-        return
-    terminalreporter.write_sep("=", "KV-cache quality")
-    env = report.environment
-    if env:
-        terminalreporter.write_line(
-            f"llama-cpp-python {env.get('llama_cpp_python', '?')}, "
-            f"{'GPU' if env.get('gpu_offload') else 'CPU'}, reference {state.options.ref_cache.label}, "
-            f"corpus {env.get('corpus', '?')}; mean KLD per category"
-        )
-    for line in report.table():
-        terminalreporter.write(line.text)
-        if line.verdict:
-            terminalreporter.write(line.verdict, **({line.colour: True, "bold": True} if line.colour else {}))
-        terminalreporter.line("")
-    for note in report.notes:
-        terminalreporter.write_line(f"note: {note}", yellow=True)
-    if out is not None:
-        if out.comparison is not None:
-            for text in out.comparison.lines():
-                red = "REGRESSION" in text
-                terminalreporter.write_line(text, red=red, yellow=text.startswith("warning:"))
-            if out.comparison.regressions:
-                terminalreporter.write_line(
-                    f"{len(out.comparison.regressions)} regression(s) beyond --kv-compare-fail: exit status 1",
-                    red=True, bold=True)
-        for text in out.errors:
-            terminalreporter.write_line(f"error: {text}", red=True)
-        for text in out.written:
-            terminalreporter.write_line(text)
+    write_terminal_summary(terminalreporter, state.report, state.options, state.outputs)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -26,7 +26,6 @@ CONTEXT_KEYS = (
     ("kv_cache_mib_expected", "kv_cache_mib_expected"), ("kv_bytes_per_token", "kv_bytes_per_token"),
     ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_devices", "kv_devices"),
     ("kv_cpu_fallback", "kv_cpu_fallback"), ("reference_model", "reference_model"),
-    ("positions", "positions"),
 )
 
 
@@ -71,6 +70,8 @@ class ResultRecord:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResultRecord:
         context = {k: d[j] for k, j in CONTEXT_KEYS if d.get(j) is not None}
+        if d.get("positions") is not None:
+            context["positions"] = d["positions"]
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
                    KLSummary.from_dict(d["stats"]), d["eval_seconds"], d["exact_reference"],
                    context, d.get("repeats", []))
@@ -94,7 +95,7 @@ class VerdictRecord:
     value: float
     uncertainty: float
     passed: bool
-    outcome: str = ""
+    outcome: str
     low: float = 0.0
     high: float = 0.0
     tokens_to_decide: int | None = None
@@ -212,7 +213,7 @@ class Report:
               and (category is None or v.category == category)]
         if not vs:
             return "-", None
-        failed = sum(v.outcome == "fail" or (not v.outcome and not v.passed) for v in vs)
+        failed = sum(v.outcome == "fail" for v in vs)
         unsure = sum(v.outcome == "inconclusive" for v in vs)
         if failed:
             return f"FAIL {failed}/{len(vs)}", "red"
@@ -288,7 +289,7 @@ class Report:
         return lines
 
     def failed_gates(self) -> list[VerdictRecord]:
-        return [v for v in self.verdicts if v.outcome in ("fail", "inconclusive") or not (v.outcome or v.passed)]
+        return [v for v in self.verdicts if v.outcome != "pass"]
 
     def markdown(self, comparison_lines: list[str] | None = None) -> str:
         """A summary for a pull-request comment or $GITHUB_STEP_SUMMARY."""
@@ -314,7 +315,7 @@ class Report:
                     "|---|---|---:|---:|---|"]
             for v in failed:
                 out.append(f"| `{v.test_id}` | `{v.rule}` | {v.value:.6g} ± {v.uncertainty:.2g} | "
-                           f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)} | {v.outcome or 'fail'}"
+                           f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)} | {v.outcome}"
                            + (f" (≈{v.tokens_to_decide:,} tokens would decide)" if v.tokens_to_decide else "")
                            + " |")
             out.append("")

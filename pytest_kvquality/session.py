@@ -130,6 +130,7 @@ class KVSession:
     _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
     _chunks: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
     _described: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _same_tokenizer: set[tuple[str, str]] = field(default_factory=set)
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
     _regenerated: set[str] = field(default_factory=set)
     _info: dict[str, Any] | None = None
@@ -292,6 +293,8 @@ class KVSession:
         ref = self.model(self.options.ref_model)
         if ref.sha256 == model.sha256:
             return model
+        if (model.sha256, ref.sha256) in self._same_tokenizer:
+            return ref
         mine, theirs = self.describe(model), self.describe(ref)
         if mine.get("n_vocab") != theirs.get("n_vocab"):
             raise EngineError(f"{model.alias} ({mine.get('n_vocab')} tokens) and the reference "
@@ -300,6 +303,7 @@ class KVSession:
         if not np.array_equal(self.engine.tokenize(self.load_spec(model), probe),
                               self.engine.tokenize(self.load_spec(ref), probe)):
             raise EngineError(f"{model.alias} and the reference {ref.alias} tokenize the corpus differently")
+        self._same_tokenizer.add((model.sha256, ref.sha256))
         return ref
 
     def _evaluate(self, model: ResolvedModel, cache: CacheConfig, offset: int = 0) -> ConfigResult:
@@ -366,14 +370,17 @@ class KVSession:
     def record_verdict(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)
 
+    def _speed_tokens(self, phase: str) -> int:
+        """Tokens per speed round: a prompt of n_ctx (pp), or TG_TOKENS generated (tg)."""
+        return self.options.n_ctx if phase == "pp" else min(TG_TOKENS, self.options.n_ctx)
+
     def speed_target(self, model_name: str, cache: CacheConfig, phase: str) -> Callable[[], float]:
         """A function that times one pp (a prompt of n_ctx tokens) or tg (128 tokens, one per decode)
         pass in the model worker and returns llama.cpp's seconds; for pytest-benchmark."""
         model = self.model(model_name)
         spec = self.load_spec(model)
         n_ctx = self.options.n_ctx
-        first = next(iter(self.chunks(model).values()))[0]
-        tokens = first[:n_ctx] if phase == "pp" else first[: min(TG_TOKENS, n_ctx)]
+        tokens = next(iter(self.chunks(model).values()))[0][: self._speed_tokens(phase)]
 
         def run_once() -> float:
             run = self.engine.speed(spec, cache, n_ctx, phase, tokens)
@@ -384,7 +391,7 @@ class KVSession:
     def record_speed(self, model_name: str, cache: CacheConfig, phase: str, seconds: list[float]) -> SpeedResult:
         """Keep the median speed of the timed rounds for the summary table and JSON."""
         model = self.model(model_name)
-        n_tokens = self.options.n_ctx if phase == "pp" else min(TG_TOKENS, self.options.n_ctx)
+        n_tokens = self._speed_tokens(phase)
         result = SpeedResult(model.alias, cache, phase, self.options.n_ctx, n_tokens,
                              n_tokens / float(np.median(seconds)))
         self.speeds.append(result)

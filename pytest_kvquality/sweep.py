@@ -161,8 +161,9 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
         engine_factory = lambda: WorkerEngine(cache_dir / "logs")  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(environment={"plugin": __version__, "llama_cpp_python": host_backend().llama_cpp_python,
-                               "ggml": host_backend().ggml, "backend": host_backend().label,
+    backend = host_backend()
+    sweep = Sweep(environment={"plugin": __version__, "llama_cpp_python": backend.llama_cpp_python,
+                               "ggml": backend.ggml, "backend": backend.label,
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(argv)})
     engine = engine_factory()
     try:

@@ -13,17 +13,19 @@ from pytest_kvquality.engine import ModelLoad
 from pytest_kvquality.testing import FakeEngine
 
 
+def every_output(engine: FakeEngine, model: ModelLoad, category: str, n_chunks: int) -> list[dict[str, np.ndarray]]:
+    """Reference rows, a cached-reference q4_0 evaluation and an exact one, as arrays."""
+    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts[category]), 128, n_chunks, category)
+    ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
+    run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
+    exact = engine.evaluate_exact(model, CacheConfig.parse("q4_0"), model, CacheConfig.parse("f16"), chunks)
+    engine.close()
+    return [ref.arrays(), run.stats.arrays(), exact.stats.arrays()]
+
+
 def test_threads_do_not_change_a_single_bit(fake_model: Path) -> None:
     model = ModelLoad(str(fake_model), 0)
-    results = []
-    for threads in (1, 3):
-        engine = FakeEngine(threads=threads)
-        chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 3, "science")
-        ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
-        run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
-        exact = engine.evaluate_exact(model, CacheConfig.parse("q4_0"), model, CacheConfig.parse("f16"), chunks)
-        results.append((ref.arrays(), run.stats.arrays(), exact.stats.arrays()))
-        engine.close()
+    results = [every_output(FakeEngine(threads=threads), model, "science", 3) for threads in (1, 3)]
     for one, three in zip(results[0], results[1], strict=True):
         for name in one:
             assert np.array_equal(one[name], three[name]), name
@@ -38,13 +40,7 @@ def test_overlapping_the_math_with_decoding_does_not_change_a_single_bit(
     results = []
     for overlap in ("0", "1"):
         monkeypatch.setenv("KVQ_OVERLAP", overlap)
-        engine = FakeEngine(threads=2)
-        chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["coding"]), 128, 4, "coding")
-        ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
-        run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
-        exact = engine.evaluate_exact(model, CacheConfig.parse("q4_0"), model, CacheConfig.parse("f16"), chunks)
-        results.append((ref.arrays(), run.stats.arrays(), exact.stats.arrays()))
-        engine.close()
+        results.append(every_output(FakeEngine(threads=2), model, "coding", 4))
     assert np.isfinite(results[1][1]["kld"]).all()
     for plain, overlapped in zip(results[0], results[1], strict=True):
         for name in plain:
