@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES as M
 from pytest_kvquality.engine import DEFAULT_TOP_K as K
-from pytest_kvquality.engine import ModelLoad, WorkerEngine
-from pytest_kvquality.metrics import compact_reference, kl_compact, kl_exact
+from pytest_kvquality.engine import ModelLoad, RowParallel, WorkerEngine, _compact_block, _kl_compact_block
+from pytest_kvquality.metrics import compact_reference, compact_rows, kl_compact, kl_exact
 from pytest_kvquality.options import default_cache_dir
 from pytest_kvquality.reference import ReferenceKey, write_reference
 from pytest_kvquality.registry import builtin_model_path
@@ -58,6 +59,38 @@ def test_reference_compression(benchmark, gemma_like_logits) -> None:  # type: i
     base, _, nxt = gemma_like_logits
     benchmark(compact_reference, base, nxt, K, M, np.random.default_rng(1))
     benchmark.extra_info["scored_tokens_per_s"] = ROWS / benchmark.stats.stats.mean
+
+
+@pytest.fixture(scope="module")
+def peaked_logits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows shaped like Gemma's: ~900 tokens above the -16 cutoff (real rows: 38 / 894 / 8,586 at
+    p10 / p50 / p90), where the reference compaction does its top-k and tail work."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((ROWS, GEMMA_VOCAB)).astype(np.float32)
+    base[:, :1000] += (rng.uniform(8, 22, (ROWS, 1)) + 3 * rng.standard_normal((ROWS, 1000))).astype(np.float32)
+    cand = base + (rng.standard_normal((ROWS, GEMMA_VOCAB)) * 0.3).astype(np.float32)
+    return base, cand, rng.integers(0, GEMMA_VOCAB, ROWS)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("work", ["evaluation", "reference"])
+def test_reduction_scaling_over_threads(benchmark, peaked_logits, work: str, threads: int) -> None:  # type: ignore[no-untyped-def]
+    """One chunk's KL reduction (evaluation) or compaction (reference build) on the engine's row
+    threads: the build stays within 1.5x an evaluation only if both scale alike."""
+    if threads > (os.cpu_count() or 1):
+        pytest.skip(f"{threads} threads on a {os.cpu_count()}-core host")
+    base, cand, nxt = peaked_logits
+    u0 = np.random.default_rng(1).random(ROWS)
+    rows = RowParallel(threads)
+    try:
+        if work == "evaluation":
+            ref = compact_rows(base, nxt, K, M, u0)
+            benchmark(rows.map, ROWS, partial(_kl_compact_block, cand, ref, nxt))
+        else:
+            benchmark(rows.map, ROWS, partial(_compact_block, base, nxt, u0, K, M))
+    finally:
+        rows.close()
+    benchmark.extra_info.update({"rows_per_s": ROWS / benchmark.stats.stats.mean, "threads": threads})
 
 
 def test_reference_bytes_per_scored_token(benchmark, gemma_like_logits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -98,17 +131,23 @@ def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_pa
     weight repacking off. The ratio (ours / llama-perplexity) is the figure of merit.
     """
     engine, model, chunks = gemma_setup
-    q4 = CacheConfig.parse("q4_0")
-    t0 = time.perf_counter()
-    ref = engine.reference(model, CacheConfig.parse("f16"), chunks, 0)
-    ref_wall = time.perf_counter() - t0
-    engine.evaluate(model, q4, chunks[:1], ref.rows.slice(0, 255))  # warm the worker
+    q4, f16 = CacheConfig.parse("q4_0"), CacheConfig.parse("f16")
     rounds = int(os.environ.get("KVQ_BENCH_ROUNDS", "1"))
+    # the build and the evaluation are timed alike: one warm-up chunk each (first context, kernels),
+    # then the mean of `rounds` whole runs
+    engine.reference(model, f16, chunks[:1], 0)
+    ref_walls = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        ref = engine.reference(model, f16, chunks, 0)
+        ref_walls.append(time.perf_counter() - t0)
+    ref_wall = sum(ref_walls) / rounds
+    engine.evaluate(model, q4, chunks[:1], ref.rows.slice(0, 255))
     run = benchmark.pedantic(engine.evaluate, args=(model, q4, chunks, ref.rows), rounds=rounds, iterations=1)
     scored = len(ref.rows)
     ours = scored / benchmark.stats.stats.mean
     benchmark.extra_info.update({"scored_tokens": scored, "ours_tok_per_s": ours,
-                                 "reference_build_s": ref_wall,
+                                 "reference_build_s": ref_wall, "reference_build_rounds_s": ref_walls,
                                  "reference_vs_eval": ref_wall / benchmark.stats.stats.mean,
                                  "eval_engine_s": run.seconds})
     exe = _llama_perplexity()

@@ -547,6 +547,9 @@ class WorkerEngine:
                 f"the model worker {_describe_exit(code)} while {what or header['op']}.\n"
                 f"Last lines of the llama.cpp log ({self._log_path}):\n{self.log_tail()}"
             ) from e
+        except BaseException:  # Ctrl-C mid-request: the worker is still busy with it and the
+            self._stop()      # channel is out of step, so it cannot be reused or asked to exit
+            raise
         if "error" in reply:
             raise EngineError(
                 f"{reply['error']}\nLast lines of the llama.cpp log ({self._log_path}):\n"
@@ -670,4 +673,12 @@ class WorkerEngine:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        self._discard()
+
+    def _stop(self) -> None:
+        """Kill the worker now (it has no state worth keeping: models reload, references are whole
+        files written by the parent) and forget it; the next call starts a fresh one."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
         self._discard()

@@ -29,6 +29,10 @@ Z_95 = 1.6448536269514722
 #: Rows reduced at once: keeps temporaries in cache instead of n_rows x n_vocab.
 ROW_BLOCK = 8
 
+#: Tail probabilities are summed as integers in units of 2^-48 (exact sums; p >= e^-16 keeps
+#: more than 24 bits).
+TAIL_MASS_UNIT = float(1 << 48)
+
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
 
@@ -131,12 +135,13 @@ def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDAr
 
     llama.cpp keeps reference log-probabilities as uint16 over
     ``[max(min_logit, max_logit - 16), max_logit]``; anything below reads back
-    as the floor. PPL(base), the PPL ratio and Δp use that floored value.
+    as the floor. PPL(base), the PPL ratio and Δp use that floored value. The row minimum
+    never decides it (it is at most the next token's logit), so no pass over the row is needed.
     """
     rows = np.arange(base_logits.shape[0])
-    top = base_logits[rows, imax]
-    floor = np.maximum(base_logits.min(axis=1), top + LOG_P_CUTOFF) - norm
-    out: F32 = np.maximum(base_logits[rows, next_tokens] - norm, floor).astype(np.float32)
+    logit = base_logits[rows, next_tokens]
+    floor = base_logits[rows, imax] + LOG_P_CUTOFF
+    out: F32 = (np.maximum(logit, floor) - norm).astype(np.float32)
     return out
 
 
@@ -180,65 +185,62 @@ def compact_rows(
     """``compact_reference`` with the sampling offsets given: rows can be split across threads
     and give the same result as one pass.
 
-    Works ``ROW_BLOCK`` rows at a time with a handful of whole-array numpy calls (they release the
-    GIL, so threads scale): the tokens above the cutoff (a few hundred to a few thousand of
-    Gemma's 262,144) are pulled out once, and the top ``k`` of each row kept exactly (ties broken
-    by token id, so the split into blocks and threads never changes the result). The rest, the
+    Only two things touch the whole vocabulary, ``ROW_BLOCK`` rows at a time: the log-normalizer
+    and pulling out the tokens above the cutoff (a few hundred to a few thousand of Gemma's
+    262,144). Everything after works on those few tokens for all rows at once, with no per-row
+    Python loop: a handful of numpy calls per call, so many threads scale instead of queueing on
+    the GIL. The top ``k`` of each row are kept exactly (ties broken by token id). The rest, the
     tail, is sampled systematically in token order: one offset ``u0`` per row, ``m`` evenly spaced
-    points on the tail's cumulative mass.
+    points on the tail's cumulative mass, which is summed in fixed point so that each row's sums
+    are exact and independent of the rows processed with it.
     """
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
-    bmax, bnorm = log_normalizer(base_logits)
-    top_ids = np.empty((n, k), np.int32)
-    top_logp = np.empty((n, k), np.float32)
-    tail_ids = np.empty((n, m), np.int32)
-    tail_logp = np.empty((n, m), np.float32)
-    tail_mass = np.zeros(n, np.float64)
-    steps = np.arange(m, dtype=np.float64)
+    bmax = np.empty(n, np.int32)
+    bnorm = np.empty(n, np.float32)
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for s in range(0, n, ROW_BLOCK):
-        e = min(s + ROW_BLOCK, n)
-        r = e - s
-        norm = bnorm[s:e]
-        # every token above the cutoff, as (row, token, log p), in (row, token) order
-        flat = np.flatnonzero(base_logits[s:e] > (norm + LOG_P_CUTOFF)[:, None])
-        rows, ids = np.divmod(flat, n_vocab)
-        lp = base_logits[s:e][rows, ids] - norm[rows]
-        first = np.searchsorted(rows, np.arange(r + 1))  # row i's entries: first[i] .. first[i+1]
-        # the top k of each row, exactly: the k-th largest log p of each longer row, ties by token id
-        kth = np.full(r, -np.inf, np.float32)
-        for i in np.flatnonzero(np.diff(first) > k):
-            seg = lp[first[i] : first[i + 1]]
-            kth[i] = np.partition(seg, seg.size - k)[seg.size - k]
-        above = lp > kth[rows]
-        tied = lp == kth[rows]
-        room = k - np.bincount(rows[above], minlength=r)
-        tied_rank = np.cumsum(tied) - np.concatenate([[0], np.cumsum(tied)])[first[:-1]][rows]
-        keep = above | (tied & (tied_rank <= room[rows]))
-        top = np.flatnonzero(keep)
-        top = top[np.argsort(rows[top] * 64.0 - lp[top], kind="stable")]  # by row, then log p descending
-        rank = np.arange(top.size) - np.searchsorted(rows[top], rows[top])
-        top_ids[s:e] = bmax[s:e, None]  # rows with fewer than k tokens above the cutoff are padded
-        top_logp[s:e] = PAD_LOGP
-        top_ids[s + rows[top], rank] = ids[top]
-        top_logp[s + rows[top], rank] = lp[top]
-        # the tail: m systematic samples per row on the cumulative mass of its remaining tokens
-        tail_ids[s:e] = bmax[s:e, None]
-        tail_logp[s:e] = PAD_LOGP
-        if m == 0:
-            continue
-        tail = np.flatnonzero(~keep)  # in (row, token) order
-        t_first = np.searchsorted(rows[tail], np.arange(r + 1))
-        for i in np.flatnonzero(np.diff(t_first) > 0):  # per row, so blocks and threads never matter
-            entries = tail[t_first[i] : t_first[i + 1]]
-            cum = np.cumsum(np.exp(lp[entries].astype(np.float64)))
-            tail_mass[s + i] = cum[-1]
-            at = np.searchsorted(cum, (steps + u0[s + i]) * (cum[-1] / m), side="right")
-            picked = entries[np.minimum(at, entries.size - 1)]  # rounding at the top end
-            tail_ids[s + i] = ids[picked]
-            tail_logp[s + i] = lp[picked]
+        block = base_logits[s : s + ROW_BLOCK]
+        bmax[s : s + block.shape[0]], bnorm[s : s + block.shape[0]] = log_normalizer(block)
+        norm = bnorm[s : s + block.shape[0]]
+        flat = np.flatnonzero(block > (norm + LOG_P_CUTOFF)[:, None])
+        block_rows, block_ids = np.divmod(flat, n_vocab)
+        pieces.append((block_rows + s, block_ids, block.reshape(-1)[flat] - norm[block_rows]))
+    # every token above the cutoff, as (row, token, log p), in (row, token) order
+    rows, ids, lp = (np.concatenate(a) for a in zip(*pieces, strict=True))
+    first = np.searchsorted(rows, np.arange(n + 1))  # row i's entries: first[i] .. first[i+1]
+    # by row, then log p descending, then token id (a stable sort keeps token order among ties)
+    order = np.argsort(rows * 64.0 - lp, kind="stable")
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size) - first[rows[order]]
+    top = order[rank[order] < k]
+    top_ids = np.repeat(bmax[:, None], k, axis=1)  # rows with fewer than k tokens above the cutoff
+    top_logp = np.full((n, k), PAD_LOGP, np.float32)  # are padded
+    top_ids[rows[top], rank[top]] = ids[top]
+    top_logp[rows[top], rank[top]] = lp[top]
+    tail_ids = np.repeat(bmax[:, None], m, axis=1)
+    tail_logp = np.full((n, m), PAD_LOGP, np.float32)
+    tail_mass = np.zeros(n, np.float64)
+    tail = np.flatnonzero(rank >= k)  # in (row, token) order
+    if m and tail.size:
+        t_rows = rows[tail]
+        t_first = np.searchsorted(t_rows, np.arange(n + 1))
+        # probabilities in units of 2^-TAIL_MASS_BITS: integer sums are exact, so a row's
+        # cumulative mass is the same whatever rows come before it
+        cum = np.cumsum(np.rint(np.exp(lp[tail].astype(np.float64)) * TAIL_MASS_UNIT).astype(np.int64))
+        before = np.concatenate([[0], cum])[t_first]  # mass of the earlier rows' tails
+        mass = before[1:] - before[:-1]
+        has = np.flatnonzero(mass > 0)
+        step = mass[has].astype(np.float64) / m
+        offsets = np.floor((np.arange(m)[None, :] + u0[has, None]) * step[:, None]).astype(np.int64)
+        at = np.searchsorted(cum, before[has, None] + offsets, side="right")
+        picked = tail[np.minimum(at, t_first[has + 1, None] - 1)]  # rounding at the top end
+        tail_mass[has] = mass[has] / TAIL_MASS_UNIT
+        tail_ids[has] = ids[picked]
+        tail_logp[has] = lp[picked]
     next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
-    return ReferenceRows(bmax, next_logp, top_ids, top_logp, tail_ids, tail_logp, tail_mass)
+    return ReferenceRows(bmax, next_logp, top_ids.astype(np.int32), top_logp, tail_ids.astype(np.int32),
+                         tail_logp, tail_mass)
 
 
 def kl_compact(cand_logits: F32, ref: ReferenceRows, next_tokens: npt.NDArray[Any]) -> TokenStats:

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
-from .engine import Engine, EngineError
+from .engine import SPEED_PHASES, Engine, EngineError
 from .environment import host_backend
 from .options import DEFAULT_N_CTX, KVOptions, default_cache_dir
 from .registry import Registry, RegistryError
@@ -28,6 +28,8 @@ from .thresholds import OVERALL
 
 DEFAULT_TYPES = "f16,q8_0,q4_0"
 DEFAULT_WEIGHTS_CACHE = "q8_0,q4_0"
+#: timed rounds per speed phase in ``--speed`` (after one warm-up); the median is kept
+SPEED_ROUNDS = 3
 
 
 @dataclass
@@ -45,6 +47,9 @@ class SweepRow:
     positions: list[dict[str, Any]]
     eval_seconds: float
     cpu_fallback: bool
+    n_tokens: int = 0
+    #: llama.cpp's prompt-processing and generation tokens/s with this cache (``--speed``)
+    speed: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, r: ConfigResult) -> SweepRow:
@@ -52,7 +57,16 @@ class SweepRow:
         return cls(r.model, r.n_ctx, r.cache, o.kl_mean, o.kl_mean_unc, o.top1,
                    {c: s.kl_mean for c, s in r.categories.items() if c != OVERALL},
                    r.context.get("kv_bytes_per_token"), r.context.get("positions", []), r.eval_seconds,
-                   bool(r.context.get("kv_cpu_fallback")))
+                   bool(r.context.get("kv_cpu_fallback")), o.n_tokens)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return self.model, self.n_ctx, self.cache.label
+
+    @property
+    def scored_per_s(self) -> float:
+        """End-to-end evaluation throughput: scored tokens per second, model and KL math included."""
+        return self.n_tokens / self.eval_seconds if self.eval_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "n_ctx": self.n_ctx, "cache": self.cache.label,
@@ -60,7 +74,14 @@ class SweepRow:
                 "kl_mean": self.kl_mean, "kl_mean_unc": self.kl_mean_unc, "top1": self.top1,
                 "categories": self.categories, "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_mib_per_32k": self.kv_bytes_per_token * 32768 / 2**20 if self.kv_bytes_per_token else None,
-                "positions": self.positions, "eval_seconds": self.eval_seconds, "cpu_fallback": self.cpu_fallback}
+                "positions": self.positions, "eval_seconds": self.eval_seconds, "n_tokens": self.n_tokens,
+                "scored_per_s": self.scored_per_s, "speed": self.speed, "cpu_fallback": self.cpu_fallback}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SweepRow:
+        return cls(d["model"], d["n_ctx"], CacheConfig.parse(d["cache"]), d["kl_mean"], d["kl_mean_unc"],
+                   d["top1"], d["categories"], d["kv_bytes_per_token"], d["positions"], d["eval_seconds"],
+                   d["cpu_fallback"], d.get("n_tokens", 0), d.get("speed", {}))
 
 
 @dataclass
@@ -82,6 +103,10 @@ class Compounding:
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "sum": self.kl_weights + self.kl_cache, "excess": self.excess}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Compounding:
+        return cls(d["weights"], d["cache"], d["kl_weights"], d["kl_cache"], d["kl_both"], d["top1_both"])
+
 
 @dataclass
 class Sweep:
@@ -91,9 +116,29 @@ class Sweep:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def has(self, key: tuple[str, int, str]) -> bool:
+        return any(r.key == key for r in self.rows)
 
-def grid(k_types: Sequence[str], v_types: Sequence[str], rotations: Sequence[bool]) -> list[CacheConfig]:
-    """K × V × rotation; rotation off only where something is quantized (it changes nothing else)."""
+    def to_json(self) -> dict[str, Any]:
+        return {"environment": self.environment, "rows": [r.to_json() for r in self.rows],
+                "compounding": [c.to_json() for c in self.compounding], "failures": self.failures,
+                "notes": self.notes}
+
+    @classmethod
+    def load(cls, path: Path) -> Sweep:
+        """An earlier sweep.json, to resume or extend; a damaged one is an error, never silently dropped."""
+        try:
+            d = json.loads(path.read_text())
+            return cls([SweepRow.from_json(r) for r in d["rows"]],
+                       [Compounding.from_json(c) for c in d["compounding"]], d["environment"], [], d["notes"])
+        except (OSError, ValueError, KeyError, TypeError, CacheConfigError) as e:
+            raise SystemExit(f"sweep: cannot read {path}: {e!r}; move it away (or drop --resume)") from e
+
+
+def grid(k_types: Sequence[str], v_types: Sequence[str], rotations: Sequence[bool],
+         extra: Sequence[CacheConfig] = ()) -> list[CacheConfig]:
+    """K × V × rotation, then ``extra`` configs; rotation off only where something is quantized
+    (it changes nothing else)."""
     out: list[CacheConfig] = []
     for k in k_types:
         for v in v_types:
@@ -103,7 +148,7 @@ def grid(k_types: Sequence[str], v_types: Sequence[str], rotations: Sequence[boo
                 c = CacheConfig(k, v, rot)
                 if c not in out:
                     out.append(c)
-    return out
+    return out + [c for c in dict.fromkeys(extra) if c not in out]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -128,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-types", default=DEFAULT_TYPES, help=f"K cache types (default {DEFAULT_TYPES})")
     p.add_argument("--v-types", default=DEFAULT_TYPES, help=f"V cache types (default {DEFAULT_TYPES})")
     p.add_argument("--rotation", default="on,off", help="on, off or on,off (default)")
+    p.add_argument("--kv-cache", default="", help="more cache configs outside the grid, in the plugin's syntax "
+                                                  "(e.g. f32,bf16,q4_0:norot)")
+    p.add_argument("--speed", action="store_true",
+                   help="also time prompt processing (n_ctx tokens) and generation (128 tokens) per config")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results already in OUT/sweep.json and measure only what is missing "
+                        "(also extends a sweep with new configs or n_ctx)")
     p.add_argument("--kv-ctx", default=str(DEFAULT_N_CTX), help="context sizes, e.g. 512,8192")
     p.add_argument("--kv-chunks", type=int, default=None, help="at most N chunks per category")
     p.add_argument("--kv-corpus", default=None, help="corpus path (default: the built-in corpus)")
@@ -149,7 +201,7 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     try:
         caches = grid(_parse_list(args.k_types), _parse_list(args.v_types),
-                      [r == "on" for r in _parse_list(args.rotation)])
+                      [r == "on" for r in _parse_list(args.rotation)], CacheConfig.parse_list(args.kv_cache))
         weights_caches = CacheConfig.parse_list(args.weights_cache)
         registry = Registry.load([Path(r) for r in args.kv_registry])
     except (CacheConfigError, RegistryError) as e:
@@ -162,9 +214,13 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = host_backend()
-    sweep = Sweep(environment={"plugin": __version__, "llama_cpp_python": backend.llama_cpp_python,
-                               "ggml": backend.ggml, "backend": backend.label,
-                               "date": time.strftime("%Y-%m-%d"), "command": " ".join(argv)})
+    environment = {"plugin": __version__, "llama_cpp_python": backend.llama_cpp_python, "ggml": backend.ggml,
+                   "backend": backend.label, "date": time.strftime("%Y-%m-%d"), "commands": [" ".join(argv)]}
+    sweep = Sweep(environment=environment)
+    if args.resume and (out / "sweep.json").exists():
+        sweep = Sweep.load(out / "sweep.json")
+        sweep.environment["commands"] = sweep.environment.get("commands", []) + environment["commands"]
+        say(f"sweep: resuming {out / 'sweep.json'}: {len(sweep.rows)} configs already measured")
     engine = engine_factory()
     try:
         for n_ctx in (int(x) for x in _parse_list(args.kv_ctx)):
@@ -173,19 +229,46 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
             session.progress = say
             for model in args.kv_model:
                 for cache in caches:
+                    if sweep.has((_alias(session, model), n_ctx, cache.label)):
+                        continue
                     say(f"sweep: {model} {cache.label} n_ctx {n_ctx}")
                     try:
-                        sweep.rows.append(SweepRow.of(session.evaluate(model, cache)))
+                        sweep.rows.append(_measure(session, model, cache, args.speed))
                     except (EngineError, ModelUnavailable, ValueError) as e:
                         sweep.failures.append(f"{model} {cache.label} n_ctx {n_ctx}: {e}")
+                    _save(sweep, out)  # an interrupted sweep keeps every config measured so far
             sweep.environment.setdefault("corpus", session.corpus.name)
             sweep.notes += [n for n in session.notes if n not in sweep.notes]
         if args.weights:
             _compounding(sweep, args, engine, registry, weights_caches, say)
     finally:
         engine.close()
+        _save(sweep, out)
     write_report(sweep, out)
     return sweep
+
+
+def _alias(session: KVSession, model: str) -> str:
+    """The name a model's rows carry (its registry alias), or the argument when it cannot be found."""
+    try:
+        return session.model(model).alias
+    except ModelUnavailable:
+        return model
+
+
+def _measure(session: KVSession, model: str, cache: CacheConfig, speed: bool) -> SweepRow:
+    row = SweepRow.of(session.evaluate(model, cache))
+    for phase in SPEED_PHASES if speed else ():
+        run = session.speed_target(model, cache, phase)
+        run()  # warm-up: the first pass pays for graph building and allocation
+        row.speed[phase] = session.record_speed(model, cache, phase, [run() for _ in range(SPEED_ROUNDS)]).tokens_per_s
+    return row
+
+
+def _save(sweep: Sweep, out: Path) -> None:
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps(sweep.to_json(), indent=2) + "\n")
+    tmp.replace(out / "sweep.json")
 
 
 def _options(args: argparse.Namespace, n_ctx: int, ref_model: str | None = None) -> KVOptions:
@@ -216,6 +299,8 @@ def _compounding(sweep: Sweep, args: argparse.Namespace, engine: Engine, registr
         try:
             w_only = session.evaluate(str(variant), f16).overall
             for cache in caches:
+                if any(c.weights == weight_type and c.cache == cache.label for c in sweep.compounding):
+                    continue
                 c_only = session.evaluate(base_name, cache).overall
                 both = session.evaluate(str(variant), cache).overall
                 sweep.compounding.append(Compounding(weight_type, cache.label, w_only.kl_mean, c_only.kl_mean,
@@ -228,11 +313,7 @@ def _compounding(sweep: Sweep, args: argparse.Namespace, engine: Engine, registr
 
 
 def write_report(sweep: Sweep, out: Path) -> None:
-    (out / "sweep.json").write_text(json.dumps({
-        "environment": sweep.environment, "rows": [r.to_json() for r in sweep.rows],
-        "compounding": [c.to_json() for c in sweep.compounding], "failures": sweep.failures,
-        "notes": sweep.notes,
-    }, indent=2) + "\n")
+    _save(sweep, out)
     plots = _plots(sweep, out)
     (out / "report.md").write_text(markdown(sweep, plots))
 
@@ -250,7 +331,8 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
     out = ["# KV-cache model-selection report", "",
            f"{env.get('date')} · pytest-kvquality {env.get('plugin')} · llama-cpp-python "
            f"{env.get('llama_cpp_python')} (ggml {env.get('ggml')}) · {env.get('backend')} · corpus "
-           f"{env.get('corpus', '?')}", "", f"`python -m pytest_kvquality sweep {env.get('command', '')}`", ""]
+           f"{env.get('corpus', '?')}", "",
+           *(f"`python -m pytest_kvquality sweep {c}`" for c in env.get("commands", [env.get("command", "")])), ""]
     for (model, n_ctx), rows in _groups(sweep.rows).items():
         out += [f"## {model}, n_ctx {n_ctx}", ""]
         by = {r.cache: r for r in rows}
@@ -272,12 +354,16 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
                             f"{off.kl_mean / on.kl_mean:.2f}×" if off and on.kl_mean > 0 else "-"]
                            for c, on, off in rot])
         cats = list(dict.fromkeys(c for r in rows for c in r.categories))
-        out += ["Per category (mean KLD), memory and top-1:", ""]
-        out += _table(["cache", *cats, "overall ± σ", "same top", "KV B/token", "KV MiB per 32k"],
+        phases = [p for p in SPEED_PHASES if any(p in r.speed for r in rows)]
+        out += ["Per category (mean KLD), memory, top-1 and throughput (scored tokens/s of the evaluation"
+                + (", llama.cpp's pp/tg tokens/s" if phases else "") + "; ⚠ CPU: KV ops fell back to the CPU):", ""]
+        out += _table(["cache", *cats, "overall ± σ", "same top", "KV B/token", "KV MiB per 32k", "scored tok/s",
+                       *(f"{p} tok/s" for p in phases)],
                       [[f"`{r.cache.label}`" + (" ⚠ CPU" if r.cpu_fallback else ""),
                         *(f"{r.categories.get(c, 0):.5f}" for c in cats), f"{r.kl_mean:.5f} ± {r.kl_mean_unc:.5f}",
                         f"{100 * r.top1:.2f} %", f"{r.kv_bytes_per_token:,.0f}" if r.kv_bytes_per_token else "-",
-                        f"{r.kv_bytes_per_token * 32768 / 2**20:,.0f}" if r.kv_bytes_per_token else "-"]
+                        f"{r.kv_bytes_per_token * 32768 / 2**20:,.0f}" if r.kv_bytes_per_token else "-",
+                        f"{r.scored_per_s:,.0f}", *(f"{r.speed[p]:,.0f}" if p in r.speed else "-" for p in phases)]
                        for r in rows])
         if rows and rows[0].positions:
             spans = [f"{p['start']}–{p['end'] - 1}" for p in rows[0].positions]
@@ -327,33 +413,44 @@ def _plots(sweep: Sweep, out: Path) -> list[str] | str:
     except ImportError:
         return "matplotlib is not installed (pip install 'pytest-kvquality[plots]'); tables only"
     made = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (model, n_ctx), rows in _groups(sweep.rows).items():
-        pts = [(r.kv_bytes_per_token or 0.0, max(r.kl_mean, 1e-6)) for r in rows]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{model} n_ctx {n_ctx}")
-        for r, (x, y) in zip(rows, pts, strict=True):
-            ax.annotate(r.cache.label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = sorted(pareto_front(pts), key=lambda i: pts[i][0])
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", linewidth=1)
-    ax.set_xlabel("KV cache bytes per token")
-    ax.set_ylabel("mean KLD against f16 (log)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("KV cache: quality against memory (dashed: Pareto front)")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    plt.close(fig)
-    made.append(str(out / "pareto.png"))
-    with_positions = [r for r in sweep.rows if r.positions and r.cache.quantized]
-    if with_positions:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in with_positions:
-            ax.plot([(p["start"] + p["end"]) / 2 for p in r.positions], [p["kl_mean"] for p in r.positions],
-                    marker="o", markersize=3, label=f"{r.model} {r.cache.label} n_ctx {r.n_ctx}")
-        ax.set_xlabel("context position")
-        ax.set_ylabel("mean KLD")
-        ax.legend(fontsize=6, ncol=2)
-        ax.set_title("Mean KLD by context position")
+    groups = _groups(sweep.rows)
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
+        for ax, ((model, n_ctx), rows) in zip(axes[0], groups.items(), strict=True):
+            pts = [(r.kv_bytes_per_token or 0.0, max(r.kl_mean, 1e-6)) for r in rows]
+            front = sorted(pareto_front(pts), key=lambda i: pts[i][0])
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.5, label="every config")
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o--", color="C3", linewidth=1,
+                    markersize=5, label="Pareto front")
+            for i in front:  # only the front is labelled: a full grid would be unreadable
+                ax.annotate(rows[i].cache.label, pts[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel("KV cache bytes per token")
+            ax.set_ylabel("mean KLD against f16 (log)")
+            ax.set_yscale("log")
+            ax.set_title(f"{model}, n_ctx {n_ctx}")
+            ax.legend(fontsize=8)
+        fig.suptitle("KV cache: quality against memory")
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=120)
+        plt.close(fig)
+        made.append(str(out / "pareto.png"))
+    # position profiles of the symmetric configs (K = V, rotation on): one panel per n_ctx
+    by_ctx: dict[int, list[SweepRow]] = {}
+    for r in sweep.rows:
+        if r.positions and r.cache.quantized and r.cache.type_k == r.cache.type_v and r.cache.rotation:
+            by_ctx.setdefault(r.n_ctx, []).append(r)
+    if by_ctx:
+        fig, axes = plt.subplots(1, len(by_ctx), figsize=(6.5 * len(by_ctx), 4.8), squeeze=False)
+        for ax, (n_ctx, rows) in zip(axes[0], sorted(by_ctx.items()), strict=True):
+            for r in rows:
+                ax.plot([(p["start"] + p["end"]) / 2 for p in r.positions], [p["kl_mean"] for p in r.positions],
+                        marker="o", markersize=3, label=f"{r.model} {r.cache.label}")
+            ax.set_xlabel("context position")
+            ax.set_ylabel("mean KLD (log)")
+            ax.set_yscale("log")
+            ax.set_title(f"n_ctx {n_ctx}")
+            ax.legend(fontsize=7)
+        fig.suptitle("Mean KLD by context position (K = V, rotation on)")
         fig.tight_layout()
         fig.savefig(out / "positions.png", dpi=120)
         plt.close(fig)
@@ -361,11 +458,19 @@ def _plots(sweep: Sweep, out: Path) -> list[str] | str:
     return made
 
 
+USAGE = ("usage: python -m pytest_kvquality sweep --kv-model MODEL [options]  (--help for the options)\n"
+         "       python -m pytest_kvquality report DIR  (redraw DIR/report.md and plots from DIR/sweep.json)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 2 and args[0] == "report":  # e.g. plots on a machine with matplotlib
+        out = Path(args[1])
+        write_report(Sweep.load(out / "sweep.json"), out)
+        print(f"report: {out / 'report.md'}")
+        return 0
     if not args or args[0] != "sweep":
-        print("usage: python -m pytest_kvquality sweep --kv-model MODEL [options]  (--help for the options)",
-              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     sweep = run_sweep(args[1:])
     out = Path(build_parser().parse_args(args[1:]).out)

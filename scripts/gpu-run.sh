@@ -2,7 +2,8 @@
 # On the GPU host (see shared/gpu/README.md), after `source .gpu/bin/env.sh`: the test suite, the
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
-#   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | all (default all)
+#   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
+#          | variants | all (default all; the sweeps, variants and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (shared/gpu).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
@@ -28,11 +29,14 @@ if [ "$stage" = long ] || [ "$stage" = all ]; then
     --kv-ctx 8192 --kv-cache q8_0,q4_0 --kv-thresholds /tmp/kvq-long/no-thresholds --kv-json "$OUT/long-8192.json" 2>&1 \
     | tee "$OUT/long-8192.log" | grep -v "^\[kvquality\]" | tail -20
 fi
-if [ "$stage" = bench ] || [ "$stage" = all ]; then
-  KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
-  for v in "KVQ_OVERLAP=0" "KVQ_LLAMA_THREADS=4" "KVQ_LLAMA_THREADS=4 KVQ_THREADS=12"; do  # what each change buys
-    env $v KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
-      --benchmark-json "$OUT/bench-${v// /_}.json" > "$OUT/bench-${v// /_}.log" 2>&1
+if [ "$stage" = bench ] || [ "$stage" = all ]; then  # includes the reduction's scaling over 1..16 threads
+  KVQ_BENCH_ROUNDS="${KVQ_BENCH_ROUNDS:-5}" KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py \
+    --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
+fi
+if [ "$stage" = variants ]; then  # what each engine setting buys
+  for v in "KVQ_OVERLAP=0" "KVQ_LLAMA_THREADS=16" "KVQ_LLAMA_THREADS=4 KVQ_THREADS=12"; do
+    env $v KVQ_BENCH_ROUNDS=5 KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
+      --benchmark-json "$OUT/bench-${v//[ =]/_}.json" > "$OUT/bench-${v//[ =]/_}.log" 2>&1
   done
 fi
 if [ "$stage" = memory ] || [ "$stage" = all ]; then
@@ -59,11 +63,22 @@ finally:
     e.close()
 PY
 fi
-if [ "$stage" = sweep ]; then  # the model-selection report: every cache type, rotation, 512 and 8192
-  python3 -m pytest_kvquality sweep --kv-registry "$REG" --kv-model gemma3-270m \
-    --k-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl --v-types f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl \
-    --rotation on,off --kv-ctx 512,8192 --kv-chunks 8 --weights Q3_K_M,Q2_K --out "$OUT/sweep" 2>&1 | tail -5
+# The model-selection sweep: every cache type llama.cpp accepts, rotation on and off. n_ctx 512: the
+# full K x V grid with speed, plus weights x cache; n_ctx 8192: K only, V only and K = V. Results
+# accumulate in $SWEEP (--resume), so the stages may run in separate calls; each copies the report to $OUT.
+SWEEP="${KVQ_SWEEP_DIR:-/tmp/kvq-sweep}"
+TYPES=f16,q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl
+S="python3 -m pytest_kvquality sweep --kv-registry $REG --kv-model gemma3-270m --resume --out $SWEEP"
+if [ "$stage" = sweep ] || [ "$stage" = sweep512 ]; then
+  $S --kv-ctx 512 --kv-chunks "${KVQ_SWEEP_CHUNKS:-4}" --k-types $TYPES --v-types $TYPES --rotation on,off \
+    --kv-cache f32,bf16 --speed --weights Q3_K_M,Q2_K 2>&1 | tee -a "$OUT/sweep.log" | tail -5
 fi
+if [ "$stage" = sweep ] || [ "$stage" = sweep8k ]; then
+  sym=""; for t in q8_0 q5_1 q5_0 q4_1 q4_0 iq4_nl; do sym="$sym,f16/$t,f16/$t:norot,$t,$t:norot"; done
+  $S --kv-ctx 8192 --kv-chunks "${KVQ_SWEEP_LONG_CHUNKS:-2}" --k-types $TYPES --v-types f16 --rotation on,off \
+    --kv-cache "${sym#,}" 2>&1 | tee -a "$OUT/sweep.log" | tail -5
+fi
+case "$stage" in sweep*) cp -r "$SWEEP" "$OUT/sweep" ;; esac
 if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU each worker process uses
   ( for i in $(seq 1 90); do nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader; sleep 1; done ) \
     > "$OUT/multigpu-smi.log" 2>&1 &

@@ -8,7 +8,7 @@ import builtins
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -51,7 +51,8 @@ def test_sweep_writes_tables_json_and_plots(fake_model: Path, sweep_dir: Path) -
     assert by["q4_0:norot"].kl_mean > by["q4_0"].kl_mean  # the fake, like llama.cpp, gains from rotation
     report = (out / "report.md").read_text()
     for heading in ("Mean KLD, K type × V type", "Which half carries the loss", "Hadamard rotation on and off",
-                    "Per category (mean KLD), memory and top-1", "Mean KLD by context position", "Pareto front"):
+                    "Per category (mean KLD), memory, top-1 and throughput", "Mean KLD by context position",
+                    "Pareto front"):
         assert heading in report, heading
     assert "| q4_0 | " in report and "![pareto](pareto.png)" in report and "![positions](positions.png)" in report
     data = json.loads((out / "sweep.json").read_text())
@@ -127,3 +128,68 @@ def test_long_contexts_use_the_categories_long_enough(fake_model: Path, sweep_di
     assert len(long.rows) == 1 and len(long.rows[0].categories) < 4
     assert any("left out at n_ctx 32768" in n for n in long.notes)
     assert long.rows[0].positions[-1]["end"] == 32767
+
+
+class InterruptedEngine(FakeEngine):
+    """Ctrl-C arrives while the sweep evaluates its first q4_0 config."""
+
+    evaluated: ClassVar[list[str]] = []
+    interrupt: ClassVar[bool] = True
+
+    def evaluate(self, model: Any, cache: CacheConfig, chunks: Any, ref: Any) -> Any:
+        InterruptedEngine.evaluated.append(cache.label)
+        if cache.label == "q4_0" and InterruptedEngine.interrupt:
+            InterruptedEngine.interrupt = False
+            raise KeyboardInterrupt
+        return super().evaluate(model, cache, chunks, ref)
+
+
+def test_an_interrupted_sweep_keeps_what_it_measured_and_resume_measures_only_the_rest(
+        fake_model: Path, sweep_dir: Path) -> None:
+    out = sweep_dir / "resumable"
+    args = ["--kv-model", str(fake_model), "--kv-ctx", "64", "--kv-chunks", "1", "--k-types", "q8_0,q4_0",
+            "--v-types", "q8_0,q4_0", "--rotation", "on", "--out", str(out)]
+    InterruptedEngine.evaluated, InterruptedEngine.interrupt = [], True
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(args, engine_factory=InterruptedEngine, say=lambda _: None)
+    kept = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["cache"] for r in kept] == ["q8_0", "q8_0/q4_0", "q4_0/q8_0"]
+    InterruptedEngine.evaluated = []
+    result = run_sweep([*args, "--resume"], engine_factory=InterruptedEngine, say=lambda _: None)
+    assert set(InterruptedEngine.evaluated) == {"q4_0"}  # the three saved configs were not run again
+    assert [r.cache.label for r in result.rows] == ["q8_0", "q8_0/q4_0", "q4_0/q8_0", "q4_0"]
+    assert result.rows[0].kl_mean == kept[0]["kl_mean"]
+    assert len(json.loads((out / "sweep.json").read_text())["environment"]["commands"]) == 2
+    # extending a sweep: a new n_ctx and configs outside the grid, in the plugin's syntax
+    InterruptedEngine.evaluated = []
+    more = run_sweep([*args, "--resume", "--kv-ctx", "64,128", "--kv-cache", "f32,q4_0:norot"],
+                     engine_factory=InterruptedEngine, say=lambda _: None)
+    assert [(r.n_ctx, r.cache.label) for r in more.rows[4:]] == [
+        (64, "f32"), (64, "q4_0:norot"), (128, "q8_0"), (128, "q8_0/q4_0"), (128, "q4_0/q8_0"), (128, "q4_0"),
+        (128, "f32"), (128, "q4_0:norot")]
+    report = (out / "report.md").read_text()
+    assert "## tiny, n_ctx 64" in report and "## tiny, n_ctx 128" in report
+    # the report is redrawn from sweep.json alone (e.g. plots on a machine that has matplotlib)
+    (out / "report.md").unlink()
+    (out / "pareto.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report and (out / "pareto.png").exists()
+
+
+def test_a_damaged_sweep_json_is_not_resumed_silently(fake_model: Path, sweep_dir: Path) -> None:
+    out = sweep_dir / "damaged"
+    out.mkdir()
+    (out / "sweep.json").write_text('{"rows": [{"model": "tiny"')
+    with pytest.raises(SystemExit, match=r"cannot read .*sweep\.json"):
+        sweep(fake_model, out, "--resume")
+    assert (out / "sweep.json").read_text() == '{"rows": [{"model": "tiny"'  # left for the user to look at
+
+
+def test_speed_puts_prompt_and_generation_rates_next_to_quality(fake_model: Path, sweep_dir: Path) -> None:
+    result = sweep(fake_model, sweep_dir / "speed", "--k-types", "q8_0", "--v-types", "q8_0", "--rotation", "on",
+                   "--speed")
+    (row,) = result.rows
+    assert set(row.speed) == {"pp", "tg"} and all(v > 0 for v in row.speed.values())
+    assert row.n_tokens > 0 and row.scored_per_s > 0
+    report = (sweep_dir / "speed" / "report.md").read_text()
+    assert "| pp tok/s | tg tok/s |" in report

@@ -72,3 +72,31 @@ def test_a_worker_killed_by_the_oom_killer_is_explained(worker: WorkerEngine) ->
         worker.sleep_for_test(30)
     assert worker.info()["llama_cpp_python"]  # and a fresh worker serves the next request
     assert worker.pid != pid
+
+
+def test_ctrl_c_in_the_middle_of_a_request_stops_the_busy_worker_at_once(worker: WorkerEngine) -> None:
+    import os
+    import signal
+    import time
+
+    worker.info()
+    pid = worker.pid
+    assert pid is not None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            worker.sleep_for_test(30)
+        worker.close()  # no 10 s wait for a worker that cannot answer
+        assert time.monotonic() - start < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert worker.info()["llama_cpp_python"]  # the channel is not out of step: a fresh worker answers
+    assert worker.pid != pid
