@@ -236,9 +236,9 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
                         sweep.rows.append(_measure(session, model, cache, args.speed))
                     except (EngineError, ModelUnavailable, ValueError) as e:
                         sweep.failures.append(f"{model} {cache.label} n_ctx {n_ctx}: {e}")
+                    sweep.notes += [n for n in session.notes if n not in sweep.notes]
                     _save(sweep, out)  # an interrupted sweep keeps every config measured so far
             sweep.environment.setdefault("corpus", session.corpus.name)
-            sweep.notes += [n for n in session.notes if n not in sweep.notes]
         if args.weights:
             _compounding(sweep, args, engine, registry, weights_caches, say)
     finally:
