@@ -455,13 +455,31 @@ class LocalEngine:
         self.rows.close()
 
 
-def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None) -> dict[str, str]:
-    """One GPU per pytest-xdist worker: worker ``gw<k>`` sees only the k-th (mod n) device of
-    ``CUDA_VISIBLE_DEVICES``. Set in the model worker's environment, before CUDA initialises."""
+#: One entry per NVIDIA GPU the driver knows, readable without starting CUDA.
+NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
+
+
+def visible_gpus(environ: Mapping[str, str], gpus_dir: Path = NVIDIA_GPUS_DIR) -> list[str]:
+    """CUDA device indices a process started with ``environ`` would see: ``CUDA_VISIBLE_DEVICES``
+    when set, else every GPU the NVIDIA driver lists (CUDA's default). Never initialises CUDA."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        return [str(i) for i in range(sum(1 for _ in gpus_dir.iterdir()))]
+    except OSError:
+        return []
+
+
+def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None,
+                   gpus_dir: Path = NVIDIA_GPUS_DIR) -> dict[str, str]:
+    """One GPU per pytest-xdist worker: worker ``gw<k>`` sees only the k-th (mod n) visible device.
+    Set in the model worker's environment, before CUDA initialises; without it llama.cpp spreads
+    every worker's model over all the GPUs."""
     env = dict(environ)
-    devices = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if xdist_worker and xdist_worker.startswith("gw") and xdist_worker[2:].isdigit() and len(devices) > 1:
-        env["CUDA_VISIBLE_DEVICES"] = devices[int(xdist_worker[2:]) % len(devices)]
+    if xdist_worker and xdist_worker.startswith("gw") and xdist_worker[2:].isdigit():
+        devices = visible_gpus(environ, gpus_dir)
+        if len(devices) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = devices[int(xdist_worker[2:]) % len(devices)]
     return env
 
 

@@ -199,14 +199,17 @@ def compact_rows(
     """
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
-    bmax = np.empty(n, np.int32)
-    bnorm = np.empty(n, np.float32)
+    bmax, bnorm = log_normalizer(base_logits)
     pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    # one mask buffer for every block: a fresh multi-MB temporary per block costs page faults,
+    # which serialize threads in the kernel
+    above = np.empty((min(ROW_BLOCK, n), n_vocab), bool)
     for s in range(0, n, ROW_BLOCK):
         block = base_logits[s : s + ROW_BLOCK]
-        bmax[s : s + block.shape[0]], bnorm[s : s + block.shape[0]] = log_normalizer(block)
         norm = bnorm[s : s + block.shape[0]]
-        flat = np.flatnonzero(block > (norm + LOG_P_CUTOFF)[:, None])
+        mask = above[: block.shape[0]]
+        np.greater(block, (norm + LOG_P_CUTOFF)[:, None], out=mask)
+        flat = np.flatnonzero(mask)
         block_rows, block_ids = np.divmod(flat, n_vocab)
         pieces.append((block_rows + s, block_ids, block.reshape(-1)[flat] - norm[block_rows]))
     # every token above the cutoff, as (row, token, log p), in (row, token) order

@@ -86,5 +86,17 @@ if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU e
   $P --kv-model gemma3-270m -m kvquality -n 2 --dist loadgroup --kv-cache q8_0,q4_0,q8_0:norot,q4_0:norot \
     --kv-regen --kv-json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.log" | grep -v "^\[kvquality\]" | tail -20
   kill $smi 2>/dev/null
+  python3 - "$OUT/multigpu-smi.log" <<'PY' | tee "$OUT/multigpu-check.txt"
+import sys
+seen = {}
+for line in open(sys.argv[1]):
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) == 3 and parts[0].isdigit():
+        seen.setdefault(parts[0], set()).add(parts[1])
+one_each = all(len(g) == 1 for g in seen.values())
+distinct = len({next(iter(g)) for g in seen.values()}) == len(seen) if one_each else False
+print({pid: sorted(g) for pid, g in seen.items()})
+print("one GPU per model worker:", "yes" if seen and one_each and distinct else "NO")
+PY
   nvidia-smi -L >> "$OUT/multigpu-smi.log"
 fi

@@ -63,14 +63,29 @@ def test_compact_estimate_tracks_the_exact_value_on_the_fake_model(fake_model: P
     engine.close()
 
 
-def test_each_xdist_worker_gets_its_own_gpu() -> None:
+def test_each_xdist_worker_gets_its_own_gpu(tmp_path: Path) -> None:
     from pytest_kvquality.engine import worker_gpu_env
 
+    no_driver = tmp_path / "absent"
     env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"}
-    assert worker_gpu_env(env, "gw0")["CUDA_VISIBLE_DEVICES"] == "0"
-    assert worker_gpu_env(env, "gw2")["CUDA_VISIBLE_DEVICES"] == "2"
-    assert worker_gpu_env(env, "gw5")["CUDA_VISIBLE_DEVICES"] == "1"  # more workers than GPUs: wrap
-    assert worker_gpu_env(env, None)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # no xdist: all of them
-    assert worker_gpu_env({"CUDA_VISIBLE_DEVICES": "7"}, "gw3")["CUDA_VISIBLE_DEVICES"] == "7"
-    assert "CUDA_VISIBLE_DEVICES" not in worker_gpu_env({"PATH": "/bin"}, "gw1")
-    assert worker_gpu_env(env, "gw1")["PATH"] == "/bin"
+    assert worker_gpu_env(env, "gw0", no_driver)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert worker_gpu_env(env, "gw2", no_driver)["CUDA_VISIBLE_DEVICES"] == "2"
+    assert worker_gpu_env(env, "gw5", no_driver)["CUDA_VISIBLE_DEVICES"] == "1"  # more workers than GPUs: wrap
+    assert worker_gpu_env(env, None, no_driver)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # no xdist: all of them
+    assert worker_gpu_env({"CUDA_VISIBLE_DEVICES": "7"}, "gw3", no_driver)["CUDA_VISIBLE_DEVICES"] == "7"
+    assert "CUDA_VISIBLE_DEVICES" not in worker_gpu_env({"PATH": "/bin"}, "gw1", no_driver)  # no GPU at all
+    assert worker_gpu_env(env, "gw1", no_driver)["PATH"] == "/bin"
+
+
+def test_without_cuda_visible_devices_the_workers_split_the_gpus_the_driver_lists(tmp_path: Path) -> None:
+    """Found on a 2-GPU host: with CUDA_VISIBLE_DEVICES unset, each worker spread its model over both GPUs."""
+    from pytest_kvquality.engine import worker_gpu_env
+
+    gpus = tmp_path / "gpus"  # what /proc/driver/nvidia/gpus holds: one folder per GPU, named by PCI address
+    for bus in ("0000:18:00.0", "0000:2a:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    assert worker_gpu_env({}, "gw0", gpus)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert worker_gpu_env({}, "gw1", gpus)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert worker_gpu_env({}, "gw2", gpus)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in worker_gpu_env({}, None, gpus)  # one process: left to llama.cpp
+    assert worker_gpu_env({"CUDA_VISIBLE_DEVICES": ""}, "gw1", gpus)["CUDA_VISIBLE_DEVICES"] == ""  # GPUs hidden
