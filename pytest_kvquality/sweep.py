@@ -130,7 +130,8 @@ class Sweep:
         try:
             d = json.loads(path.read_text())
             return cls([SweepRow.from_json(r) for r in d["rows"]],
-                       [Compounding.from_json(c) for c in d["compounding"]], d["environment"], [], d["notes"])
+                       [Compounding.from_json(c) for c in d["compounding"]], d["environment"], d["failures"],
+                       d["notes"])
         except (OSError, ValueError, KeyError, TypeError, CacheConfigError) as e:
             raise SystemExit(f"sweep: cannot read {path}: {e!r}; move it away (or drop --resume)") from e
 
@@ -219,6 +220,7 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
     sweep = Sweep(environment=environment)
     if args.resume and (out / "sweep.json").exists():
         sweep = Sweep.load(out / "sweep.json")
+        sweep.failures = []  # what failed before is tried again
         sweep.environment["commands"] = sweep.environment.get("commands", []) + environment["commands"]
         say(f"sweep: resuming {out / 'sweep.json'}: {len(sweep.rows)} configs already measured")
     engine = engine_factory()
@@ -336,8 +338,7 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
     for (model, n_ctx), rows in _groups(sweep.rows).items():
         out += [f"## {model}, n_ctx {n_ctx}", ""]
         by = {r.cache: r for r in rows}
-        ks = list(dict.fromkeys(r.cache.type_k for r in rows))
-        vs = list(dict.fromkeys(r.cache.type_v for r in rows))
+        ks, vs = _grid_axes([r.cache for r in rows])
         out += ["Mean KLD, K type × V type (rotation on):", ""]
         out += _table(["K \\ V", *vs], [[k, *(_fmt(by.get(CacheConfig(k, v, True))) for v in vs)] for k in ks])
         quantized = [c for c in ks if c not in UNQUANTIZED]
@@ -372,7 +373,8 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
                           [[f"`{r.cache.label}`", *(f"{p['kl_mean']:.4f}" for p in r.positions)] for r in rows])
         front = pareto_front([(r.kv_bytes_per_token or 0.0, r.kl_mean) for r in rows])
         out += ["Pareto front (no other config has both fewer KV bytes and lower mean KLD): "
-                + ", ".join(f"`{rows[i].cache.label}`" for i in front), ""]
+                + ", ".join(f"`{rows[i].cache.label}`" + (" ⚠ CPU" if rows[i].cpu_fallback else "") for i in front),
+                ""]
     if sweep.compounding:
         out += ["## Weights × cache", "",
                 "Against the original weights with an f16 cache: lower-precision weights alone, the cache alone, "
@@ -390,6 +392,19 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
     if sweep.notes:
         out += ["## Notes", "", *(f"* {n}" for n in sweep.notes), ""]
     return "\n".join(out)
+
+
+def _grid_axes(caches: Sequence[CacheConfig]) -> tuple[list[str], list[str]]:
+    """K and V types of the K × V table: those paired with more than one other type (a lone
+    ``f32`` or ``bf16`` added with --kv-cache is in the per-category table, not a sparse column)."""
+    pairs = {(c.type_k, c.type_v) for c in caches}
+    ks = list(dict.fromkeys(k for k, _ in pairs if sum(1 for kk, _ in pairs if kk == k) > 1))
+    vs = list(dict.fromkeys(v for _, v in pairs if sum(1 for _, vv in pairs if vv == v) > 1))
+    order = list(dict.fromkeys(t for c in caches for t in (c.type_k, c.type_v)))
+    if not ks or not vs:  # no grid at all: one column and row per config
+        ks = list(dict.fromkeys(c.type_k for c in caches))
+        vs = list(dict.fromkeys(c.type_v for c in caches))
+    return sorted(ks, key=order.index), sorted(vs, key=order.index)
 
 
 def _fmt(r: SweepRow | None) -> str:
@@ -417,13 +432,17 @@ def _plots(sweep: Sweep, out: Path) -> list[str] | str:
     if groups:
         fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
         for ax, ((model, n_ctx), rows) in zip(axes[0], groups.items(), strict=True):
-            pts = [(r.kv_bytes_per_token or 0.0, max(r.kl_mean, 1e-6)) for r in rows]
+            positive = [r.kl_mean for r in rows if r.kl_mean > 0]
+            floor = min(positive) / 3 if positive else 1e-6  # lossless configs drawn on the floor
+            pts = [(r.kv_bytes_per_token or 0.0, max(r.kl_mean, floor)) for r in rows]
             front = sorted(pareto_front(pts), key=lambda i: pts[i][0])
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.5, label="every config")
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o--", color="C3", linewidth=1,
                     markersize=5, label="Pareto front")
-            for i in front:  # only the front is labelled: a full grid would be unreadable
-                ax.annotate(rows[i].cache.label, pts[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for n, i in enumerate(front):  # only the front is labelled: a full grid would be unreadable
+                label = rows[i].cache.label + (" (0)" if rows[i].kl_mean <= 0 else "") + \
+                    (" CPU!" if rows[i].cpu_fallback else "")
+                ax.annotate(label, pts[i], fontsize=7, xytext=(4, 6 if n % 2 else -11), textcoords="offset points")
             ax.set_xlabel("KV cache bytes per token")
             ax.set_ylabel("mean KLD against f16 (log)")
             ax.set_yscale("log")
