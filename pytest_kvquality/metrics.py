@@ -32,8 +32,9 @@ ROW_BLOCK = 8
 #: Bins of log p over (-16, 0] used to find each row's top-k candidates before sorting them.
 TOP_BINS = 1024
 
-#: Tail probabilities are summed as integers in units of 2^-48 (exact sums; p >= e^-16 keeps
-#: more than 24 bits).
+#: Tail probabilities are summed as integers in units of 2^-48: exact sums, so a row's tail mass
+#: does not depend on the rows it is processed with. Each p enters with float32 precision
+#: (relative 6e-8), far below the sampling noise of the tail estimate.
 TAIL_MASS_UNIT = float(1 << 48)
 
 F32 = npt.NDArray[np.float32]
@@ -188,21 +189,20 @@ def compact_rows(
     """``compact_reference`` with the sampling offsets given: rows can be split across threads
     and give the same result as one pass.
 
-    Only two things touch the whole vocabulary, ``ROW_BLOCK`` rows at a time: the log-normalizer
-    and pulling out the tokens above the cutoff (a few hundred to a few thousand of Gemma's
-    262,144). Everything after works on those few tokens for all rows at once, with no per-row
-    Python loop: a handful of numpy calls per call, so many threads scale instead of queueing on
-    the GIL. The top ``k`` of each row are kept exactly (ties broken by token id). The rest, the
-    tail, is sampled systematically in token order: one offset ``u0`` per row, ``m`` evenly spaced
-    points on the tail's cumulative mass, which is summed in fixed point so that each row's sums
-    are exact and independent of the rows processed with it.
+    Only two things touch the whole vocabulary: the log-normalizer and pulling out the tokens
+    above the cutoff (on real Gemma rows: median 2,234 of 262,144, p90 12,207, at most ~31,600).
+    Everything after works on those tokens for all rows at once, with no per-row Python loop: a
+    handful of numpy calls per call, so threads do not queue on the GIL. The top ``k`` of each row
+    are kept exactly (ties broken by token id). The rest, the tail, is sampled systematically in
+    token order: one offset ``u0`` per row, ``m`` evenly spaced points on the tail's cumulative
+    mass, which is summed in fixed point so that each row's sums are exact and independent of the
+    rows processed with it.
     """
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
     bmax, bnorm = log_normalizer(base_logits)
     pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    # one mask buffer for every block: a fresh multi-MB temporary per block costs page faults,
-    # which serialize threads in the kernel
+    # one mask buffer reused for every block, not a multi-MB temporary per block
     above = np.empty((min(ROW_BLOCK, n), n_vocab), bool)
     for s in range(0, n, ROW_BLOCK):
         block = base_logits[s : s + ROW_BLOCK]
@@ -239,7 +239,7 @@ def compact_rows(
     if m and tail.size:
         t_rows = rows[tail]
         t_first = np.searchsorted(t_rows, np.arange(n + 1))
-        # probabilities in units of 2^-TAIL_MASS_BITS: integer sums are exact, so a row's
+        # probabilities in units of 1 / TAIL_MASS_UNIT: integer sums are exact, so a row's
         # cumulative mass is the same whatever rows come before it
         cum = np.cumsum(np.rint(np.exp(lp[tail]) * TAIL_MASS_UNIT).astype(np.int64))
         before = np.concatenate([[0], cum])[t_first]  # mass of the earlier rows' tails
