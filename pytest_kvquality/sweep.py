@@ -220,6 +220,7 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
     sweep = Sweep(environment=environment)
     if args.resume and (out / "sweep.json").exists():
         sweep = Sweep.load(out / "sweep.json")
+        _check_resumable(sweep.environment, environment, out)
         sweep.failures = []  # what failed before is tried again
         sweep.environment["commands"] = sweep.environment.get("commands", []) + environment["commands"]
         say(f"sweep: resuming {out / 'sweep.json'}: {len(sweep.rows)} configs already measured")
@@ -229,6 +230,9 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
             options = _options(args, n_ctx)
             session = KVSession(options, lambda: engine, registry)
             session.progress = say
+            corpus = {"corpus": session.corpus.name, "corpus_sha256": session.corpus.content_hash()}
+            _check_resumable(sweep.environment, corpus, out)
+            sweep.environment.update(corpus)
             for model in args.kv_model:
                 for cache in caches:
                     if sweep.has((_alias(session, model), n_ctx, cache.label)):
@@ -240,7 +244,6 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
                         sweep.failures.append(f"{model} {cache.label} n_ctx {n_ctx}: {e}")
                     sweep.notes += [n for n in session.notes if n not in sweep.notes]
                     _save(sweep, out)  # an interrupted sweep keeps every config measured so far
-            sweep.environment.setdefault("corpus", session.corpus.name)
         if args.weights:
             _compounding(sweep, args, engine, registry, weights_caches, say)
     finally:
@@ -248,6 +251,19 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
         _save(sweep, out)
     write_report(sweep, out)
     return sweep
+
+
+#: what must match for a resumed sweep's rows to be comparable with the new ones
+RESUME_KEYS = ("llama_cpp_python", "ggml", "backend", "corpus_sha256")
+
+
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    """Refuse to mix rows measured with another llama.cpp, backend or corpus into one report."""
+    differ = [f"{k}: {saved[k]} there, {now[k]} now" for k in RESUME_KEYS
+              if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        raise SystemExit(f"sweep: {out / 'sweep.json'} was measured differently ({'; '.join(differ)}); "
+                         "its rows would not compare with new ones: use another --out")
 
 
 def _alias(session: KVSession, model: str) -> str:

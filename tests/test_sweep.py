@@ -176,6 +176,18 @@ def test_an_interrupted_sweep_keeps_what_it_measured_and_resume_measures_only_th
     assert (out / "report.md").read_text() == report and (out / "pareto.png").exists()
 
 
+def test_resume_refuses_rows_from_another_corpus(fake_model: Path, sweep_dir: Path, tmp_path: Path) -> None:
+    out = sweep_dir / "corpus"
+    one = ["--k-types", "q8_0", "--v-types", "q8_0", "--rotation", "on"]
+    sweep(fake_model, out, *one)
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    (other / "prose.txt").write_text("A different text. " * 2000)
+    with pytest.raises(SystemExit, match=r"corpus_sha256: .* there, .* now"):
+        sweep(fake_model, out, *one, "--resume", "--kv-cache", "q4_0", "--kv-corpus", str(other))
+    assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 1  # nothing mixed in
+
+
 def test_a_damaged_sweep_json_is_not_resumed_silently(fake_model: Path, sweep_dir: Path) -> None:
     out = sweep_dir / "damaged"
     out.mkdir()
