@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | all (default all; the sweeps, variants and multigpu run only when named)
+#          | variants | compaction | all (default all; the sweeps, variants, compaction and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (shared/gpu).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
@@ -32,6 +32,14 @@ fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then  # includes the reduction's scaling over 1..16 threads
   KVQ_BENCH_ROUNDS="${KVQ_BENCH_ROUNDS:-5}" KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py \
     --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
+fi
+if [ "$stage" = compaction ]; then  # where a reference build's time goes: real rows over 1..32 threads,
+  # then the build/eval ratio with the row pool at 8, 16 and 32 threads
+  python3 benchmarks/compaction_real_rows.py 1 2 4 8 16 32 2>/dev/null | tee "$OUT/compaction.log"
+  for t in 8 16 32; do
+    KVQ_THREADS=$t KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
+      --benchmark-json "$OUT/bench-threads-$t.json" > "$OUT/bench-threads-$t.log" 2>&1
+  done
 fi
 if [ "$stage" = variants ]; then  # what each engine setting buys
   for v in "KVQ_OVERLAP=0" "KVQ_LLAMA_THREADS=16" "KVQ_LLAMA_THREADS=4 KVQ_THREADS=12"; do
