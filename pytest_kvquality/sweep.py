@@ -331,7 +331,7 @@ def _compounding(sweep: Sweep, args: argparse.Namespace, engine: Engine, registr
 
 
 def write_report(sweep: Sweep, out: Path) -> None:
-    _save(sweep, out)
+    """report.md and the plots, from what ``sweep`` holds (run_sweep has saved sweep.json already)."""
     plots = _plots(sweep, out)
     (out / "report.md").write_text(markdown(sweep, plots))
 
@@ -464,11 +464,7 @@ def _plots(sweep: Sweep, out: Path) -> list[str] | str:
             ax.set_yscale("log")
             ax.set_title(f"{model}, n_ctx {n_ctx}")
             ax.legend(fontsize=8)
-        fig.suptitle("KV cache: quality against memory")
-        fig.tight_layout()
-        fig.savefig(out / "pareto.png", dpi=120)
-        plt.close(fig)
-        made.append(str(out / "pareto.png"))
+        made.append(_finish(plt, fig, "KV cache: quality against memory", out / "pareto.png"))
     # position profiles of the symmetric configs (K = V, rotation on): one panel per n_ctx
     by_ctx: dict[int, list[SweepRow]] = {}
     for r in sweep.rows:
@@ -485,12 +481,17 @@ def _plots(sweep: Sweep, out: Path) -> list[str] | str:
             ax.set_yscale("log")
             ax.set_title(f"n_ctx {n_ctx}")
             ax.legend(fontsize=7)
-        fig.suptitle("Mean KLD by context position (K = V, rotation on)")
-        fig.tight_layout()
-        fig.savefig(out / "positions.png", dpi=120)
-        plt.close(fig)
-        made.append(str(out / "positions.png"))
+        made.append(_finish(plt, fig, "Mean KLD by context position (K = V, rotation on)", out / "positions.png"))
     return made
+
+
+def _finish(plt: Any, fig: Any, title: str, path: Path) -> str:
+    """Title, lay out, write and close a figure; returns where it went."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 USAGE = ("usage: python -m pytest_kvquality sweep --kv-model MODEL [options]  (--help for the options)\n"
