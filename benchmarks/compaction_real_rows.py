@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 from pytest_kvquality.cache_config import CacheConfig  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
 from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, RowParallel  # noqa: E402
+from pytest_kvquality.environment import default_cache_dir  # noqa: E402
+from pytest_kvquality.kernels import kernel_name  # noqa: E402
 from pytest_kvquality.metrics import LOG_P_CUTOFF, compact_rows, kl_compact, log_normalizer  # noqa: E402
-from pytest_kvquality.options import default_cache_dir  # noqa: E402
 from pytest_kvquality.registry import builtin_model_path  # noqa: E402
 
 ROWS_PER_CHUNK = 255
@@ -49,7 +50,7 @@ def main() -> None:
     u0 = np.random.default_rng(1).random(n)
     _, norm = log_normalizer(logits)
     above = (logits > (norm + LOG_P_CUTOFF)[:, None]).sum(axis=1)
-    print(f"{n} rows; tokens above the cutoff p10/p50/p90/max: "
+    print(f"{n} rows, compaction in {kernel_name()}; tokens above the cutoff p10/p50/p90/max: "
           f"{' / '.join(str(int(x)) for x in np.percentile(above, [10, 50, 90, 100]))}")
     ref = compact_rows(logits, nxt, DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES, u0)
     for threads in [int(t) for t in sys.argv[1:]] or [1, 2, 4, 8, 16]:

@@ -21,8 +21,7 @@ import pytest
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import ModelLoad, WorkerEngine
-from pytest_kvquality.environment import host_backend
-from pytest_kvquality.options import default_cache_dir
+from pytest_kvquality.environment import default_cache_dir, host_backend
 from pytest_kvquality.registry import builtin_model_path
 
 GIB = 1 << 30

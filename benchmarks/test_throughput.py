@@ -22,8 +22,9 @@ from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES as M
 from pytest_kvquality.engine import DEFAULT_TOP_K as K
 from pytest_kvquality.engine import ModelLoad, RowParallel, WorkerEngine, _compact_block, _kl_compact_block
+from pytest_kvquality.environment import default_cache_dir
+from pytest_kvquality.kernels import kernel_name
 from pytest_kvquality.metrics import compact_reference, compact_rows, kl_compact, kl_exact
-from pytest_kvquality.options import default_cache_dir
 from pytest_kvquality.reference import ReferenceKey, write_reference
 from pytest_kvquality.registry import builtin_model_path
 
@@ -90,7 +91,8 @@ def test_reduction_scaling_over_threads(benchmark, peaked_logits, work: str, thr
             benchmark(rows.map, ROWS, partial(_compact_block, base, nxt, u0, K, M))
     finally:
         rows.close()
-    benchmark.extra_info.update({"rows_per_s": ROWS / benchmark.stats.stats.mean, "threads": threads})
+    benchmark.extra_info.update({"rows_per_s": ROWS / benchmark.stats.stats.mean, "threads": threads,
+                                 "compaction": kernel_name()})
 
 
 def test_reference_bytes_per_scored_token(benchmark, gemma_like_logits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -149,7 +151,7 @@ def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_pa
     benchmark.extra_info.update({"scored_tokens": scored, "ours_tok_per_s": ours,
                                  "reference_build_s": ref_wall, "reference_build_rounds_s": ref_walls,
                                  "reference_vs_eval": ref_wall / benchmark.stats.stats.mean,
-                                 "eval_engine_s": run.seconds})
+                                 "eval_engine_s": run.seconds, "compaction": engine.info()["compaction"]})
     exe = _llama_perplexity()
     if exe is None:
         pytest.skip("llama-perplexity not built (scripts/install-llama.sh); only our figure recorded")

@@ -347,7 +347,9 @@ class LocalEngine:
         return self._models[model]
 
     def info(self) -> dict[str, Any]:
-        return self.backend.info()
+        from .kernels import kernel_name
+
+        return {**self.backend.info(), "compaction": kernel_name()}
 
     def describe(self, model: ModelLoad) -> dict[str, Any]:
         return self._model(model).describe()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,3 +51,13 @@ def host_backend() -> HostBackend:
             if m and m.group(1) in GPU_BACKENDS:
                 gpu = GPU_BACKENDS[m.group(1)]
     return HostBackend(version, ggml, gpu)
+
+
+def default_cache_dir() -> Path:
+    """Where models, references and compiled kernels are kept: ``$KVQ_CACHE_DIR`` or the user cache."""
+    env = os.environ.get("KVQ_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("pytest-kvquality"))

@@ -1,6 +1,8 @@
 """KL-divergence statistics with the exact definitions of ``llama-perplexity --kl-divergence``.
 
-Pure numpy, no model: every function here is testable on hand-made logits.
+Pure numpy, no model: every function here is testable on hand-made logits. (The reference
+compaction hands its two passes over the vocabulary to C kernels where a compiler is found,
+``kernels.py``; they give the same bits.)
 
 The per-token reduction mirrors ``log_softmax(...)`` in llama.cpp's
 ``tools/perplexity/perplexity.cpp`` and the summary mirrors the end of its
@@ -16,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from .kernels import compaction_kernels
 
 #: llama.cpp skips reference tokens whose log-probability is at or below this.
 LOG_P_CUTOFF = np.float32(-16.0)
@@ -122,16 +126,20 @@ def log_normalizer(logits: F32) -> tuple[I32, F32]:
     norm = np.empty(n, np.float32)
     buf = np.empty((min(ROW_BLOCK, n), logits.shape[1]), np.float32)
     for s in range(0, n, ROW_BLOCK):
-        block = logits[s : s + ROW_BLOCK]
-        b = buf[: block.shape[0]]
-        am = block.argmax(axis=1)
-        mx = block[np.arange(block.shape[0]), am]
-        np.subtract(block, mx[:, None], out=b)
-        np.exp(b, out=b)
-        lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
-        imax[s : s + block.shape[0]] = am
-        norm[s : s + block.shape[0]] = mx + lse
+        _log_normalize_block(logits[s : s + ROW_BLOCK], buf, imax[s : s + ROW_BLOCK], norm[s : s + ROW_BLOCK])
     return imax, norm
+
+
+def _log_normalize_block(block: F32, buf: F32, imax: I32, norm: F32) -> None:
+    """``log_normalizer`` of a few rows into ``imax`` and ``norm``, with ``buf`` as scratch space."""
+    b = buf[: block.shape[0]]
+    am = block.argmax(axis=1)
+    mx = block[np.arange(block.shape[0]), am]
+    np.subtract(block, mx[:, None], out=b)
+    np.exp(b, out=b)
+    lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
+    imax[:] = am
+    norm[:] = mx + lse
 
 
 def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDArray[Any]) -> F32:
@@ -191,16 +199,58 @@ def compact_rows(
 
     Only two things touch the whole vocabulary: the log-normalizer and pulling out the tokens
     above the cutoff (on real Gemma rows: median 2,234 of 262,144, p90 12,207, at most ~31,600).
-    Everything after works on those tokens for all rows at once, with no per-row Python loop: a
-    handful of numpy calls per call, so threads do not queue on the GIL. The top ``k`` of each row
-    are kept exactly (ties broken by token id). The rest, the tail, is sampled systematically in
-    token order: one offset ``u0`` per row, ``m`` evenly spaced points on the tail's cumulative
-    mass, which is summed in fixed point so that each row's sums are exact and independent of the
-    rows processed with it.
+    Everything after works on those tokens only. The top ``k`` of each row are kept exactly (ties
+    broken by token id). The rest, the tail, is sampled systematically in token order: one offset
+    ``u0`` per row, ``m`` evenly spaced points on the tail's cumulative mass, which is summed in
+    fixed point so that each row's sums are exact and independent of the rows processed with it.
+    The selection runs in two compiled C kernels (``kernels.py``), or without a C compiler in a
+    handful of numpy calls per call with no per-row Python loop. Both give the same bits.
     """
+    base_logits = np.ascontiguousarray(base_logits, dtype=np.float32)
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
-    bmax, bnorm = log_normalizer(base_logits)
+    kernels = compaction_kernels()
+    if kernels is None:
+        bmax, bnorm = log_normalizer(base_logits)
+    else:  # the selection right after each block's log-normalizer, while its rows are in cache
+        bmax, bnorm = np.empty(n, np.int32), np.empty(n, np.float32)
+        buf = np.empty((min(ROW_BLOCK, n), n_vocab), np.float32)
+        parts = []
+        for s in range(0, n, ROW_BLOCK):
+            block, norm = base_logits[s : s + ROW_BLOCK], bnorm[s : s + ROW_BLOCK]
+            _log_normalize_block(block, buf, bmax[s : s + ROW_BLOCK], norm)
+            parts.append(kernels.select(block, norm + LOG_P_CUTOFF, norm))
+        ends = np.cumsum([p[1].size for p in parts])
+        starts = np.concatenate([p[0][:-1] + (ends[i - 1] if i else 0) for i, p in enumerate(parts)] + [ends[-1:]])
+        ids, lp = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    top_ids = np.repeat(bmax[:, None], k, axis=1)  # rows with fewer than k tokens above the cutoff
+    top_logp = np.full((n, k), PAD_LOGP, np.float32)  # are padded
+    tail_ids = np.repeat(bmax[:, None], m, axis=1)
+    tail_logp = np.full((n, m), PAD_LOGP, np.float32)
+    tail_mass = np.zeros(n, np.float64)
+    out = (top_ids, top_logp, tail_ids, tail_logp, tail_mass)
+    if kernels is None:
+        _compact_numpy(base_logits, bnorm, k, m, u0, *out)
+    else:
+        kernels.finish(starts, ids, lp, _fixed_point_mass(lp), k, m, np.ascontiguousarray(u0, dtype=np.float64),
+                       TOP_BINS, -TOP_BINS / 16.0, TAIL_MASS_UNIT, out)
+    next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
+    return ReferenceRows(bmax, next_logp, top_ids.astype(np.int32), top_logp, tail_ids.astype(np.int32),
+                         tail_logp, tail_mass)
+
+
+def _fixed_point_mass(lp: F32) -> npt.NDArray[np.int64]:
+    """p in units of 1 / TAIL_MASS_UNIT: integer sums are exact, so a row's cumulative mass is the
+    same whatever rows come before it. numpy's exp on both paths: the compiled one gets the same bits."""
+    out: npt.NDArray[np.int64] = np.rint(np.exp(lp) * TAIL_MASS_UNIT).astype(np.int64)
+    return out
+
+
+def _compact_numpy(base_logits: F32, bnorm: F32, k: int, m: int, u0: npt.NDArray[np.float64],
+                   top_ids: npt.NDArray[Any], top_logp: F32, tail_ids: npt.NDArray[Any], tail_logp: F32,
+                   tail_mass: npt.NDArray[np.float64]) -> None:
+    """``compact_rows``'s selection in plain numpy: fills the padded output arrays in place."""
+    n, n_vocab = base_logits.shape
     pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     # one mask buffer reused for every block, not a multi-MB temporary per block
     above = np.empty((min(ROW_BLOCK, n), n_vocab), bool)
@@ -226,22 +276,15 @@ def compact_rows(
     order = cand[np.argsort(cand_rows * 64.0 - lp[cand], kind="stable")]
     rank = np.arange(order.size) - np.searchsorted(cand_rows, rows[order])
     top, rank = order[rank < k], rank[rank < k]
-    top_ids = np.repeat(bmax[:, None], k, axis=1)  # rows with fewer than k tokens above the cutoff
-    top_logp = np.full((n, k), PAD_LOGP, np.float32)  # are padded
     top_ids[rows[top], rank] = ids[top]
     top_logp[rows[top], rank] = lp[top]
-    tail_ids = np.repeat(bmax[:, None], m, axis=1)
-    tail_logp = np.full((n, m), PAD_LOGP, np.float32)
-    tail_mass = np.zeros(n, np.float64)
     in_top = np.zeros(lp.size, bool)
     in_top[top] = True
     tail = np.flatnonzero(~in_top)  # in (row, token) order
     if m and tail.size:
         t_rows = rows[tail]
         t_first = np.searchsorted(t_rows, np.arange(n + 1))
-        # probabilities in units of 1 / TAIL_MASS_UNIT: integer sums are exact, so a row's
-        # cumulative mass is the same whatever rows come before it
-        cum = np.cumsum(np.rint(np.exp(lp[tail]) * TAIL_MASS_UNIT).astype(np.int64))
+        cum = np.cumsum(_fixed_point_mass(lp[tail]))
         before = np.concatenate([[0], cum])[t_first]  # mass of the earlier rows' tails
         mass = before[1:] - before[:-1]
         has = np.flatnonzero(mass > 0)
@@ -252,9 +295,6 @@ def compact_rows(
         tail_mass[has] = mass[has] / TAIL_MASS_UNIT
         tail_ids[has] = ids[picked]
         tail_logp[has] = lp[picked]
-    next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
-    return ReferenceRows(bmax, next_logp, top_ids.astype(np.int32), top_logp, tail_ids.astype(np.int32),
-                         tail_logp, tail_mass)
 
 
 def kl_compact(cand_logits: F32, ref: ReferenceRows, next_tokens: npt.NDArray[Any]) -> TokenStats:

@@ -15,6 +15,7 @@ import pytest
 
 from .baseline import BaselineError, Criterion
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
+from .environment import default_cache_dir
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
 
 DEFAULT_N_CTX = 512
@@ -109,15 +110,6 @@ def _as_paths(config: pytest.Config, value: Any) -> list[Path]:
     if value is None:
         return []
     return [Path(os.path.expanduser(str(v))) for v in value]
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("KVQ_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("pytest-kvquality"))
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 from . import __version__
 from .cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
 from .engine import SPEED_PHASES, Engine, EngineError
-from .environment import host_backend
-from .options import DEFAULT_N_CTX, KVOptions, default_cache_dir
+from .environment import default_cache_dir, host_backend
+from .options import DEFAULT_N_CTX, KVOptions
 from .registry import Registry, RegistryError
 from .session import ConfigResult, KVSession, ModelUnavailable
 from .thresholds import OVERALL

@@ -3,7 +3,8 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | all (default all; the sweeps, variants, compaction and multigpu run only when named)
+#          | variants | compaction | kernels | all (default all; the sweeps, variants, compaction, kernels and
+#          multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (shared/gpu).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
@@ -39,6 +40,16 @@ if [ "$stage" = compaction ]; then  # where a reference build's time goes: real 
   for t in 8 16 32; do
     KVQ_THREADS=$t KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
       --benchmark-json "$OUT/bench-threads-$t.json" > "$OUT/bench-threads-$t.log" 2>&1
+  done
+fi
+if [ "$stage" = kernels ]; then  # the compiled compaction (default) against numpy (KVQ_COMPILED=0),
+  # alternated so drift on the host does not favour one: real rows over 1..16 threads, then build/eval
+  for c in 1 0; do
+    KVQ_COMPILED=$c python3 benchmarks/compaction_real_rows.py 1 2 4 8 16 2>/dev/null | tee "$OUT/compaction-compiled-$c.log"
+  done
+  for c in 1 0 1 0; do
+    KVQ_COMPILED=$c KVQ_BENCH_ROUNDS=5 KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
+      --benchmark-json "$OUT/bench-compiled-$c-$RANDOM.json" 2>&1 | tail -3
   done
 fi
 if [ "$stage" = variants ]; then  # what each engine setting buys

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pytest_kvquality.kernels import compaction_kernels, compiler
 from pytest_kvquality.metrics import (
     TokenStats,
     compact_reference,
@@ -106,7 +107,20 @@ def test_summary_of_known_token_values() -> None:
     assert s.dp_mean == pytest.approx(0.1, rel=1e-5)
 
 
-def test_compact_reference_is_exact_when_the_whole_vocabulary_fits() -> None:
+HAS_CC = compiler() is not None
+
+
+@pytest.fixture(params=["numpy", "C"])
+def compaction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on the numpy compaction and on the compiled one (where there is a C compiler)."""
+    if request.param == "C" and not HAS_CC:
+        pytest.skip("no C compiler: the compaction runs in numpy only")
+    monkeypatch.setenv("KVQ_COMPILED", "1" if request.param == "C" else "0")
+    assert (compaction_kernels() is not None) == (request.param == "C")
+    return str(request.param)
+
+
+def test_compact_reference_is_exact_when_the_whole_vocabulary_fits(compaction: str) -> None:
     rng = np.random.default_rng(3)
     base = (rng.standard_normal((6, 40)) * 2).astype(np.float32)
     cand = base + (rng.standard_normal((6, 40)) * 0.3).astype(np.float32)
@@ -118,7 +132,7 @@ def test_compact_reference_is_exact_when_the_whole_vocabulary_fits() -> None:
     assert np.allclose(compact.nll_base, exact.nll_base, rtol=1e-6)
 
 
-def test_compact_reference_tail_estimate_is_unbiased_where_a_lumped_tail_is_not() -> None:
+def test_compact_reference_tail_estimate_is_unbiased_where_a_lumped_tail_is_not(compaction: str) -> None:
     rng = np.random.default_rng(4)
     n, vocab = 400, 3000
     base = (rng.standard_normal((n, vocab)) * 1.5).astype(np.float32)
@@ -142,9 +156,10 @@ def test_compact_reference_tail_estimate_is_unbiased_where_a_lumped_tail_is_not(
     assert np.mean(lumped) < 0.9 * exact
 
 
-def test_compact_reference_keeps_the_top1_token_exactly() -> None:
+def test_compact_reference_keeps_the_top1_token_exactly(compaction: str) -> None:
     rng = np.random.default_rng(5)
     base = rng.standard_normal((50, 1000)).astype(np.float32)
     ref = compact_reference(base, np.zeros(50, np.int64), 16, 8, rng)
     assert (ref.argmax == base.argmax(axis=1)).all()
     assert (ref.top_ids[:, 0] == base.argmax(axis=1)).all()
+

@@ -20,8 +20,8 @@ import pytest
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
+from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import KLSummary, summarize
-from pytest_kvquality.options import default_cache_dir
 from pytest_kvquality.registry import builtin_model_path
 
 pytestmark = pytest.mark.real_model

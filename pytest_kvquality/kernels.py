@@ -1,0 +1,182 @@
+"""The reference compaction's passes over the vocabulary in C, built on first use.
+
+``metrics.compact_rows`` pulls each row's tokens above the cutoff out in one compiled pass and
+finishes every row (top k, tail sample) in a second one, instead of a compare, a nonzero and a
+dozen numpy calls over the gathered entries. The results are the same bits as the numpy path (a
+test holds them to it). The source, ``compaction.c``, is compiled once with the C compiler that
+built llama-cpp-python and cached next to the references; ctypes releases the GIL during the
+calls, so the engine's row threads run in parallel. Why not numba: it adds ~150 MiB of resident
+LLVM to the model worker, which the n_ctx 32,768 memory target cannot afford, and it lags numpy
+releases. ``KVQ_COMPILED=0`` turns the kernels off; without a C compiler numpy does the work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("compaction.c")
+CFLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+
+_i64, _f32, _f64 = ctypes.c_int64, ctypes.c_float, ctypes.c_double
+_ptr = ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class CompactionKernels:
+    library: ctypes.CDLL
+    path: Path
+
+    def select(self, block: np.ndarray, thr: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every token above thr per row, in (row, token) order: row starts, ids, log p."""
+        n, v = block.shape
+        starts = np.empty(n + 1, np.int64)
+        cap = v + 4096 * n
+        ids, lp = np.empty(cap, np.int32), np.empty(cap, np.float32)
+        row, used = 0, 0
+        while True:
+            row = self.library.kvq_select(_addr(block), n, v, _addr(thr), _addr(norm), row, used, cap,
+                                          _addr(ids), _addr(lp), _addr(starts))
+            if row == n:
+                break
+            used = int(starts[row])  # a row might not fit: grow, go on from it
+            cap = max(2 * cap, used + v)
+            ids, lp = _grown(ids, used, cap), _grown(lp, used, cap)
+        e = int(starts[n])
+        return starts, ids[:e], lp[:e]
+
+    def finish(self, starts: np.ndarray, ids: np.ndarray, lp: np.ndarray, p_fixed: np.ndarray, k: int, m: int,
+               u0: np.ndarray, top_bins: int, level_scale: float, mass_unit: float,
+               out: tuple[np.ndarray, ...]) -> None:
+        """Fill the padded (top_ids, top_logp, tail_ids, tail_logp, tail_mass) arrays in place."""
+        rc = self.library.kvq_finish(_addr(starts), starts.shape[0] - 1, _addr(ids), _addr(lp), _addr(p_fixed),
+                                     k, m, _addr(u0), top_bins, level_scale, mass_unit, *(_addr(a) for a in out))
+        if rc != 0:
+            raise MemoryError("reference compaction: out of memory for one row's scratch space")
+
+
+def _addr(a: np.ndarray) -> int:
+    assert a.flags.c_contiguous, "kernels take C-contiguous arrays"
+    return int(a.ctypes.data)
+
+
+def _grown(a: np.ndarray, used: int, cap: int) -> np.ndarray:
+    out = np.empty(cap, a.dtype)
+    out[:used] = a[:used]
+    return out
+
+
+_KERNELS: CompactionKernels | None = None
+_TRIED = False
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("KVQ_COMPILED", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def compaction_kernels() -> CompactionKernels | None:
+    """The compiled kernels, or None (``KVQ_COMPILED=0``, no C compiler, a failed build): numpy then."""
+    global _KERNELS, _TRIED
+    if not enabled_by_env():
+        return None
+    if not _TRIED:
+        _TRIED = True
+        try:
+            _KERNELS = _load_or_build()
+        except KernelBuildError as exc:
+            print(f"pytest-kvquality: {exc}; the reference compaction uses numpy (slower, same results)",
+                  file=sys.stderr)
+    return _KERNELS
+
+
+def reset() -> None:
+    """Forget the loaded kernels: the next call finds or builds them again (tests; a changed ``$CC``)."""
+    global _KERNELS, _TRIED
+    _KERNELS, _TRIED = None, False
+
+
+def kernel_name() -> str:
+    """What does the compaction: 'C' or 'numpy' (recorded next to benchmark figures)."""
+    return "numpy" if compaction_kernels() is None else "C"
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def compiler() -> list[str] | None:
+    """``$CC``, else the compiler Python was built with, else ``cc``: the first that exists."""
+    for spec in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        words = shlex.split(spec) if spec else []
+        if words and shutil.which(words[0]):
+            return words
+    return None
+
+
+def library_path(cc: list[str]) -> Path:
+    """Where the library built by ``cc`` is cached: one per source, compiler, flags and machine."""
+    from .environment import default_cache_dir
+
+    tag = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cc + CFLAGS).encode(),
+                                     platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
+    return default_cache_dir() / "kernels" / f"compaction-{tag}.so"
+
+
+def _load_or_build() -> CompactionKernels:
+    """The cached library, built first if missing; a damaged one is rebuilt."""
+    cc = compiler()
+    if cc is None:
+        raise KernelBuildError("no C compiler found ($CC, cc, gcc, clang)")
+    out = library_path(cc)
+    if out.exists():
+        try:
+            return _load(out)
+        except KernelBuildError as exc:
+            print(f"pytest-kvquality: {exc}; rebuilding it", file=sys.stderr)
+            out.unlink(missing_ok=True)  # a new file, not this one rewritten: mappings of it stay whole
+    _build(cc, out)
+    return _load(out)
+
+
+def _build(cc: list[str], out: Path) -> None:
+    """Compile compaction.c into ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise KernelBuildError(f"building {SOURCE.name} with {cc[0]} failed: "
+                                   f"{(done.stderr or done.stdout).strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: parallel workers building at once all end with a whole file
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelBuildError(f"building {SOURCE.name} failed: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> CompactionKernels:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelBuildError(f"loading {path} failed: {exc}") from exc
+    lib.kvq_select.restype = _i64
+    lib.kvq_select.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+    lib.kvq_finish.restype = ctypes.c_int
+    lib.kvq_finish.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _f32, _f64,
+                               _ptr, _ptr, _ptr, _ptr, _ptr]
+    return CompactionKernels(lib, path)

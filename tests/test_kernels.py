@@ -1,0 +1,128 @@
+"""The compiled reference compaction: the same bits as numpy, and every way it can fail ends in
+numpy with a message, never in a wrong or lost reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_kvquality import kernels
+from pytest_kvquality.metrics import ReferenceRows, compact_rows
+
+HAS_CC = kernels.compiler() is not None
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test builds into its own cache, and no test sees another's loaded library."""
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("KVQ_COMPILED", raising=False)
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def assert_same_bits(got: ReferenceRows, expected: ReferenceRows) -> None:
+    for name, want in expected.arrays().items():
+        have = got.arrays()[name]
+        assert have.dtype == want.dtype and have.shape == want.shape, name
+        assert np.array_equal(have, want), f"{name} differs at {np.argwhere(have != want)[:3].tolist()}"
+
+
+def numpy_result(monkeypatch: pytest.MonkeyPatch, *args: object) -> ReferenceRows:
+    monkeypatch.setenv("KVQ_COMPILED", "0")
+    try:
+        return compact_rows(*args)  # type: ignore[arg-type]
+    finally:
+        monkeypatch.delenv("KVQ_COMPILED")
+
+
+def rows_with_ties_and_plateaus(rng: np.random.Generator, n: int, vocab: int, spread: float) -> np.ndarray:
+    x = (rng.standard_normal((n, vocab)) * spread).astype(np.float32)
+    x[:, : min(5, vocab)] += 8.0  # a few clear winners
+    x[:, vocab // 3 : vocab // 3 + 12] = x[:, vocab // 3 : vocab // 3 + 1]  # ties across the top-k edge
+    x[n // 2] = 0.0  # a flat row: every token above the cutoff, all tied
+    return x
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+@pytest.mark.parametrize(
+    ("n", "vocab", "spread", "k", "m"),
+    [
+        (40, 5000, 3.0, 16, 8),  # the usual shape
+        (6, 300_000, 0.5, 144, 96),  # rows far wider than the kernel's first buffer
+        (10, 50, 1.0, 64, 8),  # k above the vocabulary: every row padded
+        (9, 3000, 6.0, 144, 0),  # no tail samples
+        (17, 2000, 0.2, 5, 3),  # almost everything in the tail
+        (3, 7, 1.0, 7, 4),  # everything in the top k: empty tails
+    ],
+)
+def test_compiled_compaction_gives_the_same_bits_as_numpy(
+    monkeypatch: pytest.MonkeyPatch, n: int, vocab: int, spread: float, k: int, m: int
+) -> None:
+    rng = np.random.default_rng(n * vocab)
+    base = rows_with_ties_and_plateaus(rng, n, vocab, spread)
+    nxt, u0 = rng.integers(0, vocab, n), rng.random(n)
+    u0[n // 2] = 0.0  # the flat row's sample points then land exactly on cumulative-mass boundaries
+    assert_same_bits(compact_rows(base, nxt, k, m, u0), numpy_result(monkeypatch, base, nxt, k, m, u0))
+    assert kernels.kernel_name() == "C"
+
+def small_case() -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return rows_with_ties_and_plateaus(rng, 12, 3000, 3.0), rng.integers(0, 3000, 12), 16, 8, rng.random(12)
+
+
+def test_without_a_c_compiler_numpy_does_the_work_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang to be found
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert kernels.compaction_kernels() is None
+    assert "no C compiler found" in capsys.readouterr().err
+    assert kernels.kernel_name() == "numpy"
+    case = small_case()
+    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+
+
+def test_a_failing_compiler_is_reported_and_numpy_takes_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'compaction.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert kernels.compaction_kernels() is None
+    err = capsys.readouterr().err
+    assert "building compaction.c with" in err and "this compiler is broken" in err and "uses numpy" in err
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left behind
+    case = small_case()
+    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
+    cc = kernels.compiler()
+    assert cc is not None
+    damaged = kernels.library_path(cc)
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"\x7fELF, truncated by a full disk")
+    # a fresh process, as the model worker is (a process that loaded the library keeps its mapping)
+    probe = "from pytest_kvquality import kernels; print(kernels.kernel_name())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KVQ_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "C"
+    assert "rebuilding it" in done.stderr and str(damaged) in done.stderr
+    assert damaged.stat().st_size > 1000
+
+
+def test_kvq_compiled_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVQ_COMPILED", "0")
+    assert kernels.compaction_kernels() is None and kernels.kernel_name() == "numpy"
+    assert not (Path(os.environ["KVQ_CACHE_DIR"]) / "kernels").exists()  # nothing built
