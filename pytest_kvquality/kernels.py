@@ -94,11 +94,32 @@ def compaction_kernels() -> CompactionKernels | None:
     if not _TRIED:
         _TRIED = True
         try:
-            _KERNELS = _load_or_build()
+            _KERNELS = _checked(_load_or_build())
         except KernelBuildError as exc:
             print(f"pytest-kvquality: {exc}; the reference compaction uses numpy (slower, same results)",
                   file=sys.stderr)
     return _KERNELS
+
+
+def _checked(kernels: CompactionKernels) -> CompactionKernels:
+    """Refuse a library that does not reproduce the numpy path on a small hard case (ties, a flat
+    row, sample points on mass boundaries): a compiler that ignores the flags (fast-math by default,
+    as some do) must not change a reference silently. Costs a few milliseconds once per process."""
+    from .metrics import compact_rows
+
+    rng = np.random.default_rng(20261129)
+    rows = (rng.standard_normal((6, 2000)) * 3).astype(np.float32)
+    rows[:, :4] += 8.0
+    rows[:, 700:712] = rows[:, 700:701]  # ties across the top-k edge
+    rows[3] = 0.0  # a flat row; with u0 = 0 its sample points fall exactly on cumulative-mass boundaries
+    nxt, u0 = rng.integers(0, 2000, 6), rng.random(6)
+    u0[3] = 0.0
+    want = compact_rows(rows, nxt, 16, 8, u0, kernels=None).arrays()
+    have = compact_rows(rows, nxt, 16, 8, u0, kernels=kernels).arrays()
+    for name, expected in want.items():
+        if have[name].dtype != expected.dtype or not np.array_equal(have[name], expected):
+            raise KernelBuildError(f"{kernels.path.name} disagrees with the numpy compaction ({name})")
+    return kernels
 
 
 def reset() -> None:
@@ -152,9 +173,12 @@ def _load_or_build() -> CompactionKernels:
 
 def _build(cc: list[str], out: Path) -> None:
     """Compile compaction.c into ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write the compiled kernel to {out.parent}: {exc}") from exc
     try:
         done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=120)

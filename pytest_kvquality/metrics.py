@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from .kernels import compaction_kernels
+
+if TYPE_CHECKING:
+    from .kernels import CompactionKernels
 
 #: llama.cpp skips reference tokens whose log-probability is at or below this.
 LOG_P_CUTOFF = np.float32(-16.0)
@@ -192,7 +195,8 @@ def compact_reference(
 
 
 def compact_rows(
-    base_logits: F32, next_tokens: npt.NDArray[Any], k: int, m: int, u0: npt.NDArray[np.float64]
+    base_logits: F32, next_tokens: npt.NDArray[Any], k: int, m: int, u0: npt.NDArray[np.float64],
+    kernels: CompactionKernels | Literal["auto"] | None = "auto",
 ) -> ReferenceRows:
     """``compact_reference`` with the sampling offsets given: rows can be split across threads
     and give the same result as one pass.
@@ -209,7 +213,8 @@ def compact_rows(
     base_logits = np.ascontiguousarray(base_logits, dtype=np.float32)
     n, n_vocab = base_logits.shape
     k = min(k, n_vocab)
-    kernels = compaction_kernels()
+    if kernels == "auto":
+        kernels = compaction_kernels()
     if kernels is None:
         bmax, bnorm = log_normalizer(base_logits)
     else:  # the selection right after each block's log-normalizer, while its rows are in cache

@@ -106,6 +106,20 @@ def test_a_failing_compiler_is_reported_and_numpy_takes_over(
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+def test_an_unwritable_cache_is_reported_and_numpy_takes_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(blocker))
+    assert kernels.compaction_kernels() is None
+    err = capsys.readouterr().err
+    assert f"cannot write the compiled kernel to {blocker}" in err and "uses numpy" in err
+    case = small_case()
+    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
 def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     cc = kernels.compiler()
     assert cc is not None
@@ -120,6 +134,23 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     assert done.stdout.strip() == "C"
     assert "rebuilding it" in done.stderr and str(damaged) in done.stderr
     assert damaged.stat().st_size > 1000
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+def test_a_library_that_disagrees_with_numpy_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a compiler that turns on fast-math by itself might build it: one tail sample off by one."""
+    finish = kernels.CompactionKernels.finish
+
+    def off_by_one(self: kernels.CompactionKernels, *args: object, **kw: object) -> None:
+        finish(self, *args, **kw)  # type: ignore[arg-type]
+        out = args[-1]
+        out[2][0, 0] += 1  # type: ignore[index]
+
+    monkeypatch.setattr(kernels.CompactionKernels, "finish", off_by_one)
+    assert kernels.compaction_kernels() is None
+    assert "disagrees with the numpy compaction (tail_ids)" in capsys.readouterr().err
 
 
 def test_kvq_compiled_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
