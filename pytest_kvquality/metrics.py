@@ -13,6 +13,7 @@ are left out of the KL sum), the same uncertainties, the same percentile rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -109,6 +110,11 @@ class ReferenceRows:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ReferenceRows:
         return cls(**{f.name: arrays[f.name] for f in fields(cls)})
 
+    def differences(self, other: ReferenceRows) -> list[str]:
+        """Names of the arrays whose dtype, shape or any bit differs from ``other``'s."""
+        return [name for name, mine in self.arrays().items()
+                if mine.dtype != getattr(other, name).dtype or not np.array_equal(mine, getattr(other, name))]
+
     def slice(self, start: int, stop: int) -> ReferenceRows:
         return ReferenceRows(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
@@ -119,30 +125,30 @@ class ReferenceRows:
         )
 
 
-def log_normalizer(logits: F32) -> tuple[I32, F32]:
+def log_normalizer(logits: F32, each_block: Callable[[F32, F32], None] | None = None) -> tuple[I32, F32]:
     """Argmax and ``max + log(sum(exp(x - max)))`` per row, as llama.cpp computes them.
 
-    The exponentials are summed in double precision, the log is rounded to float.
+    The exponentials are summed in double precision, the log is rounded to float. ``each_block``
+    gets every ``ROW_BLOCK`` rows with their normalizers right after they are computed, while the
+    rows are still in cache.
     """
     n = logits.shape[0]
     imax = np.empty(n, np.int32)
     norm = np.empty(n, np.float32)
     buf = np.empty((min(ROW_BLOCK, n), logits.shape[1]), np.float32)
     for s in range(0, n, ROW_BLOCK):
-        _log_normalize_block(logits[s : s + ROW_BLOCK], buf, imax[s : s + ROW_BLOCK], norm[s : s + ROW_BLOCK])
+        block = logits[s : s + ROW_BLOCK]
+        b = buf[: block.shape[0]]
+        am = block.argmax(axis=1)
+        mx = block[np.arange(block.shape[0]), am]
+        np.subtract(block, mx[:, None], out=b)
+        np.exp(b, out=b)
+        lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
+        imax[s : s + block.shape[0]] = am
+        norm[s : s + block.shape[0]] = mx + lse
+        if each_block is not None:
+            each_block(block, norm[s : s + block.shape[0]])
     return imax, norm
-
-
-def _log_normalize_block(block: F32, buf: F32, imax: I32, norm: F32) -> None:
-    """``log_normalizer`` of a few rows into ``imax`` and ``norm``, with ``buf`` as scratch space."""
-    b = buf[: block.shape[0]]
-    am = block.argmax(axis=1)
-    mx = block[np.arange(block.shape[0]), am]
-    np.subtract(block, mx[:, None], out=b)
-    np.exp(b, out=b)
-    lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
-    imax[:] = am
-    norm[:] = mx + lse
 
 
 def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDArray[Any]) -> F32:
@@ -218,16 +224,14 @@ def compact_rows(
     if kernels is None:
         bmax, bnorm = log_normalizer(base_logits)
     else:  # the selection right after each block's log-normalizer, while its rows are in cache
-        bmax, bnorm = np.empty(n, np.int32), np.empty(n, np.float32)
-        buf = np.empty((min(ROW_BLOCK, n), n_vocab), np.float32)
-        parts = []
-        for s in range(0, n, ROW_BLOCK):
-            block, norm = base_logits[s : s + ROW_BLOCK], bnorm[s : s + ROW_BLOCK]
-            _log_normalize_block(block, buf, bmax[s : s + ROW_BLOCK], norm)
-            parts.append(kernels.select(block, norm + LOG_P_CUTOFF, norm))
-        ends = np.cumsum([p[1].size for p in parts])
-        starts = np.concatenate([p[0][:-1] + (ends[i - 1] if i else 0) for i, p in enumerate(parts)] + [ends[-1:]])
-        ids, lp = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        selected: list[tuple[np.ndarray, ...]] = []
+        bmax, bnorm = log_normalizer(
+            base_logits, lambda block, norm: selected.append(kernels.select(block, norm + LOG_P_CUTOFF, norm)))
+        offsets = np.cumsum([0] + [ids.size for _, ids, _ in selected])  # each block's first entry
+        starts = np.concatenate([block_starts[:-1] + offset for (block_starts, _, _), offset
+                                 in zip(selected, offsets, strict=False)] + [offsets[-1:]])
+        ids = np.concatenate([ids for _, ids, _ in selected])
+        lp = np.concatenate([lp for _, _, lp in selected])
     top_ids = np.repeat(bmax[:, None], k, axis=1)  # rows with fewer than k tokens above the cutoff
     top_logp = np.full((n, k), PAD_LOGP, np.float32)  # are padded
     tail_ids = np.repeat(bmax[:, None], m, axis=1)
@@ -240,8 +244,7 @@ def compact_rows(
         kernels.finish(starts, ids, lp, _fixed_point_mass(lp), k, m, np.ascontiguousarray(u0, dtype=np.float64),
                        TOP_BINS, -TOP_BINS / 16.0, TAIL_MASS_UNIT, out)
     next_logp = base_next_logp(base_logits, bmax, bnorm, next_tokens)
-    return ReferenceRows(bmax, next_logp, top_ids.astype(np.int32), top_logp, tail_ids.astype(np.int32),
-                         tail_logp, tail_mass)
+    return ReferenceRows(bmax, next_logp, top_ids, top_logp, tail_ids, tail_logp, tail_mass)
 
 
 def _fixed_point_mass(lp: F32) -> npt.NDArray[np.int64]:

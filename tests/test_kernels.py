@@ -29,26 +29,11 @@ def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 
 
 def assert_same_bits(got: ReferenceRows, expected: ReferenceRows) -> None:
-    for name, want in expected.arrays().items():
-        have = got.arrays()[name]
-        assert have.dtype == want.dtype and have.shape == want.shape, name
-        assert np.array_equal(have, want), f"{name} differs at {np.argwhere(have != want)[:3].tolist()}"
+    assert got.differences(expected) == []
 
 
-def numpy_result(monkeypatch: pytest.MonkeyPatch, *args: object) -> ReferenceRows:
-    monkeypatch.setenv("KVQ_COMPILED", "0")
-    try:
-        return compact_rows(*args)  # type: ignore[arg-type]
-    finally:
-        monkeypatch.delenv("KVQ_COMPILED")
-
-
-def rows_with_ties_and_plateaus(rng: np.random.Generator, n: int, vocab: int, spread: float) -> np.ndarray:
-    x = (rng.standard_normal((n, vocab)) * spread).astype(np.float32)
-    x[:, : min(5, vocab)] += 8.0  # a few clear winners
-    x[:, vocab // 3 : vocab // 3 + 12] = x[:, vocab // 3 : vocab // 3 + 1]  # ties across the top-k edge
-    x[n // 2] = 0.0  # a flat row: every token above the cutoff, all tied
-    return x
+def numpy_result(base: np.ndarray, nxt: np.ndarray, k: int, m: int, u0: np.ndarray) -> ReferenceRows:
+    return compact_rows(base, nxt, k, m, u0, kernels=None)
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
@@ -63,19 +48,18 @@ def rows_with_ties_and_plateaus(rng: np.random.Generator, n: int, vocab: int, sp
         (3, 7, 1.0, 7, 4),  # everything in the top k: empty tails
     ],
 )
-def test_compiled_compaction_gives_the_same_bits_as_numpy(
-    monkeypatch: pytest.MonkeyPatch, n: int, vocab: int, spread: float, k: int, m: int
-) -> None:
+def test_compiled_compaction_gives_the_same_bits_as_numpy(n: int, vocab: int, spread: float, k: int, m: int) -> None:
     rng = np.random.default_rng(n * vocab)
-    base = rows_with_ties_and_plateaus(rng, n, vocab, spread)
-    nxt, u0 = rng.integers(0, vocab, n), rng.random(n)
-    u0[n // 2] = 0.0  # the flat row's sample points then land exactly on cumulative-mass boundaries
-    assert_same_bits(compact_rows(base, nxt, k, m, u0), numpy_result(monkeypatch, base, nxt, k, m, u0))
+    base, u0 = kernels.hard_rows(rng, n, vocab, spread)
+    nxt = rng.integers(0, vocab, n)
+    assert_same_bits(compact_rows(base, nxt, k, m, u0), numpy_result(base, nxt, k, m, u0))
     assert kernels.kernel_name() == "C"
+
 
 def small_case() -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
     rng = np.random.default_rng(7)
-    return rows_with_ties_and_plateaus(rng, 12, 3000, 3.0), rng.integers(0, 3000, 12), 16, 8, rng.random(12)
+    rows, u0 = kernels.hard_rows(rng, 12, 3000, 3.0)
+    return rows, rng.integers(0, 3000, 12), 16, 8, u0
 
 
 def test_without_a_c_compiler_numpy_does_the_work_and_says_so(
@@ -87,7 +71,7 @@ def test_without_a_c_compiler_numpy_does_the_work_and_says_so(
     assert "no C compiler found" in capsys.readouterr().err
     assert kernels.kernel_name() == "numpy"
     case = small_case()
-    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+    assert_same_bits(compact_rows(*case), numpy_result(*case))
 
 
 def test_a_failing_compiler_is_reported_and_numpy_takes_over(
@@ -102,7 +86,7 @@ def test_a_failing_compiler_is_reported_and_numpy_takes_over(
     assert "building compaction.c with" in err and "this compiler is broken" in err and "uses numpy" in err
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left behind
     case = small_case()
-    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+    assert_same_bits(compact_rows(*case), numpy_result(*case))
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
@@ -116,7 +100,7 @@ def test_an_unwritable_cache_is_reported_and_numpy_takes_over(
     err = capsys.readouterr().err
     assert f"cannot write the compiled kernel to {blocker}" in err and "uses numpy" in err
     case = small_case()
-    assert_same_bits(compact_rows(*case), numpy_result(monkeypatch, *case))
+    assert_same_bits(compact_rows(*case), numpy_result(*case))
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
