@@ -10,17 +10,20 @@ model sha256, llama.cpp version, corpus, reference cache config.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report import Report, ResultRecord, write_atomic
+from .files import atomic_write
+from .report import Report, ResultRecord
 
 #: metrics a comparison shows and --kv-compare-fail may name; top1 is the only higher-is-better one
 COMPARED_METRICS = ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "dp_rms", "ppl_ratio")
 HIGHER_IS_BETTER = frozenset({"top1"})
 _FILE = re.compile(r"^(\d{4})_(.+)\.json$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: what a --kv-save name may hold (it becomes part of a file name)
+BASELINE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class BaselineError(ValueError):
@@ -60,6 +63,10 @@ class Criterion:
         return old - new if self.metric in HIGHER_IS_BETTER else new - old
 
     def regressed(self, old: float, new: float) -> bool:
+        """Worse by more than allowed; a value that is not a finite number on either side cannot be
+        shown to be no worse, so it counts as a regression."""
+        if not (math.isfinite(old) and math.isfinite(new)):
+            return True
         allowed = self.amount * abs(old) if self.relative else self.amount
         return self.worsening(old, new) > allowed + 1e-12
 
@@ -95,6 +102,12 @@ class Comparison:
     regressions: list[Delta]
     environment_warnings: list[str]
     only_in_baseline: list[tuple[str, str, int, str]]
+    #: --kv-compare-fail criteria that compared nothing: each fails the run, as a regression does
+    uncompared: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions or self.uncompared)
 
     def lines(self) -> list[str]:
         """Human-readable lines: environment warnings, then deltas of kl_mean and top1 per row."""
@@ -106,6 +119,7 @@ class Comparison:
                 out.append(f"  {d.describe()}{flag}")
         for key in self.only_in_baseline:
             out.append(f"  {key[0]} [{key[1]}] n_ctx {key[2]} {key[3]}: in the baseline, not measured now")
+        out += [f"  NOT COMPARED: {text}" for text in self.uncompared]
         return out
 
 
@@ -151,9 +165,13 @@ def compare(baseline_name: str, baseline: Report, current: Report, criteria: lis
             if d.regressed_by:
                 regressions.append(d)
     now = {r.key for r in current.records}
+    compared = {d.metric for d in deltas}
+    uncompared = [f"--kv-compare-fail {c.label}: the baseline {baseline_name} has none of this run's "
+                  f"(model, cache, n_ctx, category) rows, so nothing was compared; a gate that cannot "
+                  f"compare fails" for c in criteria if c.metric not in compared]
     return Comparison(baseline_name, deltas, regressions,
                       environment_differences(baseline.environment, current.environment),
-                      sorted(k for k in old if k not in now))
+                      sorted(k for k in old if k not in now), uncompared)
 
 
 class BaselineStorage:
@@ -170,11 +188,11 @@ class BaselineStorage:
         return sorted(found)
 
     def save(self, name: str, report: Report) -> Path:
-        if not _NAME.match(name):
+        if not BASELINE_NAME.match(name):
             raise BaselineError(f"--kv-save {name!r}: use letters, digits, '.', '_' and '-' only")
         number = max((n for n, _, _ in self.entries()), default=0) + 1
         path = self.root / f"{number:04d}_{name}.json"
-        write_atomic(path, json.dumps(report.document(), indent=2) + "\n")
+        atomic_write(path, json.dumps(report.document(), indent=2) + "\n")
         return path
 
     def find(self, spec: str) -> Path:

@@ -16,7 +16,8 @@ from .engine import EngineError
 from .gating import Outcome, decide, describe
 from .options import DEFAULT_CACHES, KVOptions
 from .outputs import RunOutputs
-from .report import Report
+from .registry import file_sha256
+from .report import Report, SkipRecord
 from .session import KVSession, ModelUnavailable, Verdict
 from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
 
@@ -41,7 +42,17 @@ class KVState:
             self.model_names.setdefault(self.alias_of(name), name)
 
     def alias_of(self, name: str) -> str:
-        return self.session.registry.alias_of(name)
+        """The name a --kv-model value is gated under: its alias, also when given as a path to a
+        registered or bundled file (recognised by its sha256, hashed once and cached)."""
+        alias = self.session.registry.alias_of(name)
+        path = Path(name).expanduser()
+        if alias == path.stem and path.is_file():
+            try:
+                digest = file_sha256(path, self.options.cache_dir)
+            except OSError:
+                return alias
+            return self.session.registry.alias_for_digest(digest) or alias
+        return alias
 
     def known_model(self, name: str) -> str | None:
         if self.session.registry.lookup(name) is not None:
@@ -59,22 +70,24 @@ class KVState:
         """The --kv-model value (alias or path) behind a canonical alias."""
         return self.model_names.get(alias, alias)
 
-    def _available(self, work: Callable[[], T]) -> T:
-        """Run ``work``; an unavailable model skips the item (fails it under --kv-require)."""
+    def _available(self, alias: str, work: Callable[[], T]) -> T:
+        """Run ``work``; an unavailable model skips the item (fails it under --kv-require), and the
+        skip is counted for the summary, so a gate that did not run is in plain sight."""
         try:
             return work()
         except ModelUnavailable as e:
             if self.options.require:
-                pytest.fail(f"model unavailable and --kv-require is set: {e}", pytrace=False)
+                pytest.fail(f"--kv-require is set and model {alias} is not available: {e}", pytrace=False)
+            self.session.skipped.append(SkipRecord(alias, str(e)))
             pytest.skip(str(e))
 
     def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
         """A timed pass for kv_speed."""
-        return self._available(lambda: self.session.speed_target(self.model_name(alias), cache, phase))
+        return self._available(alias, lambda: self.session.speed_target(self.model_name(alias), cache, phase))
 
     def run(self, alias: str, cache: CacheConfig) -> Any:
         """Evaluate for an item."""
-        return self._available(lambda: self.session.evaluate(self.model_name(alias), cache))
+        return self._available(alias, lambda: self.session.evaluate(self.model_name(alias), cache))
 
 
 def get_state(config: pytest.Config) -> KVState:
@@ -175,6 +188,40 @@ class MeasureCollector(pytest.Collector):
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
         return []
+
+
+def check_threshold_files(state: KVState) -> None:
+    """Before collection (on the xdist controller too): a gate written twice (two files, or one
+    config spelled two ways) or a --kv-thresholds path that gates none of the selected models is a
+    usage error, not a gate that silently never runs. Files that do not parse are left to
+    collection, which reports them with file, line and key."""
+    where: dict[tuple[str, CacheConfig, str, str], Threshold] = {}
+    gated: dict[Path, set[str]] = {}
+    for path in state.threshold_paths:
+        try:
+            thresholds = load_thresholds(path, state.known_model, None)
+        except ThresholdError:
+            continue
+        gated[path] = {t.model for t in thresholds}
+        for t in thresholds:
+            key = (t.model, t.cache, t.category, t.metric)
+            if key in where and t.model in state.model_names:
+                first = where[key]
+                raise pytest.UsageError(
+                    f"pytest-kvquality: the gate {t.test_id} is defined twice: {first.path}:{first.line} "
+                    f"({first.rule}) and {t.path}:{t.line} ({t.rule}); keep one")
+            where[key] = t
+    if not state.options.thresholds_given:
+        return
+    for given in state.options.thresholds:
+        root = given.resolve()
+        files = [p for p in gated if p == root or root in p.parents]
+        models = set().union(*(gated[p] for p in files)) if files else set()
+        if files and not models & set(state.model_names):
+            raise pytest.UsageError(
+                f"pytest-kvquality: --kv-thresholds {given} gates {', '.join(sorted(models)) or 'no model'}, none "
+                f"of the selected models ({', '.join(state.model_names) or 'no --kv-model'}); its gates would "
+                "not run")
 
 
 def add_measure_items(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

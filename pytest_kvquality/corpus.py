@@ -20,6 +20,10 @@ BUILTIN_CATEGORIES = ("coding", "science", "tool_calling", "long_documents")
 DEFAULT_CATEGORY = "default"
 
 
+#: the name of the pooled figure (thresholds.OVERALL); no category may take it
+POOLED = "overall"
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read or is too short to evaluate."""
 
@@ -88,18 +92,19 @@ def load_corpus(path: str | Path) -> Corpus:
     empty = [c for c, t in texts.items() if not t.strip()]
     if empty:
         raise CorpusError(f"corpus {p}: category {empty[0]!r} has no text")
+    if POOLED in texts:  # its row and gates would be confused with the pooled figure
+        raise CorpusError(f"corpus {p}: a category may not be named {POOLED!r}, the name of the figure pooled "
+                          "over all categories; rename the file or the records' 'category'")
     return Corpus(p.name, texts)
 
 
 def chunk_tokens(
-    tokens: npt.NDArray[np.int32], n_ctx: int, max_chunks: int | None, category: str, offset: int = 0
+    tokens: npt.NDArray[np.int32], n_ctx: int, max_chunks: int | None, category: str
 ) -> npt.NDArray[np.int32]:
     """Cut tokens into ``n_ctx`` chunks as llama-perplexity does (a trailing partial chunk is dropped).
 
-    llama-perplexity refuses inputs shorter than ``2 * n_ctx`` tokens; so do we. ``offset`` skips
-    that many tokens first (``--kv-repeat`` shifts the chunk boundaries with it).
+    llama-perplexity refuses inputs shorter than ``2 * n_ctx`` tokens; so do we.
     """
-    tokens = tokens[offset:]
     if tokens.size < 2 * n_ctx:
         raise CorpusError(
             f"category {category!r} tokenizes to {tokens.size} tokens; evaluating with "

@@ -24,6 +24,7 @@ from .kernels import compaction_kernels
 
 if TYPE_CHECKING:
     from .kernels import CompactionKernels
+    from .uncertainty import GateBound
 
 #: llama.cpp skips reference tokens whose log-probability is at or below this.
 LOG_P_CUTOFF = np.float32(-16.0)
@@ -416,8 +417,11 @@ class KLSummary:
     dp_rms_unc: float = 0.0
     top1: float = 0.0
     top1_unc: float = 0.0
-    #: one-sided 95 % order-statistic bounds (low, high) of the median and percentiles of KLD
+    #: one-sided 95 % order-statistic bounds (low, high) of the median and percentiles of KLD,
+    #: treating tokens as independent (shown; gates read ``bounds``)
     order_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: what gates read: each threshold metric's bounds from the chunk-level spread (uncertainty.py)
+    bounds: dict[str, GateBound] = field(default_factory=dict)
 
     @property
     def kl_p99(self) -> float:
@@ -445,13 +449,18 @@ class KLSummary:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         # JSON has no infinity: an unknown bound (too few tokens for that percentile) is null
         out["order_bounds"] = {k: [None if math.isinf(x) else x for x in v] for k, v in self.order_bounds.items()}
+        out["bounds"] = {k: b.to_dict() for k, b in self.bounds.items()}
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KLSummary:
-        s = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and f.name != "order_bounds"})
+        from .uncertainty import GateBound
+
+        s = cls(**{f.name: data[f.name] for f in fields(cls)
+                   if f.name in data and f.name not in ("order_bounds", "bounds")})
         s.order_bounds = {k: (-math.inf if lo is None else lo, math.inf if hi is None else hi)
                           for k, (lo, hi) in data.get("order_bounds", {}).items()}
+        s.bounds = {k: GateBound.from_dict(b) for k, b in data.get("bounds", {}).items()}
         return s
 
 

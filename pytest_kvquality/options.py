@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .baseline import BaselineError, Criterion
+from .baseline import BASELINE_NAME, BaselineError, Criterion
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
 from .environment import default_cache_dir
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
@@ -23,7 +23,7 @@ DEFAULT_CACHES = "q8_0,q4_0"
 PACKAGE_DIR = Path(__file__).parent
 
 
-def _shipped_thresholds_dir() -> Path:
+def shipped_thresholds_dir() -> Path:
     inside = PACKAGE_DIR / "thresholds"  # installed wheel
     return inside if inside.is_dir() else PACKAGE_DIR.parent / "thresholds"  # source checkout
 
@@ -72,9 +72,6 @@ OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--kv-inconclusive", "kv_inconclusive", "string",
      "verdict when the 95 % bounds straddle a threshold: fail (default), warn or pass",
      {"choices": INCONCLUSIVE_POLICIES}),
-    ("--kv-repeat", "kv_repeat", "string",
-     "evaluate N times with chunks shifted by n_ctx/N tokens and report the spread (default 1)",
-     {"type": int}),
     ("--kv-storage", "kv_storage", "string",
      "where --kv-save/--kv-compare keep baselines (default: .kvquality in the rootdir)", {}),
     ("--kv-save", "kv_save", "string", "save this run's results as a baseline named NAME", {}),
@@ -112,6 +109,38 @@ def _as_paths(config: pytest.Config, value: Any) -> list[Path]:
     return [Path(os.path.expanduser(str(v))) for v in value]
 
 
+def _from_command_line(config: pytest.Config, name: str) -> bool:
+    value = config.getoption(name)
+    return value is not None and value != []
+
+
+def _path(config: pytest.Config, name: str) -> Path | None:
+    """A path option: from the command line relative to the current directory, from the ini file
+    relative to the ini file's folder (as pytest resolves its own ``paths`` ini values)."""
+    value = _get(config, name)
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(str(value)))
+    if not _from_command_line(config, name) and not p.is_absolute() and config.inipath is not None:
+        p = config.inipath.parent / p
+    return p
+
+
+def _int(config: pytest.Config, name: str, flag: str) -> int | None:
+    """A whole-number option; a value that is not one is a usage error naming where it came from."""
+    value = _get(config, name)
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        where = f"{flag}" if _from_command_line(config, name) else f"{name} = {value} in {config.inipath}"
+        raise pytest.UsageError(f"pytest-kvquality: {where}: {text!r} is not a whole number") from None
+
+
 @dataclass
 class KVOptions:
     models: list[str] = field(default_factory=list)
@@ -134,12 +163,15 @@ class KVOptions:
     require: bool = False
     gate: str = "bound"
     inconclusive: str = "fail"
-    repeat: int = 1
     storage: Path | None = None
     save: str | None = None
     compare: str | None = None
     compare_fail: list[Criterion] = field(default_factory=list)
     markdown_path: Path | None = None
+    #: --kv-model given on the command line (an unknown one is a usage error; from the ini, a skip)
+    models_from_command_line: bool = False
+    #: --kv-thresholds given (a file among them that gates no selected model is an error)
+    thresholds_given: bool = False
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> KVOptions:
@@ -148,26 +180,23 @@ class KVOptions:
         o.models = [str(m) for m in models] if models else []
         caches = _get(config, "kv_cache")
         o.caches = CacheConfig.parse_list(str(caches)) if caches else None
-        n_ctx = _get(config, "kv_ctx")
+        n_ctx = _int(config, "kv_ctx", "--kv-ctx")
         if n_ctx is not None:
-            o.n_ctx = int(n_ctx)
+            o.n_ctx = n_ctx
         if o.n_ctx < 8 or o.n_ctx % 2:
             raise pytest.UsageError(f"--kv-ctx must be an even number >= 8, got {o.n_ctx}")
-        chunks = _get(config, "kv_chunks")
-        o.chunks = int(chunks) if chunks is not None else None
+        o.chunks = _int(config, "kv_chunks", "--kv-chunks")
         if o.chunks is not None and o.chunks < 1:
             raise pytest.UsageError(f"--kv-chunks must be >= 1, got {o.chunks}")
-        corpus = _get(config, "kv_corpus")
-        o.corpus = Path(os.path.expanduser(str(corpus))) if corpus else None
-        o.thresholds = _as_paths(config, _get(config, "kv_thresholds")) or [_shipped_thresholds_dir()]
-        ref_dir = _get(config, "kv_ref_dir") or os.environ.get("KVQ_REF_DIR")
+        o.corpus = _path(config, "kv_corpus")
+        o.thresholds = _as_paths(config, _get(config, "kv_thresholds")) or [shipped_thresholds_dir()]
+        ref_dir = _path(config, "kv_ref_dir") or os.environ.get("KVQ_REF_DIR")
         if ref_dir:
             o.ref_dir = Path(os.path.expanduser(str(ref_dir)))
         o.regen = bool(_get(config, "kv_regen"))
-        js = _get(config, "kv_json")
-        o.json_path = Path(str(js)) if js else None
-        gl = _get(config, "kv_gpu_layers")
-        o.gpu_layers = int(gl) if gl is not None else -1
+        o.json_path = _path(config, "kv_json")
+        gl = _int(config, "kv_gpu_layers", "--kv-gpu-layers")
+        o.gpu_layers = gl if gl is not None else -1
         o.registries = _as_paths(config, _get(config, "kv_registry"))
         ref_cache = _get(config, "kv_ref_cache")
         if ref_cache:
@@ -182,13 +211,11 @@ class KVOptions:
                                      ("--kv-inconclusive", o.inconclusive, INCONCLUSIVE_POLICIES)):
             if value not in allowed:
                 raise pytest.UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        repeat = _get(config, "kv_repeat")
-        o.repeat = int(repeat) if repeat is not None else 1
-        if o.repeat < 1:
-            raise pytest.UsageError(f"--kv-repeat must be >= 1, got {o.repeat}")
-        storage = _get(config, "kv_storage")
-        o.storage = Path(os.path.expanduser(str(storage))) if storage else config.rootpath / ".kvquality"
+        o.storage = _path(config, "kv_storage") or config.rootpath / ".kvquality"
         o.save = _get(config, "kv_save")
+        if o.save is not None and not BASELINE_NAME.match(str(o.save)):  # refused now, not after the run
+            raise pytest.UsageError(f"pytest-kvquality: --kv-save {o.save!r}: a baseline name uses letters, "
+                                    "digits, '.', '_' and '-' only (e.g. feature-kv-fix)")
         o.compare = _get(config, "kv_compare")
         try:  # a bad --kv-compare-fail is a usage error now, not at the end of the run
             o.compare_fail = [Criterion.parse(str(x)) for x in (_get(config, "kv_compare_fail") or [])]
@@ -196,6 +223,38 @@ class KVOptions:
             raise pytest.UsageError(f"pytest-kvquality: {e}") from e
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
-        md = _get(config, "kv_markdown")
-        o.markdown_path = Path(str(md)) if md else None
+        o.markdown_path = _path(config, "kv_markdown")
+        o.models_from_command_line = _from_command_line(config, "kv_models")
+        o.thresholds_given = bool(_get(config, "kv_thresholds"))
         return o
+
+
+def check_rootdir(config: pytest.Config) -> None:
+    """pytest picks its rootdir and ini file before this plugin's options exist, so the value of a
+    space-separated ``--kv-corpus /x`` counts as a test path there and can move both (the project's
+    pytest.ini then goes unread, baselines land elsewhere). Refuse that run, naming the fix."""
+    try:
+        from _pytest.config.findpaths import determine_setup
+    except ImportError:  # pragma: no cover - a pytest without it: nothing to compare with
+        return
+    o = config.option
+    if not hasattr(o, "file_or_dir"):  # --help, --version: nothing runs
+        return
+    try:
+        rootpath, inipath, *_ = determine_setup(
+            inifile=o.inifilename, override_ini=o.override_ini, args=list(o.file_or_dir or []),
+            rootdir_cmd_arg=o.rootdir or None, invocation_dir=config.invocation_params.dir)
+    except (TypeError, AttributeError):  # pragma: no cover - another pytest's signature: cannot check
+        return
+    if (rootpath, inipath) == (config.rootpath, config.inipath):
+        return
+    ours = [opt for opt, *_ in OPTIONS]
+    args = list(config.invocation_params.args)
+    spaced = [f"{a} {args[i + 1]}" for i, a in enumerate(args[:-1])
+              if a in ours and os.path.exists(os.path.join(config.invocation_params.dir, args[i + 1]))]
+    raise pytest.UsageError(
+        f"pytest-kvquality: pytest took a value of {', '.join(spaced) or 'a --kv-* option'} for a test path "
+        f"while choosing its rootdir, so the rootdir became {config.rootpath} (ini file "
+        f"{config.inipath or 'none'}) instead of {rootpath} ({inipath or 'none'}). Write the option with "
+        f"'=', e.g. {spaced[0].replace(' ', '=', 1) if spaced else '--kv-corpus=/path'}.")
+

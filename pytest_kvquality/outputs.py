@@ -4,6 +4,7 @@ step summary, saved and compared baselines; and the exit status a regression tur
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 
 from .baseline import BaselineError, BaselineStorage, Comparison, compare
+from .files import atomic_write
 from .options import KVOptions
-from .report import Report
+from .report import Report, skip_lines
 
 
 @dataclass
@@ -22,11 +24,13 @@ class RunOutputs:
     comparison: Comparison | None = None
     written: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOutputs:
-    """Compare (before saving, so 'latest' is the previous run), save, write the summaries; a
-    regression under --kv-compare-fail makes a passing run exit with status 1."""
+    """Compare (before saving, so 'latest' is the previous run), save, write the summaries. A
+    regression under --kv-compare-fail, or an output asked for that could not be written, makes a
+    passing run exit with status 1; each failure is reported and the other outputs still written."""
     out = RunOutputs()
     storage = BaselineStorage(options.storage or Path(".kvquality"))
     if options.compare is not None:
@@ -37,28 +41,40 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
             out.errors.append(str(e))
             if options.compare_fail:  # a gate that cannot compare must not pass
                 session.exitstatus = _failed(session.exitstatus)
-        if out.comparison is not None and out.comparison.regressions:
+        if out.comparison is not None and options.compare_fail and out.comparison.failed:
             session.exitstatus = _failed(session.exitstatus)
+    measured = bool(report.records or report.speeds or report.skipped)
     if options.save and report.records:
-        try:
-            out.written.append(f"baseline saved: {storage.save(options.save, report)}")
-        except (BaselineError, OSError) as e:
-            out.errors.append(f"baseline not saved: {e}")
-    if options.json_path and (report.records or report.speeds):
-        report.write_json(options.json_path)
-        out.written.append(f"results written to {options.json_path}")
-    if report.records or report.speeds:
+        _write(out, session, "baseline", lambda: storage.save(str(options.save), report), "baseline saved: {}")
+    if options.json_path and measured:
+        json_path = options.json_path
+        _write(out, session, "--kv-json", lambda: report.write_json(json_path), f"results written to {json_path}")
+    if measured:
         text = report.markdown(out.comparison.lines() if out.comparison else None)
         if options.markdown_path:
-            options.markdown_path.parent.mkdir(parents=True, exist_ok=True)
-            options.markdown_path.write_text(text, encoding="utf-8")
-            out.written.append(f"Markdown summary written to {options.markdown_path}")
+            md = options.markdown_path
+            _write(out, session, "--kv-markdown", lambda: atomic_write(md, text),
+                   f"Markdown summary written to {md}")
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if step_summary:
-            with open(step_summary, "a", encoding="utf-8") as f:
-                f.write(text + "\n")
-            out.written.append("Markdown summary appended to $GITHUB_STEP_SUMMARY")
+            try:
+                with open(step_summary, "a", encoding="utf-8") as f:
+                    f.write(text + "\n")
+                out.written.append("Markdown summary appended to $GITHUB_STEP_SUMMARY")
+            except OSError as e:  # the CI runner's file, not an output the run was asked for: a warning
+                out.warnings.append(f"could not append to $GITHUB_STEP_SUMMARY ({step_summary}): {e}")
     return out
+
+
+def _write(out: RunOutputs, session: pytest.Session, what: str, write: Callable[[], object], done: str) -> None:
+    """Run one write; a failure becomes an error line and a failed run, never a traceback."""
+    try:
+        result = write()
+    except (OSError, BaselineError) as e:
+        out.errors.append(f"{what} not written: {e}")
+        session.exitstatus = _failed(session.exitstatus)
+        return
+    out.written.append(done.format(result))
 
 
 def _failed(status: int | pytest.ExitCode) -> int | pytest.ExitCode:
@@ -68,7 +84,8 @@ def _failed(status: int | pytest.ExitCode) -> int | pytest.ExitCode:
 
 def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: RunOutputs | None) -> None:
     """The KV-cache section of pytest's terminal summary: table, notes, comparison, files written."""
-    if not (report.records or report.speeds or report.notes or (out and (out.comparison or out.errors))):
+    if not (report.records or report.speeds or report.notes or report.skipped
+            or (out and (out.comparison or out.errors or out.warnings))):
         return
     tr.write_sep("=", "KV-cache quality")
     env = report.environment
@@ -83,6 +100,8 @@ def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: Run
         if line.verdict:
             tr.write(line.verdict, **({line.colour: True, "bold": True} if line.colour else {}))
         tr.line("")
+    for skipped in skip_lines(report.skipped):
+        tr.write_line(skipped, yellow=True, bold=True)
     for note in report.notes:
         tr.write_line(f"note: {note}", yellow=True)
     if out is None:
@@ -90,10 +109,13 @@ def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: Run
     if out.comparison is not None:
         for text in out.comparison.lines():
             tr.write_line(text, red="REGRESSION" in text, yellow=text.startswith("warning:"))
-        if out.comparison.regressions:
-            tr.write_line(f"{len(out.comparison.regressions)} regression(s) beyond --kv-compare-fail: exit status 1",
+        if out.comparison.failed and options.compare_fail:
+            tr.write_line(f"{len(out.comparison.regressions)} regression(s) beyond --kv-compare-fail, "
+                          f"{len(out.comparison.uncompared)} criterion(s) that compared nothing: exit status 1",
                           red=True, bold=True)
     for text in out.errors:
         tr.write_line(f"error: {text}", red=True)
+    for text in out.warnings:
+        tr.write_line(f"warning: {text}", yellow=True)
     for text in out.written:
         tr.write_line(text)

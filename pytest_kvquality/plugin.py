@@ -35,15 +35,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kv_gpu: needs a GPU build of llama-cpp-python (skipped without one, "
                                        "failed under --kv-require)")
     from .cache_config import CacheConfigError
-    from .collect import STATE, KVState
-    from .registry import Registry, RegistryError
+    from .collect import STATE, KVState, check_threshold_files
+    from .options import check_rootdir
+    from .registry import ModelNotFound, Registry, RegistryError
     from .session import KVSession
 
+    check_rootdir(config)
     try:
         options = KVOptions.from_config(config)
         registry = Registry.load(options.registries)
     except (CacheConfigError, RegistryError) as e:
         raise pytest.UsageError(f"pytest-kvquality: {e}") from e
+    if options.models_from_command_line:  # asked for by name: found, or a usage error that says where it looked
+        for name in options.models:
+            try:
+                registry.check_available(name)
+            except ModelNotFound as e:
+                raise pytest.UsageError(f"pytest-kvquality: --kv-model {name}: {e}") from e
 
     def make_engine() -> Any:
         custom = config.hook.pytest_kvquality_make_engine(config=config)
@@ -57,6 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return WorkerEngine(options.cache_dir / "logs", env=env)
 
     state = KVState(config, options, KVSession(options, make_engine, registry))
+    check_threshold_files(state)
     config.stash[STATE] = state
     if config.get_verbosity() >= 0:  # -q hides progress
         def progress(text: str) -> None:  # the reporter registers after us: look it up when used
@@ -79,14 +88,18 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """Collect the threshold files chosen for this run (and no other YAML)."""
     from .collect import STATE, ThresholdFile
+    from .options import shipped_thresholds_dir
 
     state = parent.config.stash.get(STATE, None)
     if state is None or file_path.resolve() not in state.threshold_paths:
         return None
+    resolved = file_path.resolve()
     try:
-        file_path.resolve().relative_to(parent.config.rootpath)
-    except ValueError:  # shipped or out-of-tree file: a short, stable node id
-        return ThresholdFile.from_parent(parent, path=file_path, nodeid=f"thresholds/{file_path.name}")
+        resolved.relative_to(parent.config.rootpath)
+    except ValueError:  # outside the rootdir: shipped files get a short stable id, others their full path
+        shipped = resolved.parent == shipped_thresholds_dir().resolve()
+        nodeid = f"thresholds/{file_path.name}" if shipped else resolved.as_posix()
+        return ThresholdFile.from_parent(parent, path=file_path, nodeid=nodeid)
     return ThresholdFile.from_parent(parent, path=file_path)
 
 
@@ -143,7 +156,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     gate = "95 % bound" if o.gate == "bound" else "plain mean"
     return [*lines, f"kvquality: models {', '.join(o.models)}; n_ctx {o.n_ctx}; reference {o.ref_cache.label}"
                     f"{' (exact, no cache)' if o.exact else ''}; gates on the {gate}, inconclusive -> "
-                    f"{o.inconclusive}" + (f"; {o.repeat} offsets" if o.repeat > 1 else "")]
+                    f"{o.inconclusive}"]
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .files import atomic_write
 from .metrics import ReferenceRows
 
 MAGIC = b"KVQREF\x00\x02"
@@ -80,26 +79,7 @@ def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: di
                               "meta": meta}
     header["checksum"] = _checksum(header, payload)
     raw_header = json.dumps(header, sort_keys=True).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<I", len(raw_header)))
-            f.write(raw_header)
-            for p in payload:
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, [MAGIC, struct.pack("<I", len(raw_header)), raw_header, *payload], fsync_dir=True)
 
 
 def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:

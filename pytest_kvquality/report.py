@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field, fields
@@ -13,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from .cache_config import CacheConfig
+from .files import atomic_write
+from .markdown import markdown_table
 from .metrics import KLSummary
 from .thresholds import OVERALL
 
 #: version of the --kv-json document (docs/json-schema.md); bumped on any incompatible change
-JSON_SCHEMA_VERSION = 2
+JSON_SCHEMA_VERSION = 3
+#: versions read back (baselines): version 2 differs only in fields a comparison does not read
+READABLE_SCHEMA_VERSIONS = (2, 3)
 
 #: context facts copied into each JSON result, as (key in the engine's context, JSON key)
 CONTEXT_KEYS = (
@@ -42,8 +45,6 @@ class ResultRecord:
     eval_seconds: float
     exact: bool
     context: dict[str, Any] = field(default_factory=dict)
-    #: --kv-repeat: {"offset", "kl_mean", "kl_mean_unc", "top1", "n_tokens"} per shifted run
-    repeats: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -63,7 +64,6 @@ class ResultRecord:
             **{j: self.context.get(k) for k, j in CONTEXT_KEYS},
             # the position profile pools the categories: on the overall record only
             "positions": self.context.get("positions") if self.category == OVERALL else None,
-            "repeats": self.repeats,
             "stats": s.to_dict(),
         }
 
@@ -74,14 +74,7 @@ class ResultRecord:
             context["positions"] = d["positions"]
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
                    KLSummary.from_dict(d["stats"]), d["eval_seconds"], d["exact_reference"],
-                   context, d.get("repeats", []))
-
-    def repeat_spread(self) -> float | None:
-        """max - min of mean KLD over this run and its --kv-repeat shifts (None without repeats)."""
-        if not self.repeats:
-            return None
-        values = [self.summary.kl_mean, *(float(r["kl_mean"]) for r in self.repeats)]
-        return max(values) - min(values)
+                   context)
 
 
 @dataclass
@@ -98,9 +91,12 @@ class VerdictRecord:
     outcome: str
     low: float = 0.0
     high: float = 0.0
-    tokens_to_decide: int | None = None
+    chunks_to_decide: int | None = None
     gate: str = "bound"
     n_tokens: int = 0
+    n_chunks: int = 0
+    method: str = ""
+    reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -115,6 +111,23 @@ class VerdictRecord:
         d["low"] = -math.inf if d.get("low", 0.0) is None else d.get("low", 0.0)
         d["high"] = math.inf if d.get("high", 0.0) is None else d.get("high", 0.0)
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """An item that did not run because its model is not available here."""
+
+    model: str
+    reason: str
+
+
+def skip_lines(skipped: list[SkipRecord]) -> list[str]:
+    """'N gate(s) skipped: model X not available (reason)', one line per model."""
+    out = []
+    for model in dict.fromkeys(s.model for s in skipped):
+        mine = [s for s in skipped if s.model == model]
+        out.append(f"{len(mine)} gate(s) skipped: model {model} not available here ({mine[0].reason})")
+    return out
 
 
 @dataclass
@@ -150,8 +163,10 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     speeds: list[SpeedRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
 
     def merge(self, other: Report) -> None:
+        self.skipped += other.skipped
         have = {r.key for r in self.records}
         self.records += [r for r in other.records if r.key not in have]
         seen = {v.test_id for v in self.verdicts}
@@ -178,17 +193,19 @@ class Report:
             "thresholds": [v.to_json() for v in self.verdicts],
             "speed": [s.to_json() for s in self.speeds],
             "notes": self.notes,
+            "skipped": [dict(s.__dict__) for s in self.skipped],
         }
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> Report:
-        if doc.get("schema_version") != JSON_SCHEMA_VERSION:
+        if doc.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(f"schema_version {doc.get('schema_version')!r}; this plugin reads "
                              f"{JSON_SCHEMA_VERSION}")
         return cls([ResultRecord.from_json(r) for r in doc["results"]],
                    [VerdictRecord.from_json(v) for v in doc["thresholds"]],
                    dict(doc["environment"]), list(doc["notes"]),
-                   [SpeedRecord(**s) for s in doc.get("speed", [])])
+                   [SpeedRecord(**s) for s in doc.get("speed", [])],
+                   [SkipRecord(**s) for s in doc.get("skipped", [])])
 
     def dumps(self) -> str:
         return json.dumps(self.document())
@@ -198,7 +215,7 @@ class Report:
         return cls.from_document(json.loads(text))
 
     def write_json(self, path: Path) -> None:
-        write_atomic(path, json.dumps(self.document(), indent=2) + "\n")
+        atomic_write(path, json.dumps(self.document(), indent=2) + "\n")
 
     # ------------------------------------------------------------ queries
 
@@ -244,9 +261,7 @@ class Report:
         recs = [r for r in self.sorted_records() if r.model == model]
         categories = [c for c in dict.fromkeys(r.category for r in recs) if c != OVERALL]
         show_speed = any(s.model == model for s in self.speeds)
-        show_spread = any(r.repeats for r in recs)
         head = ["cache", *categories, "overall KLD ± σ", "same top", "KV B/token"]
-        head += ["spread"] if show_spread else []
         head += ["pp tok/s", "tg tok/s"] if show_speed else []
         head += ["gates"]
         rows, verdicts = [], []
@@ -257,13 +272,13 @@ class Report:
             if overall is not None:
                 s = overall.summary
                 per_token = overall.context.get("kv_bytes_per_token")
-                row += [f"{s.kl_mean:.5f} ± {s.kl_mean_unc:.5f}", f"{100 * s.top1:.2f} %",
+                # σ between chunks, what the gates use (llama.cpp's token-level σ is in the JSON)
+                bound = s.bounds.get("kl_mean")
+                sigma = bound.se if bound is not None else s.kl_mean_unc
+                row += [f"{s.kl_mean:.5f} ± {sigma:.5f}", f"{100 * s.top1:.2f} %",
                         f"{per_token:,.0f}" if per_token else "-"]
-                spread = overall.repeat_spread()
-                row += [f"{spread:.5f} ({len(overall.repeats) + 1}x)" if spread is not None else "-"] \
-                    if show_spread else []
             else:
-                row += ["-", "-", "-"] + (["-"] if show_spread else [])
+                row += ["-", "-", "-"]
             if show_speed:
                 for phase in ("pp", "tg"):
                     v = self.speed_of(model, cache, phase)
@@ -303,29 +318,29 @@ class Report:
             head, rows, verdicts = self.grid(model)
             out.append(f"### {model}")
             out.append("")
-            out.append("| " + " | ".join(head) + " |")
-            out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
-            for row, (text, _) in zip(rows, verdicts, strict=True):
-                mark = {"p": "✅", "F": "❌", "i": "⚠️"}.get(text[:1], "")
-                out.append("| " + " | ".join([f"`{row[0]}`", *row[1:], f"{mark} {text}".strip()]) + " |")
-            out.append("")
+            marked = [[f"`{row[0]}`", *row[1:], f"{_MARKS.get(text[:1], '')} {text}".strip()]
+                      for row, (text, _) in zip(rows, verdicts, strict=True)]
+            out += [markdown_table(head, marked, align="l" + "r" * (len(head) - 2) + "l"), ""]
         failed = self.failed_gates()
         if failed:
-            out += ["### Gates not passed", "", "| gate | rule | value ± σ | 95 % bounds | verdict |",
-                    "|---|---|---:|---:|---|"]
-            for v in failed:
-                out.append(f"| `{v.test_id}` | `{v.rule}` | {v.value:.6g} ± {v.uncertainty:.2g} | "
-                           f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)} | {v.outcome}"
-                           + (f" (≈{v.tokens_to_decide:,} tokens would decide)" if v.tokens_to_decide else "")
-                           + " |")
-            out.append("")
+            rows = [[f"`{v.test_id}`", f"`{v.rule}`", f"{v.value:.6g} ± {v.uncertainty:.2g}",
+                     f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)}",
+                     v.outcome + (f" (≈{v.chunks_to_decide:,} chunks per category would decide)"
+                                  if v.chunks_to_decide else "")] for v in failed]
+            out += ["### Gates not passed", "",
+                    markdown_table(["gate", "rule", "value ± σ", "95 % bounds", "verdict"], rows, align="llrrl"), ""]
         elif self.verdicts:
             out += [f"All {len(self.verdicts)} gates passed.", ""]
         if comparison_lines:
             out += ["### Against the baseline", "", *comparison_lines, ""]
+        for line in skip_lines(self.skipped):
+            out.append(f"> ⚠️ {line}")
         for note in self.notes:
             out.append(f"> {note}")
         return "\n".join(out).rstrip() + "\n"
+
+
+_MARKS = {"p": "✅", "F": "❌", "i": "⚠️"}
 
 
 def _aligned(cells: list[str], widths: list[int]) -> str:
@@ -336,10 +351,3 @@ def _aligned(cells: list[str], widths: list[int]) -> str:
 def _fmt_bound(x: float) -> str:
     return "∞" if math.isinf(x) and x > 0 else "−∞" if math.isinf(x) else f"{x:.6g}"
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,9 @@ from .reference import (
     write_reference,
 )
 from .registry import ModelNotFound, Registry, ResolvedModel, resolve
-from .report import Report, ResultRecord, SpeedRecord, VerdictRecord
+from .report import Report, ResultRecord, SkipRecord, SpeedRecord, VerdictRecord
 from .thresholds import OVERALL, Threshold
+from .uncertainty import Stratum, gate_bounds
 
 REFERENCE_SEED = 0
 #: context-position buckets of the per-position profile (over the scored second half of a chunk)
@@ -61,8 +63,6 @@ class ConfigResult:
     exact: bool = False
     #: what llama.cpp decided for the candidate context: rotation_k/v, kv_cache_mib, ...
     context: dict[str, Any] = field(default_factory=dict)
-    #: --kv-repeat: (token offset, summaries per category) of the shifted re-evaluations
-    repeats: list[tuple[int, dict[str, KLSummary]]] = field(default_factory=list)
 
     @property
     def overall(self) -> KLSummary:
@@ -75,6 +75,19 @@ class ConfigResult:
         if name.startswith("_") or name == "categories":
             raise AttributeError(name)
         return getattr(self.categories[OVERALL], name)
+
+
+def summarize_with_bounds(per_cat: dict[str, TokenStats], rows_per_chunk: int) -> dict[str, KLSummary]:
+    """llama.cpp's summary per category and overall, each with its chunk-level gate bounds (the
+    overall ones stratified by category)."""
+    strata = {cat: Stratum(s, rows_per_chunk) for cat, s in per_cat.items()}
+    summaries = {}
+    for cat, s in per_cat.items():
+        summaries[cat] = summarize(s)
+        summaries[cat].bounds = gate_bounds([strata[cat]], list(strata.values()))
+    summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
+    summaries[OVERALL].bounds = gate_bounds(list(strata.values()))
+    return summaries
 
 
 def position_profile(per_cat: dict[str, TokenStats], n_ctx: int,
@@ -124,11 +137,13 @@ class KVSession:
     verdicts: list[Verdict] = field(default_factory=list)
     results: dict[tuple[str, CacheConfig], ConfigResult] = field(default_factory=dict)
     speeds: list[SpeedResult] = field(default_factory=list)
+    #: items skipped because their model is not available here (ini-selected models only)
+    skipped: list[SkipRecord] = field(default_factory=list)
     progress: Callable[[str], None] | None = None
     _engine: Engine | None = None
     _corpus: Corpus | None = None
     _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
-    _chunks: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    _chunks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     _described: dict[str, dict[str, Any]] = field(default_factory=dict)
     _same_tokenizer: set[tuple[str, str]] = field(default_factory=set)
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
@@ -181,16 +196,16 @@ class KVSession:
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
         return ModelLoad(str(model.path), self.options.gpu_layers)
 
-    def chunks(self, model: ResolvedModel, offset: int = 0) -> dict[str, np.ndarray]:
+    def chunks(self, model: ResolvedModel) -> dict[str, np.ndarray]:
         """Tokenized, chunked corpus per category for this model's tokenizer."""
-        key = (model.sha256, offset)
+        key = model.sha256
         if key not in self._chunks:
             spec = self.load_spec(model)
             out = {}
             for cat, text in self.corpus.texts.items():
                 tokens = self.engine.tokenize(spec, text)
                 try:
-                    out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat, offset)
+                    out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat)
                 except CorpusError as e:
                     if not self.options.skip_short_categories:
                         raise
@@ -239,15 +254,25 @@ class KVSession:
         )
         store = ReferenceStore(self.options.ref_dir)
         path = store.path_for(key)
-        store.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(store.lock_path(key))):
-            must_build = self.options.regen and key.digest() not in self._regenerated
-            if path.exists() and not must_build:
-                try:
-                    rows, _ = read_reference(path, key)
+        must_build = self.options.regen and key.digest() not in self._regenerated
+        # files are only ever renamed into place, so a complete one is read without the lock (which
+        # a read-only reference directory could not give)
+        if not must_build and path.exists():
+            rows = self._read_reference(path, key)
+            if rows is not None:
+                return rows
+        try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(store.lock_path(key)))
+            lock.acquire()
+        except OSError as e:
+            raise OSError(f"the {self.options.ref_cache.label} reference for {model.alias} / {category} is not in "
+                          f"{store.root} and cannot be built there: {e}") from e
+        try:
+            if path.exists() and not must_build:  # built by another process while we waited
+                rows = self._read_reference(path, key)
+                if rows is not None:
                     return rows
-                except ReferenceDamaged as e:
-                    self.notes.append(f"reference cache entry damaged, rebuilt: {e}")
             self._doing = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
             self._say(f"building {self._doing} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
             run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks,
@@ -258,6 +283,17 @@ class KVSession:
             })
             self._regenerated.add(key.digest())
             return run.rows
+        finally:
+            lock.release()
+
+    def _read_reference(self, path: Path, key: ReferenceKey) -> ReferenceRows | None:
+        """A cached reference, or None (with a note) when the file is damaged and must be rebuilt."""
+        try:
+            rows, _ = read_reference(path, key)
+            return rows
+        except ReferenceDamaged as e:
+            self._note(f"reference cache entry damaged, rebuilt: {e}")
+            return None
 
     # ------------------------------------------------------------ evaluation
 
@@ -271,9 +307,6 @@ class KVSession:
             return self.results[key]
         try:
             result = self._evaluate(model, cache)
-            for r in range(1, self.options.repeat):
-                offset = r * self.options.n_ctx // self.options.repeat
-                result.repeats.append((offset, self._evaluate(model, cache, offset).categories))
         except (EngineError, OSError, ValueError) as e:
             err = EngineError(
                 f"evaluating {model.alias} ({model.path}) with cache {cache.label}, "
@@ -306,15 +339,15 @@ class KVSession:
         self._same_tokenizer.add((model.sha256, ref.sha256))
         return ref
 
-    def _evaluate(self, model: ResolvedModel, cache: CacheConfig, offset: int = 0) -> ConfigResult:
+    def _evaluate(self, model: ResolvedModel, cache: CacheConfig) -> ConfigResult:
         spec = self.load_spec(model)
         ref_model = self.reference_model(model)
         per_cat: dict[str, TokenStats] = {}
         context: dict[str, Any] = {}
         seconds = 0.0
-        for cat, chunks in self.chunks(ref_model, offset).items():
+        for cat, chunks in self.chunks(ref_model).items():
             ref = None if self.options.exact else self.reference(ref_model, cat, chunks)
-            self._doing = f"{model.alias} {cache.label} / {cat}" + (f" (offset {offset})" if offset else "")
+            self._doing = f"{model.alias} {cache.label} / {cat}"
             self._say(f"evaluating {self._doing}")
             if ref is None:
                 run = self.engine.evaluate_exact(spec, cache, self.load_spec(ref_model), self.options.ref_cache,
@@ -324,8 +357,7 @@ class KVSession:
             per_cat[cat] = run.stats
             context = run.context
             seconds += run.seconds
-        summaries = {cat: summarize(s) for cat, s in per_cat.items()}
-        summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
+        summaries = summarize_with_bounds(per_cat, self.options.n_ctx // 2 - 1)
         context["positions"] = position_profile(per_cat, self.options.n_ctx)
         if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
             context["reference_model"] = ref_model.alias
@@ -340,19 +372,17 @@ class KVSession:
 
     def to_report(self) -> Report:
         """This process's results as a mergeable report."""
-        rep = Report(notes=list(self.notes))
+        rep = Report(notes=list(self.notes), skipped=list(self.skipped))
         for r in self.results.values():
             for cat, summary in r.categories.items():
-                repeats = [{"offset": off, "kl_mean": cats[cat].kl_mean, "kl_mean_unc": cats[cat].kl_mean_unc,
-                            "top1": cats[cat].top1, "n_tokens": cats[cat].n_tokens}
-                           for off, cats in r.repeats if cat in cats]
                 rep.records.append(ResultRecord(r.model, r.model_sha256, r.cache.label, r.n_ctx, cat,
-                                                summary, r.eval_seconds, r.exact, r.context, repeats))
+                                                summary, r.eval_seconds, r.exact, r.context))
         for v in self.verdicts:
             t, d = v.threshold, v.decision
             rep.verdicts.append(VerdictRecord(
                 t.test_id, t.model, t.cache.label, t.category, t.metric, t.rule, d.value, d.uncertainty,
-                d.passed, d.outcome.value, d.low, d.high, d.tokens_to_decide, v.gate, v.n_tokens))
+                d.passed, d.outcome.value, d.low, d.high, d.chunks_to_decide, v.gate, v.n_tokens,
+                d.n_chunks, d.method, d.reason))
         for sp in self.speeds:
             rep.speeds.append(SpeedRecord(sp.model, sp.cache.label, sp.phase, sp.n_ctx, sp.n_tokens,
                                           sp.tokens_per_s))

@@ -21,6 +21,8 @@ from . import __version__
 from .cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
 from .engine import SPEED_PHASES, Engine, EngineError
 from .environment import default_cache_dir, host_backend
+from .files import atomic_write
+from .markdown import markdown_table
 from .options import DEFAULT_N_CTX, KVOptions
 from .registry import Registry, RegistryError
 from .session import ConfigResult, KVSession, ModelUnavailable
@@ -284,9 +286,7 @@ def _measure(session: KVSession, model: str, cache: CacheConfig, speed: bool) ->
 
 
 def _save(sweep: Sweep, out: Path) -> None:
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps(sweep.to_json(), indent=2) + "\n")
-    tmp.replace(out / "sweep.json")
+    atomic_write(out / "sweep.json", json.dumps(sweep.to_json(), indent=2) + "\n")
 
 
 def _options(args: argparse.Namespace, n_ctx: int, ref_model: str | None = None) -> KVOptions:
@@ -336,12 +336,8 @@ def write_report(sweep: Sweep, out: Path) -> None:
     (out / "report.md").write_text(markdown(sweep, plots))
 
 
-def _row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    return [_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|", *(_row(r) for r in rows), ""]
+    return [*markdown_table(head, rows).split("\n"), ""]
 
 
 def markdown(sweep: Sweep, plots: list[str] | str) -> str:

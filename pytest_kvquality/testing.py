@@ -18,6 +18,7 @@ In a conftest::
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,9 @@ def _fake_params(path: str) -> tuple[int, float]:
 
 
 class FakeModel:
-    def __init__(self, path: str, noise_scale: float = 1.0) -> None:
+    def __init__(self, path: str, noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
         self.noise_scale = noise_scale
+        self.chunk_effect = chunk_effect
         seed, weight_noise = _fake_params(path)
         rng = np.random.default_rng(seed)
         self.path = path
@@ -114,7 +116,11 @@ class FakeContext:
         if self.sigma:
             digest = hashlib.sha256(tokens.tobytes() + self.cache.label.encode()).digest()
             rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-            logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * self.sigma
+            sigma = self.sigma
+            if self.model.chunk_effect:  # a chunk-wide noise level: tokens of one chunk move together
+                g = float(np.random.default_rng(int.from_bytes(digest[8:16], "little")).standard_normal())
+                sigma *= math.exp(self.model.chunk_effect * g - self.model.chunk_effect**2 / 2)
+            logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * sigma
         # two blocks, like a batched decode, through one reused buffer like llama.cpp's: a consumer
         # that keeps a view past the next step sees it overwritten
         half = (last - first) // 2 or 1
@@ -138,15 +144,16 @@ class FakeContext:
 
 
 class FakeBackend:
-    def __init__(self, noise_scale: float = 1.0) -> None:
+    def __init__(self, noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
         self.noise_scale = noise_scale
+        self.chunk_effect = chunk_effect
 
     def info(self) -> dict[str, Any]:
         return {"llama_cpp_python": "fake", "llama_cpp": "fake", "gpu_offload": False,
                 "system_info": "fake"}
 
     def load(self, model: ModelLoad) -> FakeModel:
-        return FakeModel(model.path, self.noise_scale)
+        return FakeModel(model.path, self.noise_scale, self.chunk_effect)
 
     def quantize(self, src: str, dst: str, weight_type: str) -> None:
         seed, _ = _fake_params(src)
@@ -155,11 +162,13 @@ class FakeBackend:
 
 class FakeEngine(LocalEngine):
     """The real engine logic over the fake model, in-process. ``noise_scale`` scales every cache
-    type's noise (a way to stage a quality regression in tests)."""
+    type's noise (a way to stage a quality regression in tests); ``chunk_effect`` gives each chunk a
+    noise level of its own (log-normal, this σ), so its tokens are correlated as real ones are."""
 
     def __init__(self, top_k: int = 32, tail_samples: int = 16, threads: int | None = None,
-                 noise_scale: float = 1.0) -> None:
-        super().__init__(FakeBackend(noise_scale), top_k=top_k, tail_samples=tail_samples, threads=threads)
+                 noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
+        super().__init__(FakeBackend(noise_scale, chunk_effect), top_k=top_k, tail_samples=tail_samples,
+                         threads=threads)
 
 
 CONFTEST = '''

@@ -15,6 +15,7 @@ duplicate keys rejected and the line of every key kept for error messages.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -114,15 +115,16 @@ def parse_rule(text: Any) -> tuple[str, float]:
         value = float(m.group(2))
     except ValueError:
         raise ValueError(f"threshold {m.group(2)!r} is not a number") from None
-    if value != value:
-        raise ValueError("threshold is NaN")
+    if not math.isfinite(value):  # "< inf" would always pass, "> nan" never decide
+        raise ValueError(f"threshold {m.group(2)!r} is not a finite number")
     return m.group(1), value
 
 
 def load_thresholds(
-    path: Path, known_models: Callable[[str], str | None], categories: list[str]
+    path: Path, known_models: Callable[[str], str | None], categories: list[str] | None
 ) -> list[Threshold]:
-    """Parse and validate one file. ``known_models`` maps a name to its canonical alias or None."""
+    """Parse and validate one file. ``known_models`` maps a name to its canonical alias or None;
+    ``categories`` None skips the category check (a look before the corpus is read)."""
     try:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -150,25 +152,30 @@ def load_thresholds(
                              f"unsupported version {version!r}; this plugin reads {SCHEMA_VERSION}")
     if "models" not in top:
         raise ThresholdError(path, None, "models", "missing")
-    allowed_categories = [OVERALL, *categories]
+    allowed_categories = [OVERALL, *(categories or [])]
     out: list[Threshold] = []
-    for m in _mapping(path, top["models"].node, "models"):
+    #: one gate per (model, cache config, category, metric), however the cache config is written
+    seen: dict[tuple[str, CacheConfig, str, str], int] = {}
+    models = _mapping(path, top["models"].node, "models")
+    if not models:
+        raise ThresholdError(path, top["models"].line, "models", "no models: the file would make no gates")
+    for m in models:
         model = known_models(m.key)
         if model is None:
             raise ThresholdError(path, m.line, f"models.{m.key}",
                                  "unknown model (not registered, not a --kv-model path stem)")
-        for c in _mapping(path, m.node, f"models.{m.key}"):
+        for c in _nonempty(path, m, f"models.{m.key}", "cache configs"):
             where = f"models.{m.key}.{c.key}"
             try:
                 cache = CacheConfig.parse(c.key)
             except CacheConfigError as e:
                 raise ThresholdError(path, c.line, where, str(e)) from e
-            for cat in _mapping(path, c.node, where):
+            for cat in _nonempty(path, c, where, "categories"):
                 cwhere = f"{where}.{cat.key}"
-                if cat.key not in allowed_categories:
+                if categories is not None and cat.key not in allowed_categories:
                     raise ThresholdError(path, cat.line, cwhere,
                                          f"unknown category; known: {', '.join(allowed_categories)}")
-                for met in _mapping(path, cat.node, cwhere):
+                for met in _nonempty(path, cat, cwhere, "metrics"):
                     mwhere = f"{cwhere}.{met.key}"
                     if met.key not in THRESHOLD_METRICS:
                         raise ThresholdError(path, met.line, mwhere,
@@ -177,8 +184,22 @@ def load_thresholds(
                         op, limit = parse_rule(_scalar(loader, met.node))
                     except ValueError as e:
                         raise ThresholdError(path, met.line, mwhere, str(e)) from e
+                    gate = (model, cache, cat.key, met.key)
+                    if gate in seen:
+                        raise ThresholdError(path, met.line, mwhere,
+                                             f"the same gate as line {seen[gate]} ({cache.label} / {cat.key} / "
+                                             f"{met.key}): one gate, one rule")
+                    seen[gate] = met.line
                     out.append(Threshold(path, met.line, model, cache, cat.key, met.key, op, limit))
     return out
+
+
+def _nonempty(path: Path, entry: _Entry, where: str, what: str) -> list[_Entry]:
+    """The entries of a mapping that must hold gates: an empty one would silently make none."""
+    entries = _mapping(path, entry.node, where)
+    if not entries:
+        raise ThresholdError(path, entry.line, where, f"no {what}: this entry would make no gates")
+    return entries
 
 
 def threshold_files(paths: list[Path]) -> list[Path]:

@@ -26,7 +26,37 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _die_with_parent() -> None:
+    """End this process when pytest ends, however it ends: a CI timeout's SIGKILL or SIGTERM gives
+    the client no chance to stop us, and a worker left running keeps the GPU busy. Linux: the
+    kernel's parent-death signal; elsewhere, and as a second line, a thread that watches the parent."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread below remains
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(70)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="kvq-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # pragma: no cover - the parent died before the signal was set
+        os._exit(70)
+
+
 def _serve(read_fd: int, write_fd: int) -> None:
+    _die_with_parent()
     _limit_memory()
     from . import llama_backend  # imports llama_cpp, then numpy
 

@@ -11,7 +11,7 @@ OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
 export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GPU_MODEL:?source env.sh}"
 REG="$KVQ_CACHE_DIR/registry.yaml"; mkdir -p "$KVQ_CACHE_DIR"
 printf 'version: 1\nmodels:\n  gemma3-270m:\n    path: %s\n' "$KVQ_GPU_MODEL" > "$REG"
-P="python3 -m pytest -p pytest_kvquality.plugin -p no:cacheprovider --kv-registry $REG"
+P="python3 -m pytest -p pytest_kvquality.plugin -p no:cacheprovider --kv-registry=$REG"
 stage="${1:-all}"
 T=""; [ -x /usr/bin/time ] && T="/usr/bin/time -v"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
@@ -21,13 +21,13 @@ fi
 if [ "$stage" = full ] || [ "$stage" = all ]; then
   $T $P --kv-model gemma3-270m -m kvquality \
     --kv-cache f16,q8_0,q4_0,q8_0:norot,q4_0:norot,q8_0/q4_0 \
-    --kv-json "$OUT/full-512.json" 2>&1 | tee "$OUT/full-512.log" | grep -v "^\[kvquality\]" | tail -45
+    --kv-json="$OUT/full-512.json" 2>&1 | tee "$OUT/full-512.log" | grep -v "^\[kvquality\]" | tail -45
 fi
 if [ "$stage" = long ] || [ "$stage" = all ]; then
   mkdir -p /tmp/kvq-long/corpus /tmp/kvq-long/no-thresholds
   cp pytest_kvquality/corpus_data/long_documents.txt /tmp/kvq-long/corpus/
-  $T $P --kv-model gemma3-270m -m kvquality --kv-corpus /tmp/kvq-long/corpus \
-    --kv-ctx 8192 --kv-cache q8_0,q4_0 --kv-thresholds /tmp/kvq-long/no-thresholds --kv-json "$OUT/long-8192.json" 2>&1 \
+  $T $P --kv-model gemma3-270m -m kvquality --kv-corpus=/tmp/kvq-long/corpus \
+    --kv-ctx 8192 --kv-cache q8_0,q4_0 --kv-thresholds=/tmp/kvq-long/no-thresholds --kv-json="$OUT/long-8192.json" 2>&1 \
     | tee "$OUT/long-8192.log" | grep -v "^\[kvquality\]" | tail -20
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then  # includes the reduction's scaling over 1..16 threads
@@ -63,7 +63,7 @@ if [ "$stage" = memory ] || [ "$stage" = all ]; then
 fi
 if [ "$stage" = speed ] || [ "$stage" = all ]; then  # speed, memory and quality side by side
   $P benchmarks/test_kv_speed.py --kv-model gemma3-270m --kv-cache f16,q8_0,q4_0,q8_0/q4_0 \
-    --kv-json "$OUT/speed-512.json" --kv-markdown "$OUT/speed-512.md" --benchmark-json "$OUT/speed-bench.json" \
+    --kv-json="$OUT/speed-512.json" --kv-markdown="$OUT/speed-512.md" --benchmark-json "$OUT/speed-bench.json" \
     2>&1 | tee "$OUT/speed-512.log" | grep -v "^\[kvquality\]" | tail -30
 fi
 if [ "$stage" = oom ] || [ "$stage" = all ]; then  # a KV cache larger than the GPU: a clear error
@@ -103,7 +103,7 @@ if [ "$stage" = multigpu ]; then  # one GPU per xdist worker: sample which GPU e
     > "$OUT/multigpu-smi.log" 2>&1 &
   smi=$!
   $P --kv-model gemma3-270m -m kvquality -n 2 --dist loadgroup --kv-cache q8_0,q4_0,q8_0:norot,q4_0:norot \
-    --kv-regen --kv-json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.log" | grep -v "^\[kvquality\]" | tail -20
+    --kv-regen --kv-json="$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.log" | grep -v "^\[kvquality\]" | tail -20
   kill $smi 2>/dev/null
   python3 - "$OUT/multigpu-smi.log" <<'PY' | tee "$OUT/multigpu-check.txt"
 import sys

@@ -1,5 +1,5 @@
 """Use in CI, end to end on the fake engine: confidence-bound gates and inconclusive verdicts,
---kv-repeat, baselines (--kv-save / --kv-compare / --kv-compare-fail), Markdown and the GitHub
+baselines (--kv-save / --kv-compare / --kv-compare-fail), Markdown and the GitHub
 step summary, JUnit properties, the report header, colours, exit codes, speed next to quality."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import PLUGIN_ARGS
 
-ARGS = ["--kv-chunks", "2"]
+ARGS = ["--kv-chunks", "8"]
 
 #: the fake model's cache noise is scaled by FAKE_NOISE_SCALE: a "regression" for baseline tests
 SCALED_CONFTEST = """
@@ -24,17 +24,19 @@ def pytest_kvquality_make_engine(config):
 
 
 def measured(kv_project: pytest.Pytester, fake_model: Path, caches: str) -> dict[str, tuple[float, float]]:
-    """The fake model's overall mean KLD and σ per cache config, from a first run's JSON."""
+    """The fake model's overall mean KLD and its σ between chunks (what gates use) per cache config,
+    from a first run's JSON."""
     kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", caches, *ARGS,
                          "--kv-thresholds", str(kv_project.path), "--kv-json", "measured.json")
     doc = json.loads((kv_project.path / "measured.json").read_text())
-    return {r["cache"]: (r["kl_mean"], r["kl_mean_unc"]) for r in doc["results"] if r["category"] == "overall"}
+    return {r["cache"]: (r["kl_mean"], r["stats"]["bounds"]["kl_mean"]["se"]) for r in doc["results"]
+            if r["category"] == "overall"}
 
 
 @pytest.fixture
 def straddling(kv_project: pytest.Pytester, fake_model: Path) -> Path:
-    """Gates from measured values: q4_0 passes clearly (4σ of room), q4_0/f16 sits at +0.5σ,
-    inside the one-sided 95 % band (1.645σ), so neither pass nor fail can be claimed."""
+    """Gates from measured values: q4_0 passes clearly (8σ of room), q4_0/f16 sits at +0.5σ,
+    inside the one-sided 95 % band, so neither pass nor fail can be claimed."""
     m = measured(kv_project, fake_model, "q4_0,q4_0/f16")
     (q4, q4_unc), (k4, k4_unc) = m["q4_0"], m["q4_0/f16"]
     kv_project.makefile(".yaml", gates=f"""
@@ -42,7 +44,7 @@ version: 1
 models:
   tiny:
     q4_0:
-      overall: {{kl_mean: "< {q4 + 4 * q4_unc:.6f}"}}
+      overall: {{kl_mean: "< {q4 + 8 * q4_unc:.6f}"}}
       coding: {{kl_mean: "< 9"}}
     q4_0/f16:
       overall: {{kl_mean: "< {k4 + 0.5 * k4_unc:.6f}"}}
@@ -58,7 +60,7 @@ def test_a_gate_inside_the_95_percent_band_is_inconclusive_and_fails_by_default(
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
         "*tiny [[]q4_0/f16[]] overall: kl_mean = * (95 % upper bound *): inconclusive against < * "
-        "(the 95 % bounds straddle it); about * scored tokens would decide it*--kv-inconclusive=fail",
+        "(the 95 % bounds straddle it); about * chunks per category would decide it*--kv-inconclusive=fail",
         "  q4_0/f16 *inconclusive 1/1",
     ])
 
@@ -82,7 +84,7 @@ def test_mean_gate_compares_the_bare_mean(kv_project: pytest.Pytester, fake_mode
     assert {v["gate"] for v in verdicts} == {"mean"} and {v["outcome"] for v in verdicts} == {"pass"}
 
 
-def test_verdicts_in_json_carry_bounds_and_tokens_to_decide(kv_project: pytest.Pytester, fake_model: Path,
+def test_verdicts_in_json_carry_bounds_and_chunks_to_decide(kv_project: pytest.Pytester, fake_model: Path,
                                                             straddling: Path) -> None:
     kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", str(straddling), *ARGS,
                          "--kv-json", "out.json")
@@ -91,19 +93,9 @@ def test_verdicts_in_json_carry_bounds_and_tokens_to_decide(kv_project: pytest.P
     unsure = verdicts["q4_0/f16"]
     assert unsure["outcome"] == "inconclusive" and unsure["passed"] is False
     assert unsure["low"] < unsure["value"] < unsure["high"]
-    assert unsure["tokens_to_decide"] > unsure["n_tokens"]
+    assert unsure["chunks_to_decide"] > 8 and unsure["n_chunks"] == 32
+    assert unsure["method"].startswith("batch means")
     assert verdicts["q4_0"]["outcome"] == "pass"
-
-
-def test_repeat_shifts_the_chunks_and_reports_the_spread(kv_project: pytest.Pytester, fake_model: Path) -> None:
-    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q4_0", *ARGS, "--kv-repeat", "3",
-                                  "--kv-thresholds", str(kv_project.path), "--kv-json", "out.json")
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*cache*overall KLD ± σ*spread*gates", "  q4_0 * (3x)  -"])
-    rec = next(r for r in json.loads((kv_project.path / "out.json").read_text())["results"]
-               if r["category"] == "overall")
-    assert [r["offset"] for r in rec["repeats"]] == [21, 42]  # n_ctx 64 split in three
-    assert len({rec["kl_mean"], *(r["kl_mean"] for r in rec["repeats"])}) == 3  # different text, different numbers
 
 
 def run_with_scale(kv_project: pytest.Pytester, fake_model: Path, monkeypatch: pytest.MonkeyPatch,
@@ -121,7 +113,7 @@ def test_baselines_are_saved_compared_and_fail_on_regression(
     assert saved.ret == pytest.ExitCode.OK
     saved.stdout.fnmatch_lines(["baseline saved: *0001_main.json"])
     stored = json.loads((kv_project.path / ".kvquality" / "0001_main.json").read_text())
-    assert stored["schema_version"] == 2 and stored["environment"]["models"]["tiny"]
+    assert stored["schema_version"] == 3 and stored["environment"]["models"]["tiny"]
 
     # the same numbers: no regression, and deltas are shown
     same = run_with_scale(kv_project, fake_model, monkeypatch, 1.0, "--kv-compare", "--kv-compare-fail", "kl_mean:1%")
@@ -135,7 +127,7 @@ def test_baselines_are_saved_compared_and_fail_on_regression(
     assert worse.ret == pytest.ExitCode.TESTS_FAILED
     worse.assert_outcomes(passed=2)
     worse.stdout.fnmatch_lines(["*tiny [[]q4_0[]] n_ctx 64 overall: kl_mean * -> * (+*%)  REGRESSION (kl_mean:10%)",
-                                "*regression(s) beyond --kv-compare-fail: exit status 1"])
+                                "*regression(s) beyond --kv-compare-fail*: exit status 1"])
     # an absolute criterion wide enough lets the same change through
     wide = run_with_scale(kv_project, fake_model, monkeypatch, 1.2, "--kv-compare", "1",
                           "--kv-compare-fail", "kl_mean:1")
@@ -167,7 +159,6 @@ def test_compare_fail_without_a_baseline_fails_the_run(kv_project: pytest.Pytest
 @pytest.mark.parametrize(("args", "message"), [
     (["--kv-compare-fail", "kl_mean:10%"], "*--kv-compare-fail needs --kv-compare*"),
     (["--kv-compare", "--kv-compare-fail", "speed:10%"], "*expected METRIC:X% or METRIC:X*"),
-    (["--kv-repeat", "0"], "*--kv-repeat must be >= 1*"),
 ])
 def test_bad_ci_options_are_usage_errors(kv_project: pytest.Pytester, args: list[str], message: str) -> None:
     result = kv_project.runpytest(*args)
@@ -203,7 +194,7 @@ def test_junit_xml_carries_the_metrics_as_properties(kv_project: pytest.Pytester
 
 
 def test_report_header_names_versions_backend_and_references(kv_project: pytest.Pytester, fake_model: Path) -> None:
-    result = kv_project.runpytest(*PLUGIN_ARGS, "--kv-model", str(fake_model), "--co")
+    result = kv_project.runpytest(*PLUGIN_ARGS, f"--kv-model={fake_model}", "--co")
     result.stdout.fnmatch_lines([
         "kvquality *: llama-cpp-python * (ggml *), * build; references in *",
         "kvquality: models *tiny.gguf; n_ctx *; reference f16; gates on the 95 % bound, inconclusive -> fail",

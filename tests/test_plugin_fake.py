@@ -24,7 +24,7 @@ models:
 def test_thresholds_become_items_that_pass_and_fail(kv_project: pytest.Pytester, fake_model: Path) -> None:
     kv_project.makefile(".yaml", gates=GATES)
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml",
-                                  "-v", "--kv-chunks", "2")
+                                  "-v", "--kv-chunks", "8")
     result.stdout.fnmatch_lines([
         "*tiny::q8_0::overall::kl_mean PASSED*",
         "*tiny::q8_0::overall::top1 PASSED*",
@@ -54,9 +54,9 @@ def test_kv_eval_fixture_in_a_users_test(kv_project: pytest.Pytester, fake_model
             both = kv_eval(k="q4_0", v="q4_0")
             k_only = kv_eval(k="q4_0", v="f16")
             assert k_only.kl_mean < both.kl_mean
-            assert both.overall.n_tokens == 4 * 2 * 31
+            assert both.overall.n_tokens == 4 * 8 * 31
     """)
-    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-chunks", "2",
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-chunks", "8",
                                   "--kv-thresholds", str(kv_project.path))
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["tiny (n_ctx 64, *", "  q4_0/f16 *", "  q8_0 *"])
@@ -85,16 +85,36 @@ def test_bad_threshold_file_is_a_collection_error_naming_file_key_and_reason(
     assert result.ret == pytest.ExitCode.INTERRUPTED
 
 
-def test_known_model_without_a_file_skips_and_kv_require_fails(kv_project: pytest.Pytester) -> None:
+def test_known_model_without_a_file_is_a_usage_error_on_the_command_line(kv_project: pytest.Pytester) -> None:
     shipped = kv_project.path / "published-models.yaml"  # inside the test dir: its ini is the one found
     shipped.write_bytes((Path(__file__).parent.parent / "thresholds" / "published-models.yaml").read_bytes())
-    result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped), "-rs")
+    result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--kv-model qwen3.6-35b: model qwen3.6-35b-a3b is a known alias but no file of it is registered" \
+        in result.stderr.str()
+    assert "qwen3.6-35b-a3b: {path: /path/to/model.gguf}" in result.stderr.str()
+
+
+def test_a_model_from_the_ini_that_is_missing_skips_in_plain_sight(kv_project: pytest.Pytester) -> None:
+    shipped = kv_project.path / "published-models.yaml"
+    shipped.write_bytes((Path(__file__).parent.parent / "thresholds" / "published-models.yaml").read_bytes())
+    kv_project.makeini(f"""
+        [pytest]
+        {LOAD_PLUGIN}
+        kv_models = qwen3.6-35b
+        kv_thresholds = published-models.yaml
+        kv_markdown = summary.md
+    """)
+    result = kv_project.runpytest("-rs")
     result.assert_outcomes(skipped=6)
-    result.stdout.fnmatch_lines(["*model qwen3.6-35b-a3b is known but has no file here*"])
-    result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped),
-                                  "--kv-require", "-q")
+    result.stdout.fnmatch_lines(["6 gate(s) skipped: model qwen3.6-35b-a3b not available here (*",
+                                 "SKIPPED [[]6[]] *model qwen3.6-35b-a3b is known but has no file here*"])
+    assert "⚠️ 6 gate(s) skipped: model qwen3.6-35b-a3b not available here" in \
+        (kv_project.path / "summary.md").read_text()
+    result = kv_project.runpytest("--kv-require", "-q")
     result.assert_outcomes(failed=6)
     result.stdout.fnmatch_lines(["*qwen3.6-35b-a3b::q4_0::long_documents::kl_mean*"])
+    assert result.stdout.str().count("--kv-require is set and model qwen3.6-35b-a3b is not available") == 6
 
 
 def test_models_without_thresholds_are_measured_and_reported(
@@ -102,11 +122,11 @@ def test_models_without_thresholds_are_measured_and_reported(
 ) -> None:
     out = tmp_path / "results.json"
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q8_0,q4_0:norot",
-                                  "--kv-chunks", "2", "--kv-thresholds", str(kv_project.path),
+                                  "--kv-chunks", "8", "--kv-thresholds", str(kv_project.path),
                                   "--kv-json", str(out), "-v")
     result.stdout.fnmatch_lines(["*tiny::q8_0::measure PASSED*", "*tiny::q4_0:norot::measure PASSED*"])
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == 2
+    assert doc["schema_version"] == 3
     rec = next(r for r in doc["results"] if r["cache"] == "q4_0:norot" and r["category"] == "overall")
     for key in ("model", "type_k", "type_v", "rotation", "flash_attn", "n_ctx", "category", "kl_mean",
                 "kl_mean_unc", "kl_median", "kl_p99", "kl_max", "top1", "top1_unc", "dp_rms",
@@ -169,7 +189,7 @@ def test_options_are_listed_in_help(kv_project: pytest.Pytester) -> None:
     result = kv_project.runpytest("--help")
     for opt in ("--kv-model", "--kv-cache", "--kv-ctx", "--kv-chunks", "--kv-corpus", "--kv-thresholds",
                 "--kv-ref-dir", "--kv-regen", "--kv-json", "--kv-gpu-layers", "--kv-registry",
-                "--kv-exact", "--kv-require", "--kv-gate", "--kv-inconclusive", "--kv-repeat",
+                "--kv-exact", "--kv-require", "--kv-gate", "--kv-inconclusive",
                 "--kv-storage", "--kv-save", "--kv-compare", "--kv-compare-fail", "--kv-markdown"):
         result.stdout.fnmatch_lines([f"*{opt}*"])
     result.stdout.fnmatch_lines(["*kv_models*", "*kv_ref_dir*"])
@@ -216,7 +236,7 @@ def test_a_native_crash_fails_only_the_tests_that_needed_it(kv_project: pytest.P
     """)
     kv_project.makefile(".yaml", gates=GATES)
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml",
-                                  "--kv-chunks", "1")
+                                  "--kv-chunks", "8")
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines([
         "*evaluating tiny * with cache q4_0, n_ctx 64 failed:*",
@@ -228,7 +248,7 @@ def test_a_native_crash_fails_only_the_tests_that_needed_it(kv_project: pytest.P
 def test_xdist_workers_share_references_and_merge_results(kv_project: pytest.Pytester, fake_model: Path) -> None:
     pytest.importorskip("xdist")
     kv_project.makefile(".yaml", gates=GATES)
-    args = ["--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "2",
+    args = ["--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "8",
             "--kv-ref-dir", "refs"]
     serial = kv_project.runpytest(*args, "--kv-json", "serial.json")
     serial.assert_outcomes(passed=3, failed=1)
@@ -316,10 +336,10 @@ version: 1
 models:
   tiny:
     q8_0: {overall: {kl_mean: "< 1"}, coding: {top1: "> 0.1"}, science: {kl_median: "< 9"}}
-    q4_0: {overall: {kl_mean: "< 9"}, tool_calling: {top1: "> 0.1"}, long_documents: {kl_max: "< 99"}}
+    q4_0: {overall: {kl_mean: "< 9"}, tool_calling: {top1: "> 0.1"}, long_documents: {kl_p90: "< 99"}}
     q8_0/q4_0:norot: {overall: {kl_mean: "< 9", top1: "> 0.1"}, coding: {dp_rms: "< 1"}}
 """)
-    args = ["--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "3",
+    args = ["--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "8",
             "--kv-ref-dir", "refs"]
     numbers = []
     for run, extra in enumerate([["-n", "4"], ["-n", "4", "--dist", "loadgroup"], []]):
