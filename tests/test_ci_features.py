@@ -230,8 +230,9 @@ def test_kv_speed(kv_speed, kv_cache, phase):
 
 
 def test_speed_is_benchmarked_per_cache_config_and_shown_next_to_quality(
-    kv_project: pytest.Pytester, fake_model: Path
+    kv_project: pytest.Pytester, fake_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # pytest-benchmark turns itself off under xdist
     kv_project.makepyfile(test_speed=SPEED_TEST)
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q8_0,q4_0", *ARGS,
                                   "--kv-thresholds", str(kv_project.path), "--benchmark-json", "bench.json",
