@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from .metrics import KLSummary
-from .thresholds import Threshold
-from .uncertainty import MIN_CHUNKS, chunks_to_decide
+if TYPE_CHECKING:  # numpy stays out of the plugin's import (options.py reads the constants below)
+    from .metrics import KLSummary
+    from .thresholds import Threshold
 
 GATE_MODES = ("bound", "mean")
 INCONCLUSIVE_POLICIES = ("fail", "warn", "pass")
@@ -50,6 +51,8 @@ class Decision:
 
 def decide(t: Threshold, summary: KLSummary, mode: str = "bound") -> Decision:
     """Pass, fail or inconclusive for one threshold against one summary."""
+    from .uncertainty import MIN_CHUNKS, chunks_to_decide
+
     value, _ = summary.metric(t.metric)
     bound = summary.bounds.get(t.metric)
     if bound is None:  # a summary without chunk structure (e.g. read from an old document)

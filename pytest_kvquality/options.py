@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .baseline import BASELINE_NAME, BaselineError, Criterion
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
 from .environment import default_cache_dir
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
+
+if TYPE_CHECKING:  # baseline.py reads reports, which need numpy: imported when options are read
+    from .baseline import Criterion
 
 DEFAULT_N_CTX = 512
 DEFAULT_CACHES = "q8_0,q4_0"
@@ -175,6 +177,8 @@ class KVOptions:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> KVOptions:
+        from .baseline import BASELINE_NAME, BaselineError, Criterion
+
         o = cls()
         models = _get(config, "kv_models")
         o.models = [str(m) for m in models] if models else []
