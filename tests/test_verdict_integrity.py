@@ -327,7 +327,8 @@ def test_a_damaged_bundled_model_is_rehashed_and_reassembled(tmp_path: Path) -> 
 
 
 def test_the_model_worker_dies_with_pytest(tmp_path: Path) -> None:
-    """kill -9 of the process that started the worker (a CI timeout) leaves no worker running."""
+    """kill -9 of the process that started the worker (a CI timeout) during a long request leaves no
+    worker running (an idle worker would see its pipe close; a busy one would run to the request's end)."""
     pytest.importorskip("llama_cpp")
     script = tmp_path / "parent.py"
     script.write_text(
@@ -337,11 +338,12 @@ def test_the_model_worker_dies_with_pytest(tmp_path: Path) -> None:
         f"e = WorkerEngine(Path({str(tmp_path)!r}))\n"
         "e.info()\n"
         "print(e._proc.pid, flush=True)\n"
-        "time.sleep(600)\n")
+        "e.sleep_for_test(600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         worker = int(parent.stdout.readline())
+        time.sleep(1.0)  # the worker is inside the 600 s request now
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
         deadline = time.monotonic() + 10
