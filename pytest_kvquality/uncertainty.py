@@ -1,23 +1,24 @@
 """Gate bounds that respect how scored tokens depend on each other.
 
 Tokens of one chunk share their context, so they are not independent draws: on real logits
-llama.cpp's token-level σ understates the uncertainty of mean KLD by 1.4-1.8x, and a gate set at
-the true value passed 17-40 % of the time instead of 5 % (docs/calibration.md). Here each chunk
-is one observation:
+llama.cpp's token-level σ understates the uncertainty by up to 2.3x, and a gate set at the true
+value passed up to 42 % of the time instead of 5 % (docs/calibration.md). Here each chunk is one
+observation:
 
 * means (kl_mean, dp_mean, ln_ppl_ratio and ppl_ratio, dp_rms through the mean of Δp²): batch
   means over chunks, stratified by category (the overall figure pools categories of different
-  length and difficulty), a Student-t quantile on the Welch-Satterthwaite degrees of freedom, and
-  a standard error never below the token-level one (dependence does not make data more precise);
+  length and difficulty); a Student-t quantile on Welch-Satterthwaite degrees of freedom, each
+  category's from its chunk count and a kurtosis of at least ``KURTOSIS_FLOOR``; each category's
+  variance at least its token-level one times the run's largest design effect; and for the
+  right-skewed means the larger of that and a log-normal (Cox) bound;
 * top1, a proportion: a Wilson bound at the effective sample size p(1-p)/SE² (the number of
   chunks where that is undefined, e.g. every token agrees), with the same t quantile;
-* percentiles and the median: Woodruff's interval, the same batch-means standard error applied to
+* percentiles and the median: Woodruff's interval, the same chunk-level standard error applied to
   the fraction of tokens below the estimate, turned back into values;
 * kl_max: the observed maximum is a lower bound of the true one; nothing bounds it from above.
 
 Fewer than ``MIN_CHUNKS`` chunks in a category of the statistic leave the bound undecided: a gate
-on it cannot pass (the chunk-level spread, and the t interval's validity on skewed KL, need at
-least that many; the calibration table shows why).
+on it cannot pass (the chunk-level spread cannot be estimated from fewer).
 """
 
 from __future__ import annotations

@@ -256,8 +256,8 @@ def test_new_files_follow_the_umask_not_0600(tmp_path: Path) -> None:
 
 
 def test_a_full_device_names_the_file(tmp_path: Path) -> None:
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full here")
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full device here")
     with pytest.raises(WriteError, match="cannot write /dev/full"):
         atomic_write(Path("/dev/full"), "x" * 100_000)
 
@@ -265,8 +265,8 @@ def test_a_full_device_names_the_file(tmp_path: Path) -> None:
 def test_failed_outputs_are_reported_and_fail_the_run_without_a_traceback(
     kv_project: pytest.Pytester, fake_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full here")
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full device here")
     (kv_project.path / "blocker").write_text("a file, not a folder")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", "/dev/full")
     result = kv_project.runpytest(f"--kv-model={fake_model}", f"--kv-thresholds={kv_project.path}",
