@@ -51,7 +51,7 @@ class KVState:
                 digest = file_sha256(path, self.options.cache_dir)
             except OSError:
                 return alias
-            return self.session.registry.alias_for_digest(digest) or alias
+            return self.session.registry.alias_for_file(path, digest) or alias
         return alias
 
     def known_model(self, name: str) -> str | None:

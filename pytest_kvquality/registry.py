@@ -100,6 +100,10 @@ class Registry:
                 return e.alias
         return None
 
+    def alias_for_file(self, path: Path, sha256: str) -> str | None:
+        """The alias of a file given by path: registered at that path, or with that sha256."""
+        return self.alias_for_path(path) or self.alias_for_digest(sha256)
+
     def alias_for_digest(self, sha256: str) -> str | None:
         """The alias whose file has this sha256 (a pinned registry entry, or the bundled model), so a
         path to the same file gets the same name, thresholds and references."""
@@ -273,8 +277,7 @@ def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
     if path.suffix.lower() == ".gguf" or path.exists() or os.sep in name:
         check_gguf(path)
         sha = file_sha256(path, cache_dir)
-        return ResolvedModel(registry.alias_for_path(path) or registry.alias_for_digest(sha) or path.stem,
-                             path, sha)
+        return ResolvedModel(registry.alias_for_file(path, sha) or path.stem, path, sha)
     raise ModelNotFound(
         f"model {name!r} is not registered and is not a path to a .gguf file. "
         f"Registered: {', '.join(registry.known_names())}. Add it to a registry file "

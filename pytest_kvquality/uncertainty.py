@@ -194,14 +194,14 @@ def _stratified_mean(strata: list[Stratum], per_token: Callable[[TokenStats], F6
     other categories' chunk-to-token variance ratio is the evidence against that."""
     n = [s.n_chunks * s.rows_per_chunk for s in strata]
     total = sum(n)
-    chunk_means = [s.chunk_means(per_token(s.stats)[:n_c]) for s, n_c in zip(strata, n, strict=True)]
+    values = [per_token(s.stats)[:n_c] for s, n_c in zip(strata, n, strict=True)]
+    chunk_means = [s.chunk_means(x) for s, x in zip(strata, values, strict=True)]
     kurtosis = max(KURTOSIS_FLOOR, _pooled_kurtosis(chunk_means))
     deff = _design_effect(pool or strata, per_token)
     value = var = var_iid = ws_denominator = 0.0
-    for s, n_c, means in zip(strata, n, chunk_means, strict=True):
+    for s, n_c, x, means in zip(strata, n, values, chunk_means, strict=True):
         if n_c == 0:
             continue
-        x = per_token(s.stats)[:n_c]
         w = n_c / total
         value += w * float(x.mean())
         v_iid = w * w * (float(x.var(ddof=1)) / n_c if n_c > 1 else 0.0)
