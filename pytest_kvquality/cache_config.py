@@ -101,11 +101,8 @@ class CacheConfig:
         return (BITS_PER_ELEMENT[self.type_k] + BITS_PER_ELEMENT[self.type_v]) / 8.0
 
     def kv_bytes_per_token(self, n_layer: int, n_head_kv: int, head_k: int, head_v: int) -> float:
-        """KV-cache bytes one token of context takes, from the model's hyperparameters.
-
-        Every layer keeps n_head_kv K rows of head_k elements and V rows of head_v elements
-        per token (llama.cpp allocates sliding-window layers at full size too, as used here).
-        """
+        """KV-cache bytes per token of a model whose every layer keeps n_head_kv K rows of head_k
+        elements and V rows of head_v elements (the fake; real models: kv_memory.py)."""
         bits = n_head_kv * (head_k * BITS_PER_ELEMENT[self.type_k] + head_v * BITS_PER_ELEMENT[self.type_v])
         return n_layer * bits / 8.0
 

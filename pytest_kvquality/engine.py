@@ -47,10 +47,13 @@ class WorkerCrash(EngineError):
 
 @dataclass(frozen=True)
 class ModelLoad:
-    """How to load a model: the file and how many layers go to the GPU (-1: all)."""
+    """How to load a model: the file, how many layers go to the GPU (-1: all), and whether its
+    contexts keep sliding-window layers at full size (llama.cpp's swa_full; llama-server's default
+    is off, and so is ours)."""
 
     path: str
     gpu_layers: int = -1
+    swa_full: bool = False
 
 
 @dataclass
@@ -589,7 +592,8 @@ class WorkerEngine:
 
     @staticmethod
     def _model_args(model: ModelLoad, prefix: str = "") -> dict[str, Any]:
-        return {prefix + "path": model.path, prefix + "gpu_layers": model.gpu_layers}
+        return {prefix + "path": model.path, prefix + "gpu_layers": model.gpu_layers,
+                prefix + "swa_full": model.swa_full}
 
     @staticmethod
     def _cache_args(cache: CacheConfig, prefix: str = "") -> dict[str, Any]:

@@ -12,11 +12,13 @@ import collections
 import ctypes
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
+from . import kv_memory
 from .cache_config import GGML_TYPE_IDS, CacheConfig
 from .llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
 
@@ -33,6 +35,7 @@ class ContextError(RuntimeError):
 
 
 _GGML_LOG_DEBUG, _GGML_LOG_CONT = 1, 5
+_KV_LAYER_LINE = b"llama_kv_cache: layer "
 _last_level = 0
 #: Recent log lines, parsed after a context is created (rotation flags, KV cache size).
 _recent: collections.deque[str] = collections.deque(maxlen=400)
@@ -52,6 +55,8 @@ def _log_to_stderr(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if _last_level != _GGML_LOG_DEBUG:
         os.write(2, text)
         _recent.append(text.decode("utf-8", errors="replace"))
+    elif text.startswith(_KV_LAYER_LINE):  # which layers hold a KV cache (kv_memory.py)
+        _recent.append(text.decode("utf-8", errors="replace"))
     elif _debug is not None:
         _debug.append(text.decode("utf-8", errors="replace"))
 
@@ -69,8 +74,9 @@ def backend_info() -> dict[str, Any]:
 class LlamaModel:
     """One loaded GGUF file; contexts with different caches are created from it."""
 
-    def __init__(self, path: str, gpu_layers: int) -> None:
+    def __init__(self, path: str, gpu_layers: int, swa_full: bool = False) -> None:
         self.path = path
+        self.swa_full = swa_full
         params = llama_cpp.llama_model_default_params()
         offload = llama_cpp.llama_supports_gpu_offload()
         params.n_gpu_layers = (999 if gpu_layers < 0 else gpu_layers) if offload else 0
@@ -89,6 +95,14 @@ class LlamaModel:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         self._placements: dict[tuple[CacheConfig, int], dict[str, Any]] = {}
+        self._geometry: kv_memory.Geometry | None = None
+
+    @property
+    def geometry(self) -> kv_memory.Geometry:
+        """Per-layer KV geometry from the GGUF header (read once)."""
+        if self._geometry is None:
+            self._geometry = kv_memory.Geometry.from_file(Path(self.path))
+        return self._geometry
 
     def describe(self) -> dict[str, Any]:
         buf = ctypes.create_string_buffer(256)
@@ -162,6 +176,7 @@ class LlamaContext:
         p.n_batch = self.n_batch
         p.n_ubatch = min(self.n_batch, 512)
         p.n_seq_max = 1
+        p.swa_full = model.swa_full
         # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
         # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)
         cores = os.cpu_count() or 1
@@ -195,7 +210,9 @@ class LlamaContext:
                                            else "")
                 raise ContextError(f"out of memory: llama.cpp could not allocate a context for {what}; {hint}")
             raise ContextError(f"llama.cpp could not create a context for {what}")
-        self.info = context_log_facts("".join(_recent))
+        log = "".join(_recent)
+        self.info = context_log_facts(log)
+        self.info.update(_memory_facts(model, cache, n_ctx, int(p.n_ubatch), log))
         self.info["gpu_layers"] = model.gpu_layers
         self.info.update(placement)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -257,6 +274,27 @@ class LlamaContext:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+
+
+def _memory_facts(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_ubatch: int, log: str) -> dict[str, Any]:
+    """KV memory of this context as llama.cpp allocated it (kv_memory.py)."""
+    alloc = kv_memory.parse_allocation(log)
+    if not alloc.blocks:
+        return {}
+    mem = kv_memory.kv_memory(alloc, model.geometry, cache, n_ctx, n_ubatch=n_ubatch, swa_full=model.swa_full,
+                              flash_attn=cache.flash_attn)
+    facts: dict[str, Any] = {
+        "kv_bytes_per_token": mem.bytes_per_token,
+        "kv_cache_mib_expected": round(mem.kv_bytes / 2**20, 4),
+        "kv_mib_per_32k": mem.at[32768],
+        "kv_mib_per_128k": mem.at[131072],
+        "kv_swa_cells": mem.swa_cells,
+        "kv_swa_full": model.swa_full,
+        "recurrent_state_mib": mem.recurrent_mib,
+    }
+    if mem.mismatch:
+        facts["kv_mismatch"] = mem.mismatch
+    return facts
 
 
 def _wants_probe(model: LlamaModel) -> bool:

@@ -62,6 +62,10 @@ OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--kv-ref-model", "kv_ref_model", "string",
      "reference model (alias or .gguf) when it is not the candidate, e.g. higher-precision weights; "
      "it must share the tokenizer", {}),
+    ("--kv-swa-full", "kv_swa_full", "bool",
+     "keep sliding-window layers' KV cache at full n_ctx (llama.cpp's --swa-full); default off, as "
+     "llama-server runs, so the reported memory is what a deployment allocates",
+     {"action": "store_true", "default": None}),
     ("--kv-exact", "kv_exact", "bool",
      "evaluate the reference alongside the candidate with full logits (no cached reference)",
      {"action": "store_true", "default": None}),
@@ -162,6 +166,7 @@ class KVOptions:
     #: leave out corpus categories too short for n_ctx instead of failing (the sweep's long contexts)
     skip_short_categories: bool = False
     exact: bool = False
+    swa_full: bool = False
     require: bool = False
     gate: str = "bound"
     inconclusive: str = "fail"
@@ -208,6 +213,7 @@ class KVOptions:
         ref_model = _get(config, "kv_ref_model")
         o.ref_model = str(ref_model) if ref_model else None
         o.exact = bool(_get(config, "kv_exact"))
+        o.swa_full = bool(_get(config, "kv_swa_full"))
         o.require = bool(_get(config, "kv_require"))
         o.gate = str(_get(config, "kv_gate") or "bound")
         o.inconclusive = str(_get(config, "kv_inconclusive") or "fail")

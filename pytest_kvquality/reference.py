@@ -46,6 +46,8 @@ class ReferenceKey:
     top_k: int
     tail_samples: int
     seed: int
+    #: sliding-window layers at full size: the logits differ in the last bits (different cell order)
+    swa_full: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "format": FORMAT_VERSION}

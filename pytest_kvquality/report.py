@@ -27,7 +27,9 @@ CONTEXT_KEYS = (
     ("rotation_k", "rotation_applied_k"), ("rotation_v", "rotation_applied_v"),
     ("kv_cache_mib", "kv_cache_mib"), ("kv_cells", "kv_cells"),
     ("kv_cache_mib_expected", "kv_cache_mib_expected"), ("kv_bytes_per_token", "kv_bytes_per_token"),
-    ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_devices", "kv_devices"),
+    ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_mib_per_128k", "kv_mib_per_128k"),
+    ("kv_swa_cells", "kv_swa_cells"), ("kv_swa_full", "kv_swa_full"), ("recurrent_state_mib", "recurrent_state_mib"),
+    ("kv_mismatch", "kv_mismatch"), ("kv_devices", "kv_devices"),
     ("kv_cpu_fallback", "kv_cpu_fallback"), ("reference_model", "reference_model"),
 )
 
@@ -261,7 +263,7 @@ class Report:
         recs = [r for r in self.sorted_records() if r.model == model]
         categories = [c for c in dict.fromkeys(r.category for r in recs) if c != OVERALL]
         show_speed = any(s.model == model for s in self.speeds)
-        head = ["cache", *categories, "overall KLD ± σ", "same top", "KV B/token"]
+        head = ["cache", *categories, "overall KLD ± σ", "same top", "KV B/token", "KV MiB 32k / 128k"]
         head += ["pp tok/s", "tg tok/s"] if show_speed else []
         head += ["gates"]
         rows, verdicts = [], []
@@ -276,9 +278,9 @@ class Report:
                 bound = s.bounds.get("kl_mean")
                 sigma = bound.se if bound is not None else s.kl_mean_unc
                 row += [f"{s.kl_mean:.5f} ± {sigma:.5f}", f"{100 * s.top1:.2f} %",
-                        f"{per_token:,.0f}" if per_token else "-"]
+                        f"{per_token:,.0f}" if per_token else "-", _kv_at(overall.context)]
             else:
-                row += ["-", "-", "-"]
+                row += ["-", "-", "-", "-"]
             if show_speed:
                 for phase in ("pp", "tg"):
                     v = self.speed_of(model, cache, phase)
@@ -288,6 +290,12 @@ class Report:
             verdicts.append(verdict)
         return head, rows, verdicts
 
+    def model_notes(self, model: str) -> str:
+        """What the header line of a model's table adds: a hybrid model's fixed recurrent state."""
+        recs = [r for r in self.records if r.model == model and r.category == OVERALL]
+        state = next((r.context["recurrent_state_mib"] for r in recs if r.context.get("recurrent_state_mib")), None)
+        return f", recurrent state {state:,.2f} MiB (fixed)" if state else ""
+
     def table(self) -> list[TableLine]:
         """The terminal table, grouped by model."""
         lines: list[TableLine] = []
@@ -295,6 +303,7 @@ class Report:
             head, rows, verdicts = self.grid(model)
             recs = [r for r in self.records if r.model == model and r.category == OVERALL]
             ctx = f"n_ctx {recs[0].n_ctx}, {recs[0].summary.n_tokens:,} scored tokens" if recs else "speed only"
+            ctx += self.model_notes(model)
             lines.append(TableLine(f"{model} ({ctx})"))
             body = [[*r, v[0]] for r, v in zip(rows, verdicts, strict=True)]
             widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
@@ -318,6 +327,8 @@ class Report:
             head, rows, verdicts = self.grid(model)
             out.append(f"### {model}")
             out.append("")
+            if notes := self.model_notes(model):
+                out += [notes.lstrip(", ").capitalize() + ".", ""]
             marked = [[f"`{row[0]}`", *row[1:], f"{_MARKS.get(text[:1], '')} {text}".strip()]
                       for row, (text, _) in zip(rows, verdicts, strict=True)]
             out += [markdown_table(head, marked, align="l" + "r" * (len(head) - 2) + "l"), ""]
@@ -351,3 +362,9 @@ def _aligned(cells: list[str], widths: list[int]) -> str:
 def _fmt_bound(x: float) -> str:
     return "∞" if math.isinf(x) and x > 0 else "−∞" if math.isinf(x) else f"{x:.6g}"
 
+
+
+def _kv_at(context: dict[str, Any]) -> str:
+    """KV MiB at 32k and 128k of context, by llama.cpp's cell rule (kv_memory.py)."""
+    a, b = context.get("kv_mib_per_32k"), context.get("kv_mib_per_128k")
+    return f"{a:,.0f} / {b:,.0f}" if a is not None and b is not None else "-"

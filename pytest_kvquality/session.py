@@ -194,7 +194,7 @@ class KVSession:
         return m
 
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
-        return ModelLoad(str(model.path), self.options.gpu_layers)
+        return ModelLoad(str(model.path), self.options.gpu_layers, self.options.swa_full)
 
     def chunks(self, model: ResolvedModel) -> dict[str, np.ndarray]:
         """Tokenized, chunked corpus per category for this model's tokenizer."""
@@ -222,22 +222,20 @@ class KVSession:
         return self._described[model.sha256]
 
     def kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> dict[str, Any]:
-        """KV bytes per token from the hyperparameters, checked against the cache llama.cpp allocated."""
+        """KV bytes per token. The real backend reads them from llama.cpp's allocation (kv_memory.py)
+        and flags a disagreement with the hyperparameters; an engine without that log (the fake)
+        gets the plain every-layer formula."""
+        if "kv_bytes_per_token" in context:
+            if context.get("kv_mismatch"):
+                self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
+                           f"hyperparameters disagree: {context['kv_mismatch']}")
+            return {}
         d = self.describe(model)
         if not all(k in d for k in ("n_layer", "n_head_kv", "head_k", "head_v")):
             return {}
         per_token = cache.kv_bytes_per_token(d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"])
-        out: dict[str, Any] = {"kv_bytes_per_token": per_token,
-                               "kv_mib_per_32k": per_token * 32768 / 2**20}
-        if "kv_cache_mib" in context and "kv_cells" in context:
-            expected = per_token * context["kv_cells"] / 2**20
-            out["kv_cache_mib_expected"] = round(expected, 2)
-            # llama.cpp prints MiB with two decimals, per cache
-            if abs(expected - context["kv_cache_mib"]) > max(0.02, 0.01 * expected):
-                self._note(f"{model.alias} {cache.label}: llama.cpp allocated {context['kv_cache_mib']} MiB "
-                           f"of KV cache for {context['kv_cells']} cells; the hyperparameters give "
-                           f"{expected:.2f} MiB ({per_token:,.0f} B per token)")
-        return out
+        return {"kv_bytes_per_token": per_token, "kv_mib_per_32k": per_token * 32768 / 2**20,
+                "kv_mib_per_128k": per_token * 131072 / 2**20}
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -250,7 +248,7 @@ class KVSession:
             model_sha256=model.sha256, tokens_sha256=tokens_digest(chunks), n_ctx=chunks.shape[1],
             ref_cache=self.options.ref_cache.label, llama_cpp=str(info.get("llama_cpp_python")),
             top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
-            seed=REFERENCE_SEED,
+            seed=REFERENCE_SEED, swa_full=self.options.swa_full,
         )
         store = ReferenceStore(self.options.ref_dir)
         path = store.path_for(key)

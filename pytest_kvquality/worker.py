@@ -79,7 +79,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
         def load(self, model: ModelLoad) -> llama_backend.LlamaModel:
             if not os.path.isfile(model.path):
                 raise FileNotFoundError(f"model file {model.path} does not exist")
-            return llama_backend.LlamaModel(model.path, model.gpu_layers)
+            return llama_backend.LlamaModel(model.path, model.gpu_layers, swa_full=model.swa_full)
 
         def quantize(self, src: str, dst: str, weight_type: str) -> None:
             llama_backend.quantize(src, dst, weight_type)
@@ -90,7 +90,8 @@ def _serve(read_fd: int, write_fd: int) -> None:
     engine.on_progress = lambda p: ipc.send(out, {"progress": p})
 
     def model_of(h: dict[str, object], prefix: str = "") -> ModelLoad:
-        return ModelLoad(str(h[prefix + "path"]), int(h[prefix + "gpu_layers"]))  # type: ignore[call-overload]
+        return ModelLoad(str(h[prefix + "path"]), int(h[prefix + "gpu_layers"]),  # type: ignore[call-overload]
+                         bool(h.get(prefix + "swa_full", False)))
 
     while True:
         try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama-cpp-python from its sdist into the active Python, keeping the CMake build tree,
 # then build llama-perplexity from the same tree (same llama.cpp, same flags): the tool our
-# numbers are checked against. Idempotent: a finished build is reused.
+# numbers are checked against, and that tree's gguf-py. Idempotent: a finished build is reused.
 #   KVQ_BUILD_DIR (default .build)   LLAMA_CPP_PYTHON_VERSION (default 0.3.36)   CMAKE_ARGS (extra)
 set -euo pipefail
 VER="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -28,4 +28,7 @@ if [ ! -x "$B/cmake/bin/llama-perplexity" ]; then
   cmake --build "$B/cmake" --target llama-perplexity -j "$JOBS" > "$B/perplexity-build.log"
 fi
 ln -sf "$B/cmake/bin/llama-perplexity" "$B/llama-perplexity"
+# the gguf writer of the same llama.cpp: its constants (qwen35moe, gemma4 keys) match the loader's;
+# the tests write tiny models of each architecture with it (pytest_kvquality/synthetic.py)
+python -m pip install -q "$SRC/vendor/llama.cpp/gguf-py"
 echo "llama-perplexity: $B/llama-perplexity"

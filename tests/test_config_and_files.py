@@ -300,3 +300,9 @@ write_reference(Path({str(target)!r}), ReferenceKey("a" * 64, "b" * 64, 64, "f16
     assert not target.exists()  # the entry name never appeared
     leftovers = list(target.parent.iterdir())
     assert leftovers and all(p.suffix == ".tmp" for p in leftovers)  # only the temporary, never read
+
+
+def test_a_reference_built_with_full_size_sliding_window_caches_is_not_reused_without_them() -> None:
+    """swa_full changes the logits in their last bits (cell order): a different reference file."""
+    off = ReferenceKey("a" * 64, "b" * 64, 64, "f16", "0.3.36", 16, 8, 0)
+    assert off.digest() != ReferenceKey("a" * 64, "b" * 64, 64, "f16", "0.3.36", 16, 8, 0, swa_full=True).digest()

@@ -9,19 +9,18 @@ percentage point, on the same model, text, n_ctx and cache types.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle import assert_matches, llama_perplexity_kld
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
 from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.metrics import KLSummary, summarize
+from pytest_kvquality.metrics import summarize
 from pytest_kvquality.registry import builtin_model_path
 
 pytestmark = pytest.mark.real_model
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parent.parent
 N_CTX = 512
 N_CHUNKS = 4
-
-
-def llama_perplexity_binary() -> Path | None:
-    env = os.environ.get("KVQ_LLAMA_PERPLEXITY")
-    candidates = [Path(env)] if env else []
-    candidates.append(ROOT / ".build" / "llama-perplexity")
-    return next((c for c in candidates if c.exists()), None)
 
 
 @pytest.fixture(scope="module")
@@ -58,47 +50,10 @@ def coding_chunks(engine: WorkerEngine, gemma: ModelLoad):  # type: ignore[no-un
     return chunk_tokens(tokens, N_CTX, N_CHUNKS, "coding")
 
 
-def parse_llama_perplexity(log: str) -> dict[str, float]:
-    def grab(label: str) -> float:
-        m = re.search(re.escape(label) + r"\s*:\s*(-?[\d.]+)", log)
-        assert m, f"{label!r} not found in llama-perplexity output:\n{log[-3000:]}"
-        return float(m.group(1))
-
-    return {
-        "kl_mean": grab("Mean    KLD"), "kl_max": grab("Maximum KLD"), "kl_p99": grab("99.0%   KLD"),
-        "kl_median": grab("Median  KLD"), "ppl": grab("Mean PPL(Q)"), "ppl_base": grab("Mean PPL(base)"),
-        "dp_rms": grab("RMS Δp") / 100, "top1": grab("Same top p") / 100,
-    }
-
-
 @pytest.fixture(scope="module")
 def llama_perplexity_q4_0(tmp_path_factory: pytest.TempPathFactory, gemma: ModelLoad) -> dict[str, float]:
-    exe = llama_perplexity_binary()
-    if exe is None:
-        pytest.skip("llama-perplexity is not built: run scripts/install-llama.sh (it builds it from "
-                    "the same llama-cpp-python sdist), or set KVQ_LLAMA_PERPLEXITY")
-    d = tmp_path_factory.mktemp("llama-perplexity")
-    text = d / "coding.txt"
-    text.write_text(builtin_corpus().texts["coding"], encoding="utf-8")
-    # -b/-ub 256 and -nr: the batch size and (no) weight repacking that our engine uses
-    common = [str(exe), "-m", gemma.path, "-c", str(N_CTX), "-b", "256", "-ub", "256", "--chunks",
-              str(N_CHUNKS), "-fa", "on", "-nr", "--kl-divergence-base", str(d / "base.bin")]
-    base = subprocess.run([*common, "-f", str(text), "-ctk", "f16", "-ctv", "f16"],
-                          capture_output=True, text=True)
-    assert base.returncode == 0, base.stderr[-3000:]
-    cand = subprocess.run([*common, "--kl-divergence", "-ctk", "q4_0", "-ctv", "q4_0"],
-                          capture_output=True, text=True)
-    assert cand.returncode == 0, cand.stderr[-3000:]
-    return parse_llama_perplexity(cand.stdout + cand.stderr)
-
-
-def assert_matches(ours: KLSummary, theirs: dict[str, float]) -> None:
-    assert ours.kl_mean == pytest.approx(theirs["kl_mean"], rel=0.005)
-    assert abs(ours.top1 - theirs["top1"]) <= 0.001
-    assert ours.ppl == pytest.approx(theirs["ppl"], rel=1e-4)
-    assert ours.ppl_base == pytest.approx(theirs["ppl_base"], rel=1e-3)
-    assert ours.dp_rms == pytest.approx(theirs["dp_rms"], rel=0.005)
-    assert ours.kl_p99 == pytest.approx(theirs["kl_p99"], rel=0.01)
+    return llama_perplexity_kld(tmp_path_factory.mktemp("llama-perplexity"), gemma.path,
+                                builtin_corpus().texts["coding"], N_CTX, N_CHUNKS, CacheConfig.parse("q4_0"))
 
 
 def test_exact_mode_equals_llama_perplexity(
@@ -155,17 +110,21 @@ def test_compact_reference_is_within_one_percent_of_exact_with_exact_top1(
     assert summarize(compact).kl_mean == pytest.approx(summarize(exact).kl_mean, rel=0.01)
 
 
-def test_kv_bytes_per_token_from_hyperparameters_match_what_llama_cpp_allocates(
+def test_kv_bytes_per_token_are_what_llama_cpp_allocates(
     engine: WorkerEngine, gemma: ModelLoad, coding_chunks
 ) -> None:  # type: ignore[no-untyped-def]
-    d = engine.describe(gemma)
-    assert (d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"]) == (18, 1, 256, 256)
+    """Gemma 3: 18 layers, 1 KV head of 256; 15 sliding-window layers (window 512) and 3 global ones.
+    At n_ctx 512 the window + ubatch rule gives the sliding layers all 512 cells."""
     for label in ("f16", "q8_0", "q4_0", "q8_0/q4_0"):
         cache = CacheConfig.parse(label)
         run = engine.speed(gemma, cache, N_CTX, "pp", coding_chunks[0])
-        per_token = cache.kv_bytes_per_token(d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"])
+        assert "kv_mismatch" not in run.context, run.context["kv_mismatch"]
+        assert run.context["kv_bytes_per_token"] == cache.kv_bytes_per_token(18, 1, 256, 256), label
         # llama.cpp prints each cache's MiB with two decimals (two caches: full and sliding-window layers)
-        assert abs(per_token * run.context["kv_cells"] / 2**20 - run.context["kv_cache_mib"]) <= 0.011, label
+        assert abs(run.context["kv_cache_mib_expected"] - run.context["kv_cache_mib"]) <= 0.011, label
+        # at 32k the 15 sliding layers keep 512 + 512 cells (llama-server's ubatch), the 3 global ones 32k
+        per_layer_cell = cache.kv_bytes_per_token(1, 1, 256, 256)
+        assert run.context["kv_mib_per_32k"] * 2**20 == per_layer_cell * (3 * 32768 + 15 * 1024), label
     assert CacheConfig.parse("q4_0").kv_bytes_per_token(18, 1, 256, 256) == 18 * 2 * 8 * 18  # 8 blocks of 18 B
 
 
