@@ -52,6 +52,8 @@ class SweepRow:
     n_tokens: int = 0
     #: llama.cpp's prompt-processing and generation tokens/s with this cache (``--speed``)
     speed: dict[str, float] = field(default_factory=dict)
+    #: KV MiB at 32k of context by llama.cpp's cell rule (sliding-window caches do not grow with n_ctx)
+    kv_mib_per_32k: float | None = None
 
     @classmethod
     def of(cls, r: ConfigResult) -> SweepRow:
@@ -59,7 +61,8 @@ class SweepRow:
         return cls(r.model, r.n_ctx, r.cache, o.kl_mean, o.kl_mean_unc, o.top1,
                    {c: s.kl_mean for c, s in r.categories.items() if c != OVERALL},
                    r.context.get("kv_bytes_per_token"), r.context.get("positions", []), r.eval_seconds,
-                   bool(r.context.get("kv_cpu_fallback")), o.n_tokens)
+                   bool(r.context.get("kv_cpu_fallback")), o.n_tokens,
+                   kv_mib_per_32k=r.context.get("kv_mib_per_32k"))
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -75,7 +78,7 @@ class SweepRow:
                 "type_k": self.cache.type_k, "type_v": self.cache.type_v, "rotation": self.cache.rotation,
                 "kl_mean": self.kl_mean, "kl_mean_unc": self.kl_mean_unc, "top1": self.top1,
                 "categories": self.categories, "kv_bytes_per_token": self.kv_bytes_per_token,
-                "kv_mib_per_32k": self.kv_bytes_per_token * 32768 / 2**20 if self.kv_bytes_per_token else None,
+                "kv_mib_per_32k": self.kv_mib_per_32k,
                 "positions": self.positions, "eval_seconds": self.eval_seconds, "n_tokens": self.n_tokens,
                 "scored_per_s": self.scored_per_s, "speed": self.speed, "cpu_fallback": self.cpu_fallback}
 
@@ -83,7 +86,7 @@ class SweepRow:
     def from_json(cls, d: dict[str, Any]) -> SweepRow:
         return cls(d["model"], d["n_ctx"], CacheConfig.parse(d["cache"]), d["kl_mean"], d["kl_mean_unc"],
                    d["top1"], d["categories"], d["kv_bytes_per_token"], d["positions"], d["eval_seconds"],
-                   d["cpu_fallback"], d.get("n_tokens", 0), d.get("speed", {}))
+                   d["cpu_fallback"], d.get("n_tokens", 0), d.get("speed", {}), d.get("kv_mib_per_32k"))
 
 
 @dataclass
@@ -375,7 +378,7 @@ def markdown(sweep: Sweep, plots: list[str] | str) -> str:
                       [[f"`{r.cache.label}`" + (" ⚠ CPU" if r.cpu_fallback else ""),
                         *(f"{r.categories.get(c, 0):.5f}" for c in cats), f"{r.kl_mean:.5f} ± {r.kl_mean_unc:.5f}",
                         f"{100 * r.top1:.2f} %", f"{r.kv_bytes_per_token:,.0f}" if r.kv_bytes_per_token else "-",
-                        f"{r.kv_bytes_per_token * 32768 / 2**20:,.0f}" if r.kv_bytes_per_token else "-",
+                        f"{r.kv_mib_per_32k:,.0f}" if r.kv_mib_per_32k is not None else "-",
                         f"{r.scored_per_s:,.0f}", *(f"{r.speed[p]:,.0f}" if p in r.speed else "-" for p in phases)]
                        for r in rows])
         if rows and rows[0].positions:

@@ -205,3 +205,22 @@ def test_speed_puts_prompt_and_generation_rates_next_to_quality(fake_model: Path
     assert row.n_tokens > 0 and row.scored_per_s > 0
     report = (sweep_dir / "speed" / "report.md").read_text()
     assert "| pp tok/s | tg tok/s |" in report
+
+
+def test_kv_mib_per_32k_is_llama_cpps_rule_not_the_per_token_cost_times_32k() -> None:
+    """A sliding-window model's KV per token at n_ctx 512 times 32,768 overstates its 32k memory:
+    the sweep takes the 32k figure from the context (kv_memory.py), as the plugin's table does."""
+    import numpy as np
+
+    from pytest_kvquality.metrics import TokenStats, summarize
+    from pytest_kvquality.session import ConfigResult
+    from pytest_kvquality.sweep import SweepRow
+    from pytest_kvquality.thresholds import OVERALL
+
+    z = np.zeros(4, np.float32)
+    summary = summarize(TokenStats(z, z, z, z, np.ones(4, bool)))
+    result = ConfigResult("m", "0" * 64, CacheConfig.parse("q4_0"), 512, {OVERALL: summary}, 1.0,
+                          context={"kv_bytes_per_token": 253440.0, "kv_mib_per_32k": 1057.5})
+    row = SweepRow.of(result)
+    assert row.to_json()["kv_mib_per_32k"] == 1057.5  # not 253,440 x 32,768 / 2^20 = 7,920
+    assert SweepRow.from_json(row.to_json()).kv_mib_per_32k == 1057.5
