@@ -32,8 +32,9 @@ CELL_PAD = 256
 REPORT_CONTEXTS = (32768, 131072)
 #: llama-server's default micro-batch, which sizes a deployment's sliding-window cache (window + ubatch)
 SERVER_UBATCH = 512
-#: what llama.cpp prints with two decimals: half the last digit
-_MIB_ROUNDING = 0.005 + 1e-6
+#: what llama.cpp prints with two decimals: half the last digit, plus float32's relative precision
+#: (it divides in float: 0.008 MiB at 100 GiB)
+_MIB_ROUNDING, _FLOAT32_EPS = 0.005 + 1e-6, 1.2e-7
 
 _LAYER = re.compile(r"^llama_kv_cache: layer +(\d+): "
                     r"(dev = \S+|filtered|does not have KV cache|sharing with layer (\d+))")
@@ -184,7 +185,7 @@ def kv_memory(alloc: Allocation, geometry: Geometry, cache: CacheConfig, n_ctx: 
         k = sum(row_bytes(cache.type_k, geometry.shape(il, b.swa).k) for il in b.layers)
         v = sum(row_bytes(cache.type_v, v_pad or geometry.shape(il, b.swa).v) for il in b.layers)
         for half, exact, printed in (("K", k, b.k_mib), ("V", v, b.v_mib)):
-            if abs(exact * b.cells / 2**20 - printed) > _MIB_ROUNDING:
+            if abs(exact * b.cells / 2**20 - printed) > _MIB_ROUNDING + _FLOAT32_EPS * printed:
                 problems.append(f"{'SWA' if b.swa else 'non-SWA'} {half}: llama.cpp allocated {printed:.2f} MiB for "
                                 f"{len(b.layers)} layers x {b.cells} cells, the hyperparameters give "
                                 f"{exact * b.cells / 2**20:.4f} MiB")

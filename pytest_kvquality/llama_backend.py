@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ class ContextError(RuntimeError):
 _GGML_LOG_DEBUG, _GGML_LOG_CONT = 1, 5
 _KV_LAYER_LINE = b"llama_kv_cache: layer "
 _last_level = 0
-#: Recent log lines, parsed after a context is created (rotation flags, KV cache size).
-_recent: collections.deque[str] = collections.deque(maxlen=400)
+#: Recent log lines, parsed after a context is created (rotation flags, KV cache size; with a line per
+#: layer and cache, a 128-layer model writes ~300 of them).
+_recent: collections.deque[str] = collections.deque(maxlen=4000)
 #: Debug lines collected while a placement probe runs (None: debug lines are dropped).
 _debug: list[str] | None = None
 
@@ -195,6 +197,7 @@ class LlamaContext:
             os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
         else:
             os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
+        t_create = time.perf_counter()
         try:
             placement = model.placement(cache, n_ctx, p)
             _recent.clear()
@@ -215,6 +218,10 @@ class LlamaContext:
         self.info.update(_memory_facts(model, cache, n_ctx, int(p.n_ubatch), log))
         self.info["gpu_layers"] = model.gpu_layers
         self.info.update(placement)
+        # where an evaluation's time goes (benchmarks/real_geometry.py): creating the context (and the
+        # placement probe), and inside llama.cpp's decode and logits calls; the rest is ours
+        self.info["context_seconds"] = time.perf_counter() - t_create
+        self.info["decode_seconds"] = 0.0
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):
             self.batch.n_seq_id[i] = 1
@@ -244,12 +251,14 @@ class LlamaContext:
             want = (pos >= first) & (pos < last)
             self._out[:size] = want
             self.batch.n_tokens = size
+            t = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
             n_out = int(want.sum())
-            if n_out:
-                ptr = llama_cpp.llama_get_logits(self.ctx)
+            ptr = llama_cpp.llama_get_logits(self.ctx) if n_out else None  # waits for the GPU
+            self.info["decode_seconds"] += time.perf_counter() - t
+            if ptr is not None:
                 yield np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
 
     def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:

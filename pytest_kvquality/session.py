@@ -221,21 +221,15 @@ class KVSession:
             self._described[model.sha256] = self.engine.describe(self.load_spec(model))
         return self._described[model.sha256]
 
-    def kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> dict[str, Any]:
-        """KV bytes per token. The real backend reads them from llama.cpp's allocation (kv_memory.py)
-        and flags a disagreement with the hyperparameters; an engine without that log (the fake)
-        gets the plain every-layer formula."""
-        if "kv_bytes_per_token" in context:
-            if context.get("kv_mismatch"):
-                self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
-                           f"hyperparameters disagree: {context['kv_mismatch']}")
-            return {}
-        d = self.describe(model)
-        if not all(k in d for k in ("n_layer", "n_head_kv", "head_k", "head_v")):
-            return {}
-        per_token = cache.kv_bytes_per_token(d["n_layer"], d["n_head_kv"], d["head_k"], d["head_v"])
-        return {"kv_bytes_per_token": per_token, "kv_mib_per_32k": per_token * 32768 / 2**20,
-                "kv_mib_per_128k": per_token * 131072 / 2**20}
+    def kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
+        """Notes about the KV memory the engine read from llama.cpp's allocation (kv_memory.py): a
+        disagreement with the GGUF geometry, or no sizes at all (a llama.cpp whose log changed)."""
+        if "kv_bytes_per_token" not in context:
+            self._note(f"{model.alias} {cache.label}: llama.cpp's log gave no KV cache sizes; KV memory is "
+                       "not reported")
+        elif context.get("kv_mismatch"):
+            self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
+                       f"hyperparameters disagree: {context['kv_mismatch']}")
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -359,7 +353,7 @@ class KVSession:
         context["positions"] = position_profile(per_cat, self.options.n_ctx)
         if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
             context["reference_model"] = ref_model.alias
-        context.update(self.kv_memory(model, cache, context))
+        self.kv_memory(model, cache, context)
         if context.get("kv_cpu_fallback"):
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
                        f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "

@@ -102,9 +102,11 @@ class FakeContext:
         self.sigma = (NOISE[cache.type_k] + NOISE[cache.type_v]) * model.noise_scale
         if not cache.rotation and cache.quantized:
             self.sigma *= 1.3
+        per_token = cache.kv_bytes_per_token(2, 1, 64, 64)  # what the fake "allocates": 2 layers, 1 KV head of 64
         self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
                      "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16"),
-                     "gpu_layers": 0}
+                     "gpu_layers": 0, "kv_bytes_per_token": per_token,
+                     "kv_mib_per_32k": per_token * 32768 / 2**20, "kv_mib_per_128k": per_token * 131072 / 2**20}
         self._out: np.ndarray | None = None
 
     def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:

@@ -365,3 +365,29 @@ def test_importing_the_plugin_imports_no_numpy() -> None:
 
     code = "import sys, pytest_kvquality.plugin; assert 'numpy' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kv_memory_missing_from_the_engine_is_said_not_guessed(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    """An engine that reports no KV sizes (a llama.cpp whose log lines changed) gets a note and '-',
+    not an every-layer formula that is 2-4x wrong for hybrid and sliding-window models."""
+    kv_project.makeconftest("""
+        import pytest_kvquality.testing as testing
+
+        class NoKVSizes(testing.FakeContext):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                for key in ("kv_bytes_per_token", "kv_mib_per_32k", "kv_mib_per_128k"):
+                    del self.info[key]
+
+        testing.FakeContext = NoKVSizes
+
+        def pytest_kvquality_make_engine(config):
+            return testing.FakeEngine()
+    """)
+    kv_project.makefile(".yaml", gates=GATES)
+    out = kv_project.path / "r.json"
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "8",
+                                  f"--kv-json={out}")
+    result.stdout.fnmatch_lines(["*tiny q8_0: llama.cpp's log gave no KV cache sizes; KV memory is not reported*"])
+    records = json.loads(out.read_text())["results"]
+    assert records and all(r["kv_bytes_per_token"] is None for r in records)
