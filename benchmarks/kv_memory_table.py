@@ -10,25 +10,13 @@ the recurrent state of hybrid layers a fixed size.
 
 from __future__ import annotations
 
-from pytest_kvquality.cache_config import BITS_PER_ELEMENT
-from pytest_kvquality.kv_memory import CELL_PAD, SERVER_UBATCH, swa_cells
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.markdown import markdown_table
-from pytest_kvquality.synthetic import REAL, Geometry
+from pytest_kvquality.synthetic import REAL
 
 CONTEXTS = (4096, 32768, 131072)
 TYPES = ("f16", "q8_0", "q4_0")
-
-
-def kv_bytes(g: Geometry, type_name: str, n_ctx: int) -> float:
-    cells = -(-n_ctx // CELL_PAD) * CELL_PAD
-    total = 0.0
-    for il in range(g.n_layer):
-        if g.is_recurrent(il):
-            continue
-        n_kv, head = g.kv_heads(il)
-        per_cell = 2 * n_kv * head * BITS_PER_ELEMENT[type_name] / 8
-        total += per_cell * (swa_cells(n_ctx, g.n_swa, SERVER_UBATCH, False) if g.is_swa(il) else cells)
-    return total
 
 
 def main() -> None:
@@ -38,7 +26,7 @@ def main() -> None:
     rows = []
     for name, g in REAL.items():
         for t in TYPES:
-            b = [kv_bytes(g, t, n) for n in CONTEXTS]
+            b = [g.kv_bytes(CacheConfig.parse(t), n, n_ubatch=SERVER_UBATCH) for n in CONTEXTS]
             rows.append([name, t, *(f"{x / n:,.0f}" for x, n in zip(b, CONTEXTS, strict=True)),
                          *(f"{x / 2**20:,.0f}" for x in b),
                          f"{g.recurrent_state_bytes() / 2**20:,.1f} MiB" if g.full_attention_interval else "-"])

@@ -36,11 +36,11 @@ SERVER_UBATCH = 512
 #: (it divides in float: 0.008 MiB at 100 GiB)
 _MIB_ROUNDING, _FLOAT32_EPS = 0.005 + 1e-6, 1.2e-7
 
-_LAYER = re.compile(r"^llama_kv_cache: layer +(\d+): "
-                    r"(dev = \S+|filtered|does not have KV cache|sharing with layer (\d+))")
+#: a layer that holds its own cache ("filtered", "does not have KV cache" and "sharing with layer" hold none)
+_LAYER = re.compile(r"^llama_kv_cache: layer +(\d+): dev = ")
 _CACHE = re.compile(r"^llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*K \(\S+\): +([\d.]+) MiB, "
                     r"V \(\S+\): +([\d.]+) MiB")
-_RECURRENT = re.compile(r"^llama_memory_recurrent: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers")
+_RECURRENT = re.compile(r"^llama_memory_recurrent: size = +([\d.]+) MiB")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ class CacheBlock:
     swa: bool
     cells: int
     layers: tuple[int, ...]
-    shared: tuple[int, ...]
     k_mib: float
     v_mib: float
 
@@ -61,35 +60,27 @@ class Allocation:
 
     blocks: tuple[CacheBlock, ...]
     recurrent_mib: float | None = None
-    recurrent_layers: int = 0
 
 
 def parse_allocation(log: str) -> Allocation:
     """The caches in llama.cpp's context-creation log (with its per-layer debug lines)."""
     blocks: list[CacheBlock] = []
     layers: list[int] = []
-    shared: list[int] = []
     swa = False
-    recurrent: tuple[float, int] | None = None
+    recurrent: float | None = None
     for line in log.splitlines():
         if "creating non-SWA KV cache" in line:
             swa = False
         elif "creating     SWA KV cache" in line or "creating SWA KV cache" in line:
             swa = True
         elif m := _LAYER.match(line):
-            if m.group(2).startswith("dev"):
-                layers.append(int(m.group(1)))
-            elif m.group(3) is not None:
-                shared.append(int(m.group(1)))
+            layers.append(int(m.group(1)))
         elif m := _CACHE.match(line):
-            blocks.append(CacheBlock(swa, int(m.group(2)), tuple(layers), tuple(shared), float(m.group(4)),
-                                     float(m.group(5))))
-            layers, shared, swa = [], [], False
+            blocks.append(CacheBlock(swa, int(m.group(2)), tuple(layers), float(m.group(4)), float(m.group(5))))
+            layers, swa = [], False
         elif m := _RECURRENT.match(line):
-            recurrent = (float(m.group(1)), int(m.group(3)))
-    if recurrent is None:
-        return Allocation(tuple(blocks))
-    return Allocation(tuple(blocks), recurrent[0], recurrent[1])
+            recurrent = float(m.group(1))
+    return Allocation(tuple(blocks), recurrent)
 
 
 @dataclass(frozen=True)
@@ -118,7 +109,7 @@ class Geometry:
 
         def scalar(key: str, default: int) -> int:
             f = meta.get(f"{arch}.{key}")
-            return int(f.value) if f is not None and not isinstance(f.value, list) else default
+            return int(f.value) if f is not None and isinstance(f.value, (int, float)) else default
 
         n_layer = scalar("block_count", 0)
         n_head = per_layer(meta, f"{arch}.attention.head_count", n_layer, 0)
@@ -153,10 +144,8 @@ class KVMemory:
 
     n_ctx: int
     kv_bytes: float  # all attention caches at n_ctx
-    bytes_per_cell: tuple[tuple[bool, float], ...]  # (sliding window?, bytes per cell) per cache
     swa_cells: int | None
     recurrent_mib: float | None
-    llama_cpp_mib: float  # what llama.cpp printed, summed
     mismatch: str | None = None
     at: dict[int, float] = field(default_factory=dict)  # n_ctx -> MiB
 
@@ -194,6 +183,4 @@ def kv_memory(alloc: Allocation, geometry: Geometry, cache: CacheConfig, n_ctx: 
     n_swa_cells = next((b.cells for b in alloc.blocks if b.swa), None)
     at = {n: sum(bpc * (swa_cells(n, geometry.n_swa, SERVER_UBATCH, swa_full) if swa else n)
                  for swa, bpc in per_cell) / 2**20 for n in REPORT_CONTEXTS}
-    printed = sum(b.k_mib + b.v_mib for b in alloc.blocks)
-    return KVMemory(n_ctx, total, tuple(per_cell), n_swa_cells, alloc.recurrent_mib, round(printed, 2),
-                    "; ".join(problems) or None, at)
+    return KVMemory(n_ctx, total, n_swa_cells, alloc.recurrent_mib, "; ".join(problems) or None, at)

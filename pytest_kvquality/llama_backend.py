@@ -115,26 +115,6 @@ class LlamaModel:
             "n_layer": int(llama_cpp.llama_model_n_layer(self.model)),
             "n_ctx_train": int(llama_cpp.llama_model_n_ctx_train(self.model)),
             "gpu_layers": self.gpu_layers,
-            **self._attention_shape(),
-        }
-
-    def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(128)
-        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, 128)
-        return buf.value.decode(errors="replace") if n >= 0 else None
-
-    def _attention_shape(self) -> dict[str, int]:
-        """Hyperparameters that size the KV cache: KV heads and K/V head dimensions."""
-        arch = self._meta("general.architecture") or ""
-        n_head = int(llama_cpp.llama_model_n_head(self.model))
-        n_embd = int(llama_cpp.llama_model_n_embd(self.model))
-        default_head = n_embd // n_head if n_head else 0
-        head_k = self._meta(f"{arch}.attention.key_length")
-        head_v = self._meta(f"{arch}.attention.value_length")
-        return {
-            "n_head_kv": int(llama_cpp.llama_model_n_head_kv(self.model)),
-            "head_k": int(head_k) if head_k and head_k.isdigit() else default_head,
-            "head_v": int(head_v) if head_v and head_v.isdigit() else default_head,
         }
 
     def tokenize(self, text: str) -> np.ndarray:

@@ -221,7 +221,7 @@ class KVSession:
             self._described[model.sha256] = self.engine.describe(self.load_spec(model))
         return self._described[model.sha256]
 
-    def kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
+    def _note_kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
         """Notes about the KV memory the engine read from llama.cpp's allocation (kv_memory.py): a
         disagreement with the GGUF geometry, or no sizes at all (a llama.cpp whose log changed)."""
         if "kv_bytes_per_token" not in context:
@@ -353,7 +353,7 @@ class KVSession:
         context["positions"] = position_profile(per_cat, self.options.n_ctx)
         if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
             context["reference_model"] = ref_model.alias
-        self.kv_memory(model, cache, context)
+        self._note_kv_memory(model, cache, context)
         if context.get("kv_cpu_fallback"):
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
                        f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "

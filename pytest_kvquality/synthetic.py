@@ -22,13 +22,15 @@ variance), streamed tensor by tensor so a 20 GB file never sits in memory.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .cache_config import BITS_PER_ELEMENT, CacheConfig
 from .gguf_meta import Field, read_metadata
+from .kv_memory import CELL_PAD, swa_cells
 
 #: standard deviation of the logits the tied output head produces on a normalised hidden state
 LOGIT_STD = 4.5
@@ -67,7 +69,6 @@ class Geometry:
     ssm_head_dim: int = 0
     ssm_conv: int = 4
     n_mtp: int = 0
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def n_layer_all(self) -> int:
@@ -85,6 +86,23 @@ class Geometry:
         conv_dim = (2 * self.ssm_n_k_heads + self.ssm_n_v_heads) * self.ssm_head_dim
         per_layer = 4 * ((self.ssm_conv - 1) * conv_dim + self.ssm_head_dim**2 * self.ssm_n_v_heads)
         return per_layer * sum(self.is_recurrent(il) for il in range(self.n_layer))
+
+    def kv_bytes(self, cache: CacheConfig, n_ctx: int, *, n_ubatch: int, swa_full: bool = False) -> float:
+        """KV bytes for this architecture as written, by llama.cpp's rule (independent of its log, so
+        tests can hold kv_memory.py to it): attention layers only (not recurrent ones, not the MTP
+        block), each with its KV heads and head size; sliding-window layers at window + ubatch
+        cells; without flash attention, V rows padded to the widest layer's."""
+        cells = -(-n_ctx // CELL_PAD) * CELL_PAD
+        v_pad = 0 if cache.flash_attn else max(n * d for n, d in map(self.kv_heads, range(self.n_layer_all)))
+        total = 0.0
+        for il in range(self.n_layer):
+            if self.is_recurrent(il):
+                continue
+            n_kv, head = self.kv_heads(il)
+            per_cell = (n_kv * head * BITS_PER_ELEMENT[cache.type_k] + (v_pad or n_kv * head)
+                        * BITS_PER_ELEMENT[cache.type_v]) / 8
+            total += per_cell * (swa_cells(n_ctx, self.n_swa, n_ubatch, swa_full) if self.is_swa(il) else cells)
+        return total
 
     def kv_heads(self, il: int) -> tuple[int, int]:
         """(KV heads, head size) of layer il's attention."""
@@ -255,7 +273,7 @@ def _gemma4_block(g: Geometry, il: int) -> list[TensorSpec]:
     return out
 
 
-def _metadata(w: Any, g: Geometry, n_vocab: int) -> None:
+def _metadata(w: Any, g: Geometry) -> None:
     a = g.arch
     w.add_string("general.name", f"synthetic {a}")
     w.add_uint32(f"{a}.context_length", g.n_ctx_train)
@@ -316,7 +334,7 @@ def write(path: Path, g: Geometry, tokenizer_from: Path, *, seed: int = 0, quant
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     w = gguf.GGUFWriter(str(tmp), g.arch)
-    _metadata(w, g, n_vocab)
+    _metadata(w, g)
     for key, f in fields:
         value = list(f.value) if isinstance(f.value, np.ndarray) else f.value
         w.add_key_value(key, value, gguf.GGUFValueType(f.vtype),
@@ -324,7 +342,7 @@ def write(path: Path, g: Geometry, tokenizer_from: Path, *, seed: int = 0, quant
     w.add_file_type(2 if quant == "Q4_0" else 1)  # LLAMA_FTYPE_MOSTLY_Q4_0 / MOSTLY_F16
     plans = [(s, _storage(s, quant)) for s in specs]
     for s, (dtype, nbytes, raw) in plans:
-        w.add_tensor_info(s.name, _byte_shape(s, raw) if raw is not None else s.numpy_shape,
+        w.add_tensor_info(s.name, _byte_shape(s) if raw is not None else s.numpy_shape,
                           np.dtype(dtype), nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -351,7 +369,7 @@ def _storage(s: TensorSpec, quant: str) -> tuple[str, int, Any]:
     return "float32", 4 * n, None
 
 
-def _byte_shape(s: TensorSpec, _raw: Any) -> tuple[int, ...]:
+def _byte_shape(s: TensorSpec) -> tuple[int, ...]:
     shape = s.numpy_shape
     return (*shape[:-1], shape[-1] // Q4_0_BLOCK * Q4_0_BYTES)
 

@@ -30,6 +30,8 @@ from .engine import LocalEngine, ModelLoad
 
 FAKE_VOCAB = 384
 FAKE_BOS = 1
+#: the fake's KV cache: layers, KV heads, K and V head sizes
+FAKE_KV = (2, 1, 64, 64)
 
 #: Noise added to the logits by each cache type (per K and per V half).
 NOISE = {t: 0.0 if b >= 16 else 0.25 * 2.0 ** (-(b - 4.5)) for t, b in BITS_PER_ELEMENT.items()}
@@ -82,8 +84,8 @@ class FakeModel:
             self.w_prev += noise * weight_noise
 
     def describe(self) -> dict[str, Any]:
-        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": 2, "n_ctx_train": 1 << 20,
-                "gpu_layers": 0, "n_head_kv": 1, "head_k": 64, "head_v": 64}
+        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": FAKE_KV[0], "n_ctx_train": 1 << 20,
+                "gpu_layers": 0}
 
     def tokenize(self, text: str) -> np.ndarray:
         data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -102,7 +104,7 @@ class FakeContext:
         self.sigma = (NOISE[cache.type_k] + NOISE[cache.type_v]) * model.noise_scale
         if not cache.rotation and cache.quantized:
             self.sigma *= 1.3
-        per_token = cache.kv_bytes_per_token(2, 1, 64, 64)  # what the fake "allocates": 2 layers, 1 KV head of 64
+        per_token = cache.kv_bytes_per_token(*FAKE_KV)  # what the fake "allocates"
         self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
                      "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16"),
                      "gpu_layers": 0, "kv_bytes_per_token": per_token,

@@ -21,11 +21,11 @@ from conftest import PLUGIN_ARGS
 from oracle import assert_matches, llama_perplexity_kld
 
 from pytest_kvquality import synthetic
-from pytest_kvquality.cache_config import BITS_PER_ELEMENT, CacheConfig
+from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine import ModelLoad, WorkerEngine
 from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.kv_memory import CELL_PAD, SERVER_UBATCH, swa_cells
+from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.metrics import summarize
 from pytest_kvquality.registry import builtin_model_path
 
@@ -58,19 +58,8 @@ def coding_chunks(engine: WorkerEngine, model: ModelLoad, n_ctx: int = N_CTX, n:
 
 def expected_kv_bytes(g: synthetic.Geometry, cache: CacheConfig, n_ctx: int, *, swa_full: bool = False,
                       n_ubatch: int = OUR_UBATCH) -> float:
-    """KV bytes from the architecture as written: attention layers only (not recurrent ones, not the
-    MTP block), each with its KV heads and head size; sliding-window layers at window + ubatch
-    cells; V rows padded to the widest layer's without flash attention."""
-    cells = -(-n_ctx // CELL_PAD) * CELL_PAD
-    attn = [il for il in range(g.n_layer) if not g.is_recurrent(il)]
-    v_pad = 0 if cache.flash_attn else max(n * d for n, d in map(g.kv_heads, range(g.n_layer_all)))
-    total = 0.0
-    for il in attn:
-        n_kv, head = g.kv_heads(il)
-        per_cell = n_kv * head * BITS_PER_ELEMENT[cache.type_k] / 8 + (v_pad or n_kv * head) * BITS_PER_ELEMENT[
-            cache.type_v] / 8
-        total += per_cell * (swa_cells(n_ctx, g.n_swa, n_ubatch, swa_full) if g.is_swa(il) else cells)
-    return total
+    """KV bytes from the architecture as written (synthetic.Geometry.kv_bytes), not from llama.cpp's log."""
+    return g.kv_bytes(cache, n_ctx, n_ubatch=n_ubatch, swa_full=swa_full)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvquality import synthetic
-from pytest_kvquality.cache_config import BITS_PER_ELEMENT, CacheConfig
+from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.gguf_meta import read_metadata
 from pytest_kvquality.kv_memory import Geometry, kv_memory, parse_allocation, swa_cells
 
@@ -86,8 +86,6 @@ def test_the_real_models_geometry_gives_the_published_allocations() -> None:
     """The per-token cost llama.cpp allocates at f16 with full-size sliding-window caches
     (issue 13: Qwen 3.6 35B-A3B 20,480 B; Gemma 4 31B 901,120 B)."""
     def full_size_per_token(g: synthetic.Geometry) -> float:
-        bits = BITS_PER_ELEMENT["f16"]
-        return sum(2 * n * d * bits / 8 for n, d in (g.kv_heads(il) for il in range(g.n_layer)
-                                                      if not g.is_recurrent(il)))
+        return g.kv_bytes(CacheConfig.parse("f16"), 4096, n_ubatch=512, swa_full=True) / 4096
     assert full_size_per_token(synthetic.REAL["qwen3.6-35b-a3b"]) == 20480
     assert full_size_per_token(synthetic.REAL["gemma4-31b"]) == 901120
