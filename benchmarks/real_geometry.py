@@ -130,10 +130,11 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
             "context_seconds": run.context.get("context_seconds"), "decode_seconds": run.context.get("decode_seconds"),
             **{k: run.context.get(k) for k in ("kv_bytes_per_token", "kv_cache_mib", "kv_mib_per_32k",
                                                "kv_mib_per_128k", "kv_swa_cells", "recurrent_state_mib",
-                                               "kv_mismatch", "kv_devices")}}
+                                               "kv_mismatch", "kv_devices", "logits_contexts")}}
         print(f"  n_ctx {n_ctx} {label}: {run.seconds:.1f} s (context {run.context.get('context_seconds', 0):.1f} s, "
               f"in llama.cpp {run.context.get('decode_seconds', 0):.1f} s), {scored / run.seconds:,.0f} scored tok/s, "
-              f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %", flush=True)
+              f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.get('logits_contexts')} context(s)",
+              flush=True)
     if args.perplexity:
         batch = min(n_ctx, 256)  # our contexts' batch for a 262k vocabulary (llama_backend.LOGITS_BUDGET_BYTES)
         out["llama_perplexity"] = forward_only_rate(args.perplexity, model.path, text, n_ctx,
@@ -179,6 +180,7 @@ def main() -> None:
     if not path.exists():  # written earlier (--write-only) is reused
         synthetic.write(path, geometry, tokenizer, seed=1, quant="Q4_0")
     result: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "file_gib": path.stat().st_size / 2**30,
+                              "env": {k: v for k, v in os.environ.items() if k.startswith("KVQ_")},
                               "write_seconds": time.perf_counter() - t0, "geometry": geometry.__dict__}
     if args.write_only:
         print(f"{path}: {result['file_gib']:.1f} GiB in {result['write_seconds']:.0f} s")

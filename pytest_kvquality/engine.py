@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -200,19 +200,37 @@ def overlap_default(offloaded: bool) -> bool:
     return offloaded
 
 
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One decoded batch: the tokens its rows predict and the logits views llama.cpp returned."""
+
+    next_tokens: np.ndarray
+    logits: tuple[np.ndarray, ...]
+    #: the context whose buffer these views are, when the views stay valid until that context decodes
+    #: again (the last batch of a chunk, with contexts taking chunks in turn); None: copy them first
+    held_by: int | None = None
+
+
 class Pipeline:
     """Reduces batch j on the row pool while llama.cpp decodes batch j+1.
 
-    llama.cpp overwrites its logits buffer at the next decode, so each batch is first copied
-    (in parallel) into one of two slots; a slot is reused only once its reduction is done.
-    Results come back in batch order, so overlapping never changes a bit of the output.
+    llama.cpp overwrites a context's logits buffer at that context's next decode. With two contexts
+    taking chunks in turn, the last batch of a chunk stays valid while the other context decodes the
+    next chunk: it is reduced in place, and ``reclaim`` waits for that reduction before its context
+    decodes again. Any other batch is first copied (with every row thread) into one of two slots; a
+    slot is reused only once its reduction is done. Results come back in batch order, so neither
+    changes a bit of the output.
     """
 
-    def __init__(self, rows: RowParallel, copy_threads: int = 4) -> None:
+    def __init__(self, rows: RowParallel) -> None:
         self.rows = rows
         self._reducer = ThreadPoolExecutor(1)
-        self._copier = ThreadPoolExecutor(copy_threads)
+        self._copier = ThreadPoolExecutor(rows.threads)
         self._slots: list[list[np.ndarray]] = [[], []]
+        self._held: dict[int, Future[Any]] = {}
+        #: batches copied into a slot and batches reduced where llama.cpp left them (for tests, benchmarks)
+        self.copied = 0
+        self.in_place = 0
 
     def _copy(self, slot: list[np.ndarray], arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         out = []
@@ -221,35 +239,50 @@ class Pipeline:
                 buf = np.empty_like(a)
                 slot[i:i + 1] = [buf]
             dst = slot[i][: a.shape[0]]
-            step = max(1, -(-a.shape[0] // 4))
+            step = max(1, -(-a.shape[0] // self.rows.threads))
             spans = [(lo, lo + step) for lo in range(0, a.shape[0], step)]
             list(self._copier.map(partial(_copy_rows, dst, a), spans))
             out.append(dst)
         return tuple(out)
 
-    def run(self, batches: Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]],
+    def reclaim(self, holder: int) -> None:
+        """Wait until nothing still reads the views context ``holder`` lent (before it decodes again)."""
+        held = self._held.pop(holder, None)
+        if held is not None:
+            wait([held])
+
+    def run(self, batches: Iterator[ScoredBatch],
             reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
         pending: list[Future[list[T]]] = []
         in_slot: list[Future[list[T]] | None] = [None, None]
-        row = 0
+        row = copied = 0
         try:
-            for j, (nxt, arrays) in enumerate(batches):
-                s = j % 2
-                busy = in_slot[s]
-                if busy is not None:
-                    busy.result()
-                copies = self._copy(self._slots[s], arrays)
-                future = self._reducer.submit(reduce, nxt, copies, row)
-                in_slot[s] = future
+            for batch in batches:
+                if batch.held_by is None:
+                    s = copied % 2
+                    busy = in_slot[s]
+                    if busy is not None:
+                        wait([busy])
+                    future = self._reducer.submit(reduce, batch.next_tokens,
+                                                  self._copy(self._slots[s], batch.logits), row)
+                    in_slot[s] = future
+                    copied += 1
+                else:
+                    future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, row)
+                    self._held[batch.held_by] = future
+                    self.in_place += 1
                 pending.append(future)
-                row += nxt.shape[0]
-        except BaseException:  # let running reductions finish before the slots go away
+                row += batch.next_tokens.shape[0]
+        except BaseException:  # let running reductions finish before the slots and views go away
             for f in pending:
                 f.cancel()
             for f in pending:
                 if not f.cancelled():
                     f.exception()
             raise
+        finally:
+            self._held.clear()
+            self.copied += copied
         out: list[T] = []
         for f in pending:
             out += f.result()
@@ -266,6 +299,34 @@ def _copy_rows(dst: np.ndarray, src: np.ndarray, span: tuple[int, int]) -> None:
 
 def _offloaded(ctx: LogitsContext) -> bool:
     return int(ctx.info.get("gpu_layers", 0)) > 0
+
+
+def chunks_alternate() -> bool:
+    """Two contexts taking chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it off: one
+    context, every batch copied, as before; for measuring what it buys)."""
+    return os.environ.get("KVQ_ALTERNATE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _logits_sources(contexts: list[LogitsContext]) -> list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]]:
+    return [partial(_one_array_batches, ctx) for ctx in contexts]
+
+
+def _one_array_batches(ctx: LogitsContext, chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    return ((x,) for x in ctx.scored_logits(chunk))
+
+
+def _close(contexts: list[LogitsContext]) -> None:
+    for ctx in contexts:
+        ctx.close()
+
+
+def _context_facts(contexts: list[LogitsContext]) -> dict[str, Any]:
+    """The first context's facts; the time spent in llama.cpp summed over all of them."""
+    facts = dict(contexts[0].info)
+    for key in ("context_seconds", "decode_seconds"):
+        if key in facts:
+            facts[key] = sum(float(c.info.get(key, 0.0)) for c in contexts)
+    return facts
 
 
 def _compact_block(logits: np.ndarray, nxt: np.ndarray, u0: np.ndarray, k: int, m: int,
@@ -305,37 +366,58 @@ class LocalEngine:
         self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
     def _scored_batches(
-        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]],
-        t0: float,
-    ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
-        """(next tokens, logits) for every decoded batch of every chunk, reporting progress per chunk."""
+        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
+        t0: float, lender: Pipeline | None,
+    ) -> Iterator[ScoredBatch]:
+        """Every decoded batch of every chunk, chunk i from ``sources[i % len(sources)]``; with a
+        ``lender`` and two sources, the last batch of each chunk is lent in place (see ``Pipeline``)."""
+        lend = lender is not None and len(sources) > 1
+        per_chunk = chunks.shape[1] - 1 - chunks.shape[1] // 2  # scored rows: positions n_ctx/2 .. n_ctx-2
         tokens = 0
         for i, chunk in enumerate(chunks):
+            source = i % len(sources)
+            if lender is not None:
+                lender.reclaim(source)  # its last views must be reduced before it decodes again
             done = 0
-            for arrays in batches(chunk):
+            for arrays in sources[source](chunk):
                 n = arrays[0].shape[0]
-                yield _next_tokens(chunk, done, n), arrays
+                last = done + n == per_chunk
+                yield ScoredBatch(_next_tokens(chunk, done, n), arrays, source if lend and last else None)
                 done += n
             tokens += done
             self._tick(i + 1, len(chunks), tokens, t0)
 
     def _reduce_all(
-        self, chunks: np.ndarray, batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]],
-        reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], offloaded: bool, t0: float,
+        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
+        reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], overlap: bool, t0: float,
     ) -> list[T]:
         """Every batch through ``reduce(next_tokens, logits, first_row)``, in order; overlapped with
-        the decoding when that pays (see ``overlap_default``)."""
-        items = self._scored_batches(chunks, batches, t0)
-        if overlap_default(offloaded):
+        the decoding when ``overlap`` (see ``overlap_default``)."""
+        if overlap:
             if self._pipeline is None:
                 self._pipeline = Pipeline(self.rows)
-            return self._pipeline.run(items, reduce)
+            return self._pipeline.run(self._scored_batches(chunks, sources, t0, self._pipeline), reduce)
         out: list[T] = []
         row = 0
-        for nxt, arrays in items:
-            out += reduce(nxt, arrays, row)
-            row += nxt.shape[0]
+        for batch in self._scored_batches(chunks, sources, t0, None):
+            out += reduce(batch.next_tokens, batch.logits, row)
+            row += batch.next_tokens.shape[0]
         return out
+
+    def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> tuple[list[LogitsContext], bool]:
+        """The context(s) that decode the chunks, and whether to overlap. Overlapping, a second
+        context takes every other chunk, so the last batch of each is reduced without a copy while
+        the other decodes; if it cannot be created (memory), one context and copies do the work."""
+        first = self._model(model).context(cache, n_ctx)
+        overlap = overlap_default(_offloaded(first))
+        contexts = [first]
+        if overlap and chunks_alternate():
+            try:
+                contexts.append(self._model(model).context(cache, n_ctx))
+            except RuntimeError as e:  # out of memory: the copies are slower, never wrong
+                first.info["second_context_error"] = str(e)
+        first.info["logits_contexts"] = len(contexts)
+        return contexts, overlap
 
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
@@ -365,7 +447,7 @@ class LocalEngine:
     ) -> ReferenceRun:
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
-        ctx = self._model(model).context(cache, chunks.shape[1])
+        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[ReferenceRows]:
             (logits,) = arrays
@@ -374,17 +456,16 @@ class LocalEngine:
             return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
 
         try:
-            parts = self._reduce_all(chunks, lambda c: ((x,) for x in ctx.scored_logits(c)), reduce,
-                                     _offloaded(ctx), t0)
+            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
         finally:
-            ctx.close()
+            _close(contexts)
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
 
     def evaluate(
         self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
     ) -> CandidateRun:
         t0 = time.perf_counter()
-        ctx = self._model(model).context(cache, chunks.shape[1])
+        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             (logits,) = arrays
@@ -392,14 +473,13 @@ class LocalEngine:
             return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
 
         try:
-            parts = self._reduce_all(chunks, lambda c: ((x,) for x in ctx.scored_logits(c)), reduce,
-                                     _offloaded(ctx), t0)
+            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
         finally:
-            ctx.close()
+            _close(contexts)
         stats = TokenStats.concat(parts)
         if len(stats) != len(ref):
             raise EngineError(f"reference has {len(ref)} rows but the corpus scored {len(stats)}")
-        return CandidateRun(time.perf_counter() - t0, stats, dict(ctx.info))
+        return CandidateRun(time.perf_counter() - t0, stats, _context_facts(contexts))
 
     def evaluate_exact(
         self,
@@ -422,7 +502,7 @@ class LocalEngine:
             return self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
 
         try:
-            parts = self._reduce_all(chunks, both, reduce, _offloaded(cand_ctx), t0)
+            parts = self._reduce_all(chunks, [both], reduce, overlap_default(_offloaded(cand_ctx)), t0)
         finally:
             cand_ctx.close()
             ref_ctx.close()

@@ -221,15 +221,20 @@ class KVSession:
             self._described[model.sha256] = self.engine.describe(self.load_spec(model))
         return self._described[model.sha256]
 
-    def _note_kv_memory(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
-        """Notes about the KV memory the engine read from llama.cpp's allocation (kv_memory.py): a
-        disagreement with the GGUF geometry, or no sizes at all (a llama.cpp whose log changed)."""
+    def _note_context_facts(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
+        """Notes about what the engine read from llama.cpp: KV sizes that disagree with the GGUF
+        geometry (kv_memory.py) or are missing (a llama.cpp whose log changed); a second context
+        that could not be created."""
         if "kv_bytes_per_token" not in context:
             self._note(f"{model.alias} {cache.label}: llama.cpp's log gave no KV cache sizes; KV memory is "
                        "not reported")
         elif context.get("kv_mismatch"):
             self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
                        f"hyperparameters disagree: {context['kv_mismatch']}")
+        if context.get("second_context_error"):
+            self._note(f"{model.alias} {cache.label}: evaluated with one context and a copy of every logits "
+                       f"batch, since a second context (to overlap the KL math without copies) could not be "
+                       f"created: {context['second_context_error']}. Same numbers, slower")
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -353,7 +358,7 @@ class KVSession:
         context["positions"] = position_profile(per_cat, self.options.n_ctx)
         if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
             context["reference_model"] = ref_model.alias
-        self._note_kv_memory(model, cache, context)
+        self._note_context_facts(model, cache, context)
         if context.get("kv_cpu_fallback"):
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
                        f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "

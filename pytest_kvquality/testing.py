@@ -125,17 +125,18 @@ class FakeContext:
                 g = float(np.random.default_rng(int.from_bytes(digest[8:16], "little")).standard_normal())
                 sigma *= math.exp(self.model.chunk_effect * g - self.model.chunk_effect**2 / 2)
             logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * sigma
-        # two blocks, like a batched decode, through one reused buffer like llama.cpp's: a consumer
-        # that keeps a view past the next step sees it overwritten
+        # two blocks, like a batched decode, through one buffer per context that each decode
+        # overwrites, like llama.cpp's: a consumer that keeps a view past this context's next
+        # decode reads NaNs or the next block
         half = (last - first) // 2 or 1
         if self._out is None or self._out.shape[0] < half + 1:
             self._out = np.empty((half + 1, FAKE_VOCAB), np.float32)
         for block in (logits[:half], logits[half:]):
             if block.shape[0]:
+                self._out[:] = np.nan
                 view = self._out[: block.shape[0]]
                 view[:] = block
                 yield view
-                view[:] = np.nan
 
     def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:
         # cost grows with the cache noise, so a benchmark can tell configs apart
@@ -144,7 +145,8 @@ class FakeContext:
             self.model.w_prev[tokens[: max(1, tokens.size // steps)] % FAKE_VOCAB].sum()
 
     def close(self) -> None:
-        pass
+        if self._out is not None:  # llama.cpp frees the buffer: a view read after this is garbage
+            self._out[:] = np.nan
 
 
 class FakeBackend:

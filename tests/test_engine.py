@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +47,76 @@ def test_overlapping_the_math_with_decoding_does_not_change_a_single_bit(
     for plain, overlapped in zip(results[0], results[1], strict=True):
         for name in plain:
             assert np.array_equal(plain[name], overlapped[name]), name
+
+
+def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overlapping, chunks alternate between two contexts and the last batch of each is reduced in
+    llama.cpp's buffer. The reductions are slowed here so that, if a context decoded again before
+    its lent batch was reduced, the reduction would read the next chunk's logits (or NaNs)."""
+    import pytest_kvquality.engine as engine_mod
+
+    model = ModelLoad(str(fake_model), 0)
+    monkeypatch.setenv("KVQ_OVERLAP", "0")
+    plain = every_output(FakeEngine(threads=2), model, "coding", 5)
+    slow_kl, slow_compact = engine_mod._kl_compact_block, engine_mod._compact_block
+
+    def slowly(fn: Any) -> Any:
+        def run(*args: Any) -> Any:
+            time.sleep(0.02)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(engine_mod, "_kl_compact_block", slowly(slow_kl))
+    monkeypatch.setattr(engine_mod, "_compact_block", slowly(slow_compact))
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    for alternate, in_place in (("1", True), ("0", False)):
+        monkeypatch.setenv("KVQ_ALTERNATE", alternate)
+        engine = FakeEngine(threads=2)
+        chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["coding"]), 128, 5, "coding")
+        ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
+        run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
+        pipeline = engine._pipeline
+        assert pipeline is not None
+        # the fake decodes each chunk in two batches: one copied, one lent (10 of each over 2 runs)
+        assert (pipeline.in_place, pipeline.copied) == ((10, 10) if in_place else (0, 20)), alternate
+        assert run.context["logits_contexts"] == (2 if in_place else 1)
+        engine.close()
+        for name, values in ref.arrays().items():
+            assert np.array_equal(values, plain[0][name]), (alternate, name)
+        for name, values in run.stats.arrays().items():
+            assert np.array_equal(values, plain[1][name]), (alternate, name)
+
+
+def test_a_second_context_that_cannot_be_created_costs_speed_not_numbers(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_kvquality.testing import FakeContext, FakeModel
+
+    model = ModelLoad(str(fake_model), 0)
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    alternating = every_output(FakeEngine(threads=2), model, "science", 3)
+    created: list[FakeContext] = []
+    real_context = FakeModel.context
+
+    def only_one(self: FakeModel, cache: CacheConfig, n_ctx: int) -> FakeContext:
+        if created:
+            raise RuntimeError("out of memory: llama.cpp could not allocate a context")
+        created.append(real_context(self, cache, n_ctx))
+        return created[-1]
+
+    monkeypatch.setattr(FakeModel, "context", only_one)
+    engine = FakeEngine(threads=2)
+    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 3, "science")
+    ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
+    created.clear()
+    run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
+    engine.close()
+    assert run.context["logits_contexts"] == 1
+    assert "out of memory" in run.context["second_context_error"]
+    for name, values in run.stats.arrays().items():
+        assert np.array_equal(values, alternating[1][name]), name
 
 
 def test_compact_estimate_tracks_the_exact_value_on_the_fake_model(fake_model: Path) -> None:

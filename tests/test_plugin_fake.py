@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import LOAD_PLUGIN
 
+from pytest_kvquality.cache_config import CacheConfig
+
 GATES = """
 version: 1
 models:
@@ -391,3 +393,38 @@ def test_kv_memory_missing_from_the_engine_is_said_not_guessed(kv_project: pytes
     result.stdout.fnmatch_lines(["*tiny q8_0: llama.cpp's log gave no KV cache sizes; KV memory is not reported*"])
     records = json.loads(out.read_text())["results"]
     assert records and all(r["kv_bytes_per_token"] is None for r in records)
+
+
+def test_a_second_context_that_cannot_be_created_is_said(kv_project: pytest.Pytester, fake_model: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapping on a GPU takes two contexts; when memory allows only one, the run is slower (every
+    logits batch copied) and says so, with the same verdicts."""
+    import pytest_kvquality.testing as testing
+
+    class OneContextFits(testing.FakeModel):
+        open = 0
+
+        def context(self, cache: CacheConfig, n_ctx: int) -> testing.FakeContext:
+            if OneContextFits.open:
+                raise RuntimeError("out of memory: llama.cpp could not allocate a context")
+            OneContextFits.open += 1
+            return OneContext(self, cache, n_ctx)
+
+    class OneContext(testing.FakeContext):
+        def close(self) -> None:
+            OneContextFits.open -= 1
+            super().close()
+
+    monkeypatch.setattr(testing, "FakeModel", OneContextFits)
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    kv_project.makeconftest("""
+        import pytest_kvquality.testing as testing
+
+        def pytest_kvquality_make_engine(config):
+            return testing.FakeEngine()
+    """)
+    kv_project.makefile(".yaml", gates=GATES)
+    result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-thresholds", "gates.yaml", "--kv-chunks", "8")
+    result.stdout.fnmatch_lines(["*tiny q8_0: evaluated with one context and a copy of every logits batch*"
+                                 "out of memory*Same numbers, slower*"])
+    result.assert_outcomes(passed=3, failed=1)  # the q4_0 gate fails as it does with two contexts

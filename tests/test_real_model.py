@@ -73,6 +73,29 @@ def test_cached_compact_reference_equals_llama_perplexity(
     assert_matches(summarize(run.stats), llama_perplexity_q4_0)
 
 
+def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
+    tmp_path: Path, engine: WorkerEngine, gemma: ModelLoad, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU default (the KL math overlapped with decoding; two contexts taking chunks in turn, each
+    chunk's scored batch reduced in llama.cpp's own buffer) against one context without overlap.
+    Three chunks: the first context decodes again only after its lent batch is reduced."""
+    chunks = chunk_tokens(engine.tokenize(gemma, builtin_corpus().texts["coding"]), 256, 3, "coding")
+    runs = {}
+    for overlap in ("0", "1"):
+        monkeypatch.setenv("KVQ_OVERLAP", overlap)
+        e = WorkerEngine(tmp_path / overlap)
+        try:
+            ref = e.reference(gemma, CacheConfig.parse("f16"), chunks, seed=0)
+            runs[overlap] = (ref.rows.arrays(), e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks, ref.rows))
+        finally:
+            e.close()
+    assert runs["1"][1].context["logits_contexts"] == 2 and runs["0"][1].context["logits_contexts"] == 1
+    for name, values in runs["0"][0].items():
+        assert np.array_equal(values, runs["1"][0][name]), name
+    for name, values in runs["0"][1].stats.arrays().items():
+        assert np.array_equal(values, runs["1"][1].stats.arrays()[name]), name
+
+
 def test_f16_cache_against_its_own_reference_is_lossless(
     engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
 ) -> None:
