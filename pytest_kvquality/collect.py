@@ -3,6 +3,7 @@ measurement item per cache config, so every evaluated configuration shows in the
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from .cache_config import CacheConfig
 from .corpus import CorpusError
 from .engine import EngineError
 from .gating import Outcome, decide, describe
+from .hub import Search, find_local
 from .options import DEFAULT_CACHES, KVOptions
 from .outputs import RunOutputs
 from .registry import file_sha256
@@ -44,7 +46,15 @@ class KVState:
     def alias_of(self, name: str) -> str:
         """The name a --kv-model value is gated under: its alias, also when given as a path to a
         registered or bundled file (recognised by its sha256, hashed once and cached)."""
-        alias = self.session.registry.alias_of(name)
+        registry = self.session.registry
+        alias = registry.alias_of(name)
+        ref = registry.hub_ref(name)
+        if ref is not None and registry.lookup(name) is None and alias == ref.label:
+            found = find_local(ref, os.environ, Search())  # a copy of a registered or bundled file?
+            if found is not None:
+                digest = found.sha256 or file_sha256(found.path, self.options.cache_dir)
+                return registry.alias_for_digest(digest) or alias
+            return alias
         path = Path(name).expanduser()
         if alias == path.stem and path.is_file():
             try:

@@ -33,8 +33,12 @@ def shipped_thresholds_dir() -> Path:
 # (option, ini key, ini type, help) -- every option has an ini mirror
 OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("--kv-model", "kv_models", "args",
-     "model to evaluate: a registered alias (e.g. gemma3-270m) or a path to a .gguf file; "
-     "repeatable", {"action": "append", "default": None}),
+     "model to evaluate: a registered alias (e.g. gemma3-270m), a path to a .gguf file, or a "
+     "Hugging Face repository file (owner/repo:QUANT, owner/repo/file.gguf); repeatable",
+     {"action": "append", "default": None}),
+    ("--kv-download", "kv_download", "bool",
+     "fetch a model named as owner/repo:QUANT (or a registry entry with hf:) that is not in the local "
+     "caches, with huggingface_hub into the Hugging Face hub cache", {"action": "store_true", "default": None}),
     ("--kv-cache", "kv_cache", "string",
      "cache configs, comma-separated: 'q8_0,q4_0' (K=V), 'q8_0/q4_0' (K/V), 'q4_0:norot' "
      "(rotation off), ':nofa' (flash attention off); default: those in the thresholds, "
@@ -167,6 +171,7 @@ class KVOptions:
     skip_short_categories: bool = False
     exact: bool = False
     swa_full: bool = False
+    download: bool = False
     require: bool = False
     gate: str = "bound"
     inconclusive: str = "fail"
@@ -214,6 +219,7 @@ class KVOptions:
         o.ref_model = str(ref_model) if ref_model else None
         o.exact = bool(_get(config, "kv_exact"))
         o.swa_full = bool(_get(config, "kv_swa_full"))
+        o.download = bool(_get(config, "kv_download"))
         o.require = bool(_get(config, "kv_require"))
         o.gate = str(_get(config, "kv_gate") or "bound")
         o.inconclusive = str(_get(config, "kv_inconclusive") or "fail")

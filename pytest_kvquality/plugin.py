@@ -47,11 +47,17 @@ def pytest_configure(config: pytest.Config) -> None:
     except (CacheConfigError, RegistryError) as e:
         raise pytest.UsageError(f"pytest-kvquality: {e}") from e
     if options.models_from_command_line:  # asked for by name: found, or a usage error that says where it looked
-        for name in options.models:
-            try:
-                registry.check_available(name)
-            except ModelNotFound as e:
-                raise pytest.UsageError(f"pytest-kvquality: --kv-model {name}: {e}") from e
+        import os
+        from contextlib import nullcontext
+
+        capture = config.pluginmanager.getplugin("capturemanager")
+        # a download's progress bar goes to the terminal, not into pytest's capture
+        with capture.global_and_fixture_disabled() if capture and options.download else nullcontext():
+            for name in options.models:
+                try:
+                    registry.check_available(name, os.environ, options.cache_dir, options.download)
+                except ModelNotFound as e:
+                    raise pytest.UsageError(f"pytest-kvquality: --kv-model {name}: {e}") from e
 
     def make_engine() -> Any:
         custom = config.hook.pytest_kvquality_make_engine(config=config)

@@ -5,11 +5,14 @@ A registry file is YAML::
     version: 1
     models:
       qwen3.6-35b-a3b:
-        path: /models/Qwen3.6-35B-A3B-Q4_K_M.gguf
+        path: /models/Qwen3.6-35B-A3B-Q4_K_M.gguf     # a file, or a Hugging Face repository:
+        # hf: unsloth/Qwen3.6-35B-A3B-GGUF            #   with quant: Q4_K_M or file: NAME.gguf,
+        #                                             #   and optionally revision: COMMIT
         sha256: 0f3c...            # optional; checked when given
         aliases: [qwen3.6-35b]     # optional short names for --kv-model
 
-``--kv-model`` takes an alias or a path to a ``.gguf`` file.
+``--kv-model`` takes an alias, a path to a ``.gguf`` file, or ``owner/repo:QUANT`` /
+``owner/repo/file.gguf`` (found in the local caches of hub.py, or fetched with ``--kv-download``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import yaml
 from filelock import FileLock
 
 from .files import atomic_write
+from .hub import Found, HubRef, Search, fetch_command, find_local, parse_ref, split_parts
 
 GGUF_MAGIC = b"GGUF"
 BUILTIN_ALIAS = "gemma3-270m"
@@ -45,24 +50,32 @@ class ModelEntry:
     sha256: str | None = None
     aliases: tuple[str, ...] = ()
     builtin: bool = False
+    #: where the file comes from when no path is given: a GGUF in a Hugging Face repository
+    hf: HubRef | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model ready to load: its alias (for ids and thresholds), file and digest."""
+    """A model ready to load: its alias (for ids and thresholds), file and digest, and where the file
+    was found when it was looked for (a cache, a download)."""
 
     alias: str
     path: Path
     sha256: str
+    found_in: str = ""
 
 
 BUILTIN_ENTRIES = {
     BUILTIN_ALIAS: ModelEntry(BUILTIN_ALIAS, None, None, ("gemma-3-270m", "gemma3-270m-q4_k_m"),
                               builtin=True),
-    # known models with shipped thresholds; their files must be registered to run them
-    "gemma4-31b": ModelEntry("gemma4-31b", None, None, ("gemma-4-31b",)),
-    "gemma4-26b-a4b": ModelEntry("gemma4-26b-a4b", None, None, ("gemma-4-26b-a4b",)),
-    "qwen3.6-35b-a3b": ModelEntry("qwen3.6-35b-a3b", None, None, ("qwen3.6-35b",)),
+    # models with shipped thresholds: found in the local caches (or fetched with --kv-download) from
+    # these repositories, checked to exist on huggingface.co; no sha256 is pinned (none verified here)
+    "gemma4-31b": ModelEntry("gemma4-31b", None, None, ("gemma-4-31b",),
+                             hf=HubRef("unsloth/gemma-4-31B-it-GGUF", quant="Q4_K_M")),
+    "gemma4-26b-a4b": ModelEntry("gemma4-26b-a4b", None, None, ("gemma-4-26b-a4b",),
+                                 hf=HubRef("unsloth/gemma-4-26B-A4B-it-GGUF", quant="Q4_K_M")),
+    "qwen3.6-35b-a3b": ModelEntry("qwen3.6-35b-a3b", None, None, ("qwen3.6-35b",),
+                                  hf=HubRef("unsloth/Qwen3.6-35B-A3B-GGUF", quant="Q4_K_M")),
 }
 
 
@@ -83,6 +96,20 @@ class Registry:
         for e in self.entries.values():
             if name in e.aliases:
                 return e
+        return None
+
+    def hub_ref(self, name: str) -> HubRef | None:
+        """The repository file a name stands for: a registry entry's ``hf``, or ``owner/repo:QUANT``."""
+        entry = self.lookup(name)
+        if entry is not None:
+            return entry.hf if entry.path is None and not entry.builtin else None
+        return parse_ref(name)
+
+    def alias_for_hub(self, ref: HubRef) -> str | None:
+        """The entry whose ``hf`` is this repository file (same repo, and the same file or quant)."""
+        for e in self.entries.values():
+            if e.hf and e.hf.repo.lower() == ref.repo.lower() and e.hf.label.lower() == ref.label.lower():
+                return e.alias
         return None
 
     def canonical(self, name: str) -> str:
@@ -114,18 +141,17 @@ class Registry:
                 return e.alias
         return None
 
-    def check_available(self, name: str) -> None:
-        """Raise ``ModelNotFound`` naming every place looked when ``name`` cannot be loaded here
-        (cheap: no hashing, no assembly)."""
+    def check_available(self, name: str, env: Mapping[str, str], cache_dir: Path, download: bool) -> None:
+        """Raise ``ModelNotFound`` naming every place looked when ``name`` cannot be loaded here (no
+        hashing; with ``download``, a repository file missing here is fetched now)."""
         entry = self.lookup(name)
         if entry is not None and entry.builtin:
             builtin_sha256()  # the package is importable
             return
-        if entry is not None and entry.path is None:
-            raise ModelNotFound(
-                f"model {entry.alias} is a known alias but no file of it is registered here. Register the GGUF "
-                f"you have in a registry file (--kv-registry models.yaml):\n"
-                f"  version: 1\n  models:\n    {entry.alias}: {{path: /path/to/model.gguf}}")
+        ref = self.hub_ref(name)
+        if ref is not None:
+            locate(ref, entry.alias if entry else self.alias_of(name), env, cache_dir, download)
+            return
         if entry is not None:
             assert entry.path is not None
             check_gguf(Path(entry.path))
@@ -136,10 +162,11 @@ class Registry:
             return
         close = difflib.get_close_matches(name, self.all_names(), n=3)
         raise ModelNotFound(
-            f"model {name!r} is neither a registered alias nor a path to a file. Looked: the aliases "
-            f"{', '.join(self.all_names())}; the file {path.resolve()} (does not exist)."
-            + (f" Did you mean {' or '.join(close)}?" if close else "")
-            + " Register it in a registry file (--kv-registry) or pass the path to the .gguf file.")
+            f"model {name!r} is neither a registered alias, a path to a file nor a Hugging Face repository "
+            f"(owner/repo:QUANT). Looked: the aliases {', '.join(self.all_names())}; the file {path.resolve()} "
+            "(does not exist)." + (f" Did you mean {' or '.join(close)}?" if close else "")
+            + " Register it in a registry file (--kv-registry), pass the path to the .gguf file, or name "
+            "its repository (e.g. unsloth/Qwen3.6-35B-A3B-GGUF:Q4_K_M).")
 
     def all_names(self) -> list[str]:
         return sorted({n for e in self.entries.values() for n in (e.alias, *e.aliases)})
@@ -148,6 +175,9 @@ class Registry:
         """What ``--kv-model NAME`` is called in ids and thresholds (no file access beyond stat)."""
         if self.lookup(name) is not None:
             return self.canonical(name)
+        ref = parse_ref(name)
+        if ref is not None:
+            return self.alias_for_hub(ref) or ref.label
         p = Path(name).expanduser()
         return self.alias_for_path(p) or (p.stem if p.suffix.lower() == ".gguf" else name)
 
@@ -165,19 +195,35 @@ def _parse_registry(path: Path) -> dict[str, ModelEntry]:
         raise RegistryError(f"model registry {path}: expected 'version: 1' and a 'models' mapping")
     out: dict[str, ModelEntry] = {}
     for alias, spec in data["models"].items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-            raise RegistryError(f"model registry {path}: models.{alias} needs a 'path' string")
-        p = Path(os.path.expandvars(os.path.expanduser(spec["path"])))
-        if not p.is_absolute():
-            p = (path.parent / p).resolve()
+        where = f"model registry {path}: models.{alias}"
+        if not isinstance(spec, dict) or not (isinstance(spec.get("path"), str) or isinstance(spec.get("hf"), str)):
+            raise RegistryError(f"{where} needs a 'path' string or an 'hf' repository (owner/repo)")
         aliases = spec.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise RegistryError(f"model registry {path}: models.{alias}.aliases must be a list")
         sha = spec.get("sha256")
         if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
             raise RegistryError(f"model registry {path}: models.{alias}.sha256 must be 64 hex digits, quoted")
-        out[str(alias)] = ModelEntry(str(alias), str(p), sha, tuple(aliases))
+        if isinstance(spec.get("path"), str):
+            p = Path(os.path.expandvars(os.path.expanduser(spec["path"])))
+            out[str(alias)] = ModelEntry(str(alias), str(p if p.is_absolute() else (path.parent / p).resolve()),
+                                         sha, tuple(aliases))
+        else:
+            out[str(alias)] = ModelEntry(str(alias), None, sha, tuple(aliases), hf=_hub_entry(spec, sha, where))
     return out
+
+
+def _hub_entry(spec: dict[str, object], sha: str | None, where: str) -> HubRef:
+    ref = parse_ref(str(spec["hf"]))
+    extra = {k: spec.get(k) for k in ("file", "quant", "revision")}
+    if ref is None or ref.file or not all(v is None or isinstance(v, str) for v in extra.values()):
+        raise RegistryError(f"{where}: 'hf' must be owner/repo (with 'file' or 'quant' beside it) and "
+                            "file, quant and revision strings")
+    if extra["file"] and extra["quant"]:
+        raise RegistryError(f"{where}: give 'file' or 'quant', not both")
+    return HubRef(ref.repo, file=extra["file"] or None,  # type: ignore[arg-type]
+                  quant=str(extra["quant"] or ref.quant or "").upper() or None,
+                  revision=extra["revision"] or None, sha256=sha.lower() if sha else None)  # type: ignore[arg-type]
 
 
 def check_gguf(path: Path) -> None:
@@ -252,17 +298,63 @@ def builtin_model_path(cache_dir: Path) -> tuple[Path, str]:
     return target, expected
 
 
-def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
+def locate(ref: HubRef, alias: str, env: Mapping[str, str], cache_dir: Path, download: bool) -> Found:
+    """A local copy of a repository file, or a fresh download when allowed; else ``ModelNotFound``
+    listing every place looked, the command that fetches it and the registry line that names it."""
+    from .download import DownloadError
+    from .download import download as fetch
+
+    search = Search()
+    found = find_local(ref, env, search)
+    if found is not None:
+        return found
+    if download:
+        try:
+            return fetch(ref, env, cache_dir)
+        except DownloadError as e:
+            raise ModelNotFound(str(e)) from e
+    looked = "\n".join(f"  - {place}" for place in search.looked)
+    quant = f"file: {ref.file}" if ref.file else f"quant: {ref.quant or 'Q4_K_M'}"
+    name = alias if alias == ref.label else f"{alias} ({ref.label})"
+    entry = ref.repo.split("/")[1].lower() if alias == ref.label else alias
+    raise ModelNotFound(
+        f"model {name} is not on this machine. Looked in:\n{looked}\n"
+        f"Fetch it: {fetch_command(ref)}\n"
+        f"Or name a file you have in a registry file (--kv-registry):\n"
+        f"  version: 1\n  models:\n    {entry}: {{path: /path/to/model.gguf}}\n"
+        f"    # or {{hf: {ref.repo}, {quant}}}")
+
+
+def model_digest(first: Path, cache_dir: Path, known: str | None) -> str:
+    """The sha256 a model is keyed by: its file's, or, for a split GGUF, the sha256 of its parts'
+    digests in order (so a change to any part changes it)."""
+    parts = split_parts(first)
+    if len(parts) == 1:
+        return known or file_sha256(first, cache_dir)
+    digests = [known if i == 0 and known else file_sha256(p, cache_dir) for i, p in enumerate(parts)]
+    return hashlib.sha256("\n".join(d or "" for d in digests).encode()).hexdigest()
+
+
+def resolve(name: str, registry: Registry, cache_dir: Path, env: Mapping[str, str] | None = None,
+            download: bool = False) -> ResolvedModel:
     """Turn a ``--kv-model`` value into a file to load, checking what can be checked."""
+    env = os.environ if env is None else env
     entry = registry.lookup(name)
     if entry is not None and entry.builtin:
         path, sha = builtin_model_path(cache_dir)
         return ResolvedModel(entry.alias, path, sha)
-    if entry is not None and entry.path is None:
-        raise ModelNotFound(
-            f"model {entry.alias} is known but has no file here: register its GGUF path in a "
-            "registry file (--kv-registry) under 'models: {%s: {path: ...}}'" % entry.alias
-        )
+    ref = registry.hub_ref(name)
+    if ref is not None:
+        alias = entry.alias if entry else registry.alias_for_hub(ref)
+        found = locate(ref, alias or name, env, cache_dir, download)
+        check_gguf(found.path)
+        first_sha = found.sha256 or file_sha256(found.path, cache_dir)
+        if ref.sha256 and ref.sha256 != first_sha:
+            raise ModelNotFound(f"model {alias or name}: {found.path} ({found.where}) has sha256 {first_sha}, the "
+                                f"registry pins {ref.sha256}")
+        sha = model_digest(found.path, cache_dir, first_sha)
+        return ResolvedModel(alias or registry.alias_for_digest(sha) or ref.label, found.path, sha,
+                             f"{ref.label} is {found.path}, {found.where}")
     if entry is not None:
         assert entry.path is not None
         path = Path(entry.path)
@@ -283,4 +375,3 @@ def resolve(name: str, registry: Registry, cache_dir: Path) -> ResolvedModel:
         f"Registered: {', '.join(registry.known_names())}. Add it to a registry file "
         "(--kv-registry) or pass the path to the GGUF file."
     )
-

@@ -185,7 +185,10 @@ class KVSession:
     def model(self, name: str) -> ResolvedModel:
         if name not in self._models:
             try:
-                self._models[name] = resolve(name, self.registry, self.options.cache_dir)
+                self._models[name] = found = resolve(name, self.registry, self.options.cache_dir,
+                                                     download=self.options.download)
+                if found.found_in:
+                    self._note(f"model {found.alias}: {found.found_in}")
             except ModelNotFound as e:
                 self._models[name] = ModelUnavailable(str(e))
         m = self._models[name]

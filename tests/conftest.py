@@ -41,4 +41,13 @@ def kv_project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.Mo
         kv_ctx = 64
     """)
     monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    isolate_model_caches(monkeypatch, tmp_path / "home")
     return pytester
+
+
+def isolate_model_caches(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point every place models are looked for (hub.py) into ``home``, so no test sees this machine's."""
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "LLAMA_CACHE", "OLLAMA_MODELS", "XDG_CACHE_HOME",
+                "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)

@@ -257,7 +257,7 @@ def test_registry_aliases_paths_and_checks(tmp_path: Path) -> None:
     ("dir", "is a directory"),
     ("text", "is not a GGUF file"),
     ("alias", "is not registered and is not a path"),
-    ("known", "is known but has no file here"),
+    ("known", "(unsloth/Qwen3.6-35B-A3B-GGUF:Q4_K_M) is not on this machine. Looked in:"),
 ])
 def test_unusable_models_are_explained(tmp_path: Path, setup: str, message: str) -> None:
     name = {"missing": str(tmp_path / "nope.gguf"), "dir": str(tmp_path), "alias": "llama-9000",

@@ -87,14 +87,22 @@ def test_bad_threshold_file_is_a_collection_error_naming_file_key_and_reason(
     assert result.ret == pytest.ExitCode.INTERRUPTED
 
 
-def test_known_model_without_a_file_is_a_usage_error_on_the_command_line(kv_project: pytest.Pytester) -> None:
+def test_known_model_without_a_file_is_a_usage_error_on_the_command_line(kv_project: pytest.Pytester,
+                                                                         tmp_path: Path) -> None:
     shipped = kv_project.path / "published-models.yaml"  # inside the test dir: its ini is the one found
     shipped.write_bytes((Path(__file__).parent.parent / "thresholds" / "published-models.yaml").read_bytes())
     result = kv_project.runpytest("--kv-model", "qwen3.6-35b", "--kv-thresholds", str(shipped))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--kv-model qwen3.6-35b: model qwen3.6-35b-a3b is a known alias but no file of it is registered" \
-        in result.stderr.str()
-    assert "qwen3.6-35b-a3b: {path: /path/to/model.gguf}" in result.stderr.str()
+    err = result.stderr.str()
+    assert ("--kv-model qwen3.6-35b: model qwen3.6-35b-a3b (unsloth/Qwen3.6-35B-A3B-GGUF:Q4_K_M) is not on this "
+            "machine. Looked in:") in err
+    home = tmp_path / "home"  # where kv_project points every model cache (conftest.isolate_model_caches)
+    for place in (f"Hugging Face hub cache: {home}/.cache/huggingface/hub/models--unsloth--Qwen3.6-35B-A3B-GGUF",
+                  f"LM Studio models: {home}/.lmstudio/models/unsloth/Qwen3.6-35B-A3B-GGUF/*.gguf",
+                  f"Ollama: {home}/.ollama/models/manifests/hf.co/unsloth/Qwen3.6-35B-A3B-GGUF/Q4_K_M",
+                  "Fetch it: pytest --kv-model unsloth/Qwen3.6-35B-A3B-GGUF:Q4_K_M --kv-download",
+                  "qwen3.6-35b-a3b: {path: /path/to/model.gguf}"):
+        assert place in err, place
 
 
 def test_a_model_from_the_ini_that_is_missing_skips_in_plain_sight(kv_project: pytest.Pytester) -> None:
@@ -110,7 +118,7 @@ def test_a_model_from_the_ini_that_is_missing_skips_in_plain_sight(kv_project: p
     result = kv_project.runpytest("-rs")
     result.assert_outcomes(skipped=6)
     result.stdout.fnmatch_lines(["6 gate(s) skipped: model qwen3.6-35b-a3b not available here (*",
-                                 "SKIPPED [[]6[]] *model qwen3.6-35b-a3b is known but has no file here*"])
+                                 "SKIPPED [[]6[]] *model qwen3.6-35b-a3b (unsloth/*) is not on this machine*"])
     assert "⚠️ 6 gate(s) skipped: model qwen3.6-35b-a3b not available here" in \
         (kv_project.path / "summary.md").read_text()
     result = kv_project.runpytest("--kv-require", "-q")
@@ -428,3 +436,35 @@ def test_a_second_context_that_cannot_be_created_is_said(kv_project: pytest.Pyte
     result.stdout.fnmatch_lines(["*tiny q8_0: evaluated with one context and a copy of every logits batch*"
                                  "out of memory*Same numbers, slower*"])
     result.assert_outcomes(passed=3, failed=1)  # the q4_0 gate fails as it does with two contexts
+
+
+def test_a_repository_model_is_fetched_only_when_asked(kv_project: pytest.Pytester, fake_model: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--kv-model owner/repo:QUANT`: a usage error naming every place looked, until --kv-download
+    fetches it into the hub cache; then the gates run on it."""
+    from hub_fixtures import HubFile, fake_hub
+
+    kv_project.makefile(".yaml", gates=GATES.replace("  tiny:", "  acme/tiny-GGUF:Q4_K_M:"))
+    args = ["--kv-model", "acme/tiny-GGUF:q4_k_m", "--kv-thresholds", "gates.yaml", "--kv-chunks", "8"]
+    with fake_hub() as hub:
+        hub.repos["acme/tiny-GGUF"] = {"tiny-Q4_K_M.gguf": HubFile(fake_model.read_bytes())}
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        result = kv_project.runpytest(*args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        assert "--kv-model acme/tiny-GGUF:q4_k_m: model acme/tiny-GGUF:Q4_K_M is not on this machine" in \
+            result.stderr.str()
+        assert "tiny-gguf: {path: /path/to/model.gguf}" in result.stderr.str()
+        assert "--kv-download" in result.stderr.str() and hub.gets == []
+        result = kv_project.runpytest(*args, "--kv-download")
+        assert [name for name, _ in hub.gets] == ["tiny-Q4_K_M.gguf"]
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["note: model acme/tiny-GGUF:Q4_K_M: acme/tiny-GGUF:Q4_K_M is */models--acme--tiny-GGUF"
+                                 "/snapshots/*/tiny-Q4_K_M.gguf, found in the Hugging Face hub cache *"])
+
+
+def test_a_typo_in_the_model_name_is_a_usage_error(kv_project: pytest.Pytester) -> None:
+    result = kv_project.runpytest("--kv-model", "gemma3-270n")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "--kv-model gemma3-270n: model 'gemma3-270n' is neither a registered alias" in err
+    assert "Looked: the aliases " in err and "(does not exist). Did you mean gemma3-270m or" in err

@@ -222,3 +222,31 @@ def test_requantized_weights_compound_with_the_cache_against_the_original(
     assert both > max(weights, cache)  # the losses compound
     with pytest.raises(EngineError, match="unknown weight type 'Q9_K'"):
         engine.quantize(gemma.path, str(tmp_path / "x.gguf"), "Q9_K")
+
+
+def test_the_bundled_model_found_in_a_hub_cache_gives_its_numbers(pytester: pytest.Pytester, gemma: ModelLoad,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check anyone can run: the bundled file laid out as `hf download` leaves it, offline, named
+    the llama.cpp way, is recognised by its sha256 as the bundled model and gives its numbers."""
+    import json
+
+    from conftest import PLUGIN_ARGS
+    from hub_fixtures import hub_layout
+
+    hub_layout(tmp_path / "hub", "ggml-org/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf", Path(gemma.path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs = {}
+    for name in ("gemma3-270m", "ggml-org/gemma-3-270m-GGUF:Q4_K_M"):
+        out = tmp_path / f"run{len(runs)}.json"
+        result = pytester.runpytest_subprocess(
+            *PLUGIN_ARGS, f"--kv-model={name}", "-m", "kvquality", "--kv-chunks=1", "--kv-cache=q4_0",
+            f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-json={out}", "--kv-gate=mean")
+        runs[name] = (result, json.loads(out.read_text())["results"])
+    (plain, bundled), (hub, found) = runs.values()
+    assert plain.ret == hub.ret and bundled
+    assert [(r["model"], r["category"], r["kl_mean"], r["top1"]) for r in found] == \
+        [(r["model"], r["category"], r["kl_mean"], r["top1"]) for r in bundled]
+    hub.stdout.fnmatch_lines(["note: model gemma3-270m: ggml-org/gemma-3-270m-GGUF:Q4_K_M is "
+                              "*/gemma-3-270m-Q4_K_M.gguf, found in the Hugging Face hub cache *"])
