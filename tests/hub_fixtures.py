@@ -86,6 +86,8 @@ class FakeHub:
 
     repos: dict[str, dict[str, HubFile]] = field(default_factory=dict)
     gets: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    #: the Authorization header of every request (None when there was none)
+    tokens: list[str | None] = field(default_factory=list)
     #: close the connection after this many bytes of the next GET of a file (once)
     cut_after: int | None = None
     url: str = ""
@@ -113,6 +115,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def do_HEAD(self) -> None:
+            hub.tokens.append(self.headers.get("Authorization"))
             found = self._file()
             if found is None:
                 self.send_response(404)
@@ -122,6 +125,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._head(found[0], len(found[0].data))
 
         def do_GET(self) -> None:
+            hub.tokens.append(self.headers.get("Authorization"))
             path = self.path.split("?")[0]
             if path.startswith("/api/models/"):
                 repo = "/".join(path.split("/")[3:5])

@@ -110,8 +110,10 @@ def test_download_fetches_into_the_hub_cache_and_offline_finds_it(env: dict[str,
         with pytest.raises(ModelNotFound, match="Fetch it: pytest --kv-model"):  # not without being asked
             resolve(f"{REPO}:Q4_K_M", Registry(), tmp_path / "cache", env)
         assert hub.gets == []
+        env["HF_TOKEN"] = "hf_test_token_for_a_gated_repository"
         model = resolve(f"{REPO}:Q4_K_M", Registry(), tmp_path / "cache", env, download=True)
         assert hub.gets == [(FILE, None)]
+        assert hub.tokens and all(t == "Bearer hf_test_token_for_a_gated_repository" for t in hub.tokens)
     hub_root = Path(env["HOME"]) / ".cache" / "huggingface" / "hub"
     assert model.path == hub_root / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / FILE
     assert model.sha256 == sha256_of(fake_model) and "downloaded from http://127.0.0.1" in model.found_in
