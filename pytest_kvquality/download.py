@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from .environment import env_flag
 from .hub import Found, HubRef, hub_cache, split_part_names
-
-TRUE_WORDS = ("1", "on", "true", "yes")
 
 
 class DownloadError(RuntimeError):
@@ -22,7 +21,7 @@ class DownloadError(RuntimeError):
 
 
 def hub_offline(env: Mapping[str, str]) -> bool:
-    return env.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_WORDS
+    return env_flag("HF_HUB_OFFLINE", False, env) is True
 
 
 def download(ref: HubRef, env: Mapping[str, str], cache_dir: Path) -> Found:
@@ -49,7 +48,7 @@ def download(ref: HubRef, env: Mapping[str, str], cache_dir: Path) -> Found:
         raise DownloadError(f"{ref.repo} on {where} has no GGUF for {ref.label}; its GGUF files: "
                             f"{', '.join(ggufs) or 'none'}")
     lfs = {e.path: e.lfs.sha256 if e.lfs else None for e in listing}
-    first: Path | None = None
+    first: Found | None = None
     for part in split_part_names(chosen):
         hub_sha = lfs.get(part)
         pinned = ref.sha256 if part == chosen else None
@@ -67,10 +66,9 @@ def download(ref: HubRef, env: Mapping[str, str], cache_dir: Path) -> Found:
                 _discard(local)
                 raise DownloadError(f"{ref.repo}/{part}: the downloaded file has sha256 {got}, {source} is "
                                     f"{expected}; the file was deleted from {cache} and is not used")
-        first = first or local
+        first = first or Found(local, f"downloaded from {where} into the Hugging Face hub cache {cache}", got)
     assert first is not None
-    return Found(first, f"downloaded from {where} into the Hugging Face hub cache {cache}",
-                 file_sha256(first, cache_dir))
+    return first
 
 
 def _discard(snapshot_file: Path) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import ipc
 from .cache_config import CacheConfig
+from .environment import env_flag
 from .metrics import ReferenceRows, TokenStats, compact_rows, kl_compact, kl_exact
 
 #: Reference compression: exact top-k tokens and m tail samples per scored position.
@@ -192,12 +193,8 @@ def overlap_default(offloaded: bool) -> bool:
     """Overlap the KL math with the next decode? ``KVQ_OVERLAP=1/0`` decides; by default only when
     the model runs on a GPU, where the host's cores are otherwise idle during a decode (on a CPU
     build, llama.cpp's threads already use every core)."""
-    env = os.environ.get("KVQ_OVERLAP", "auto").strip().lower()
-    if env in ("1", "on", "true", "yes"):
-        return True
-    if env in ("0", "off", "false", "no"):
-        return False
-    return offloaded
+    said = env_flag("KVQ_OVERLAP", None)
+    return offloaded if said is None else said
 
 
 @dataclass(frozen=True)
@@ -304,7 +301,7 @@ def _offloaded(ctx: LogitsContext) -> bool:
 def chunks_alternate() -> bool:
     """Two contexts taking chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it off: one
     context, every batch copied, as before; for measuring what it buys)."""
-    return os.environ.get("KVQ_ALTERNATE", "1").strip().lower() not in ("0", "off", "false", "no")
+    return env_flag("KVQ_ALTERNATE", True) is not False
 
 
 def _logits_sources(contexts: list[LogitsContext]) -> list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]]:

@@ -8,8 +8,21 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+#: how a boolean environment variable says yes or no (any case, surrounding spaces ignored)
+FLAG_ON = ("1", "on", "true", "yes")
+FLAG_OFF = ("0", "off", "false", "no")
+
+
+def env_flag(name: str, default: bool | None, env: Mapping[str, str] | None = None) -> bool | None:
+    """A yes/no environment variable: True or False when it says so, ``default`` when it is unset or
+    says anything else. The one parser for every ``KVQ_*`` switch (and ``HF_HUB_OFFLINE``)."""
+    value = (os.environ if env is None else env).get(name, "").strip().lower()
+    return True if value in FLAG_ON else False if value in FLAG_OFF else default
+
 
 #: ggml backend libraries that offload to an accelerator, and the name shown for each
 GPU_BACKENDS = {"cuda": "CUDA", "hip": "ROCm", "metal": "Metal", "vulkan": "Vulkan", "sycl": "SYCL"}

@@ -33,8 +33,13 @@ class HubRef:
     sha256: str | None = None
 
     @property
+    def tag(self) -> str:
+        """The quant asked for, or llama.cpp's default."""
+        return self.quant or DEFAULT_QUANT
+
+    @property
     def label(self) -> str:
-        return f"{self.repo}/{self.file}" if self.file else f"{self.repo}:{self.quant or DEFAULT_QUANT}"
+        return f"{self.repo}/{self.file}" if self.file else f"{self.repo}:{self.tag}"
 
     def wants(self, filename: str) -> bool:
         """Is ``filename`` (a name inside the repo) the file this names, or the first part of it?"""
@@ -47,7 +52,7 @@ class HubRef:
         if split and split.group(1) != "00001":
             return False
         stem = name[: split.start()] if split else name[: -len(".gguf")]
-        quant = (self.quant or DEFAULT_QUANT).lower()
+        quant = self.tag.lower()
         return stem.lower() == quant or bool(re.search(r"[-_.]" + re.escape(quant) + "$", stem.lower()))
 
     def pick(self, filenames: list[str]) -> str | None:
@@ -131,9 +136,10 @@ def find_local(ref: HubRef, env: Mapping[str, str], search: Search) -> Found | N
 
 
 def _candidates(ref: HubRef, env: Mapping[str, str], search: Search) -> Iterator[Found]:
-    yield from _in_hub_layout(ref, hub_cache(env), "Hugging Face hub cache", search)
+    hub = hub_cache(env)
+    yield from _in_hub_layout(ref, hub, "Hugging Face hub cache", search)
     for root in llama_cpp_caches(env):
-        if root != hub_cache(env):
+        if root != hub:
             yield from _in_hub_layout(ref, root, "llama.cpp cache", search)
         yield from _in_flat_dir(ref, root, ref.repo.replace("/", "_") + "_", "llama.cpp cache (former layout)",
                                 search)
@@ -187,12 +193,11 @@ def _in_flat_dir(ref: HubRef, folder: Path, prefix: str, what: str, search: Sear
 def _in_ollama(ref: HubRef, root: Path, search: Search) -> Iterator[Found]:
     """``ollama pull hf.co/owner/repo:QUANT``: manifest -> the model layer -> ``blobs/sha256-<hex>``."""
     tags = root / "manifests" / "hf.co" / ref.repo
-    search.looked.append(f"Ollama: {tags}/{ref.quant or DEFAULT_QUANT}")
+    search.looked.append(f"Ollama: {tags}/{ref.tag}")
     if ref.file or not tags.is_dir():
         return
-    want = (ref.quant or DEFAULT_QUANT).lower()
     for manifest in sorted(tags.iterdir()):
-        if manifest.name.lower() != want:
+        if manifest.name.lower() != ref.tag.lower():
             continue
         try:
             layers = json.loads(manifest.read_text("utf-8")).get("layers", [])
@@ -226,5 +231,5 @@ def _parts_present(first: Path) -> bool:
 
 
 def fetch_command(ref: HubRef) -> str:
-    what = ref.file or f"--include '*{ref.quant or DEFAULT_QUANT}*.gguf'"
+    what = ref.file or f"--include '*{ref.tag}*.gguf'"
     return f"pytest --kv-model {ref.label} --kv-download   (or: hf download {ref.repo} {what})"

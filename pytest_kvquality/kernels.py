@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .environment import env_flag
+
 SOURCE = Path(__file__).with_name("compaction.c")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -83,7 +85,7 @@ _TRIED = False
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("KVQ_COMPILED", "1").strip().lower() not in ("0", "off", "false", "no")
+    return env_flag("KVQ_COMPILED", True) is not False
 
 
 def compaction_kernels() -> CompactionKernels | None:

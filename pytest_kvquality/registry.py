@@ -314,7 +314,7 @@ def locate(ref: HubRef, alias: str, env: Mapping[str, str], cache_dir: Path, dow
         except DownloadError as e:
             raise ModelNotFound(str(e)) from e
     looked = "\n".join(f"  - {place}" for place in search.looked)
-    quant = f"file: {ref.file}" if ref.file else f"quant: {ref.quant or 'Q4_K_M'}"
+    quant = f"file: {ref.file}" if ref.file else f"quant: {ref.tag}"
     name = alias if alias == ref.label else f"{alias} ({ref.label})"
     entry = ref.repo.split("/")[1].lower() if alias == ref.label else alias
     raise ModelNotFound(
@@ -325,14 +325,14 @@ def locate(ref: HubRef, alias: str, env: Mapping[str, str], cache_dir: Path, dow
         f"    # or {{hf: {ref.repo}, {quant}}}")
 
 
-def model_digest(first: Path, cache_dir: Path, known: str | None) -> str:
+def model_digest(first: Path, first_sha256: str, cache_dir: Path) -> str:
     """The sha256 a model is keyed by: its file's, or, for a split GGUF, the sha256 of its parts'
     digests in order (so a change to any part changes it)."""
-    parts = split_parts(first)
-    if len(parts) == 1:
-        return known or file_sha256(first, cache_dir)
-    digests = [known if i == 0 and known else file_sha256(p, cache_dir) for i, p in enumerate(parts)]
-    return hashlib.sha256("\n".join(d or "" for d in digests).encode()).hexdigest()
+    rest = split_parts(first)[1:]
+    if not rest:
+        return first_sha256
+    digests = [first_sha256, *(file_sha256(p, cache_dir) for p in rest)]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def resolve(name: str, registry: Registry, cache_dir: Path, env: Mapping[str, str] | None = None,
@@ -352,7 +352,7 @@ def resolve(name: str, registry: Registry, cache_dir: Path, env: Mapping[str, st
         if ref.sha256 and ref.sha256 != first_sha:
             raise ModelNotFound(f"model {alias or name}: {found.path} ({found.where}) has sha256 {first_sha}, the "
                                 f"registry pins {ref.sha256}")
-        sha = model_digest(found.path, cache_dir, first_sha)
+        sha = model_digest(found.path, first_sha, cache_dir)
         return ResolvedModel(alias or registry.alias_for_digest(sha) or ref.label, found.path, sha,
                              f"{ref.label} is {found.path}, {found.where}")
     if entry is not None:
