@@ -458,8 +458,15 @@ def test_a_repository_model_is_fetched_only_when_asked(kv_project: pytest.Pytest
         result = kv_project.runpytest(*args, "--kv-download")
         assert [name for name, _ in hub.gets] == ["tiny-Q4_K_M.gguf"]
     result.assert_outcomes(passed=3, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["note: model acme/tiny-GGUF:Q4_K_M: acme/tiny-GGUF:Q4_K_M is */models--acme--tiny-GGUF"
                                  "/snapshots/*/tiny-Q4_K_M.gguf, found in the Hugging Face hub cache *"])
+    # the hub is gone: offline, every xdist worker finds the downloaded copy, and the failing gate still fails
+    pytest.importorskip("xdist")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parallel = kv_project.runpytest_subprocess(*args, "-n", "2", "--dist", "loadgroup")
+    parallel.assert_outcomes(passed=3, failed=1)
+    assert parallel.ret == pytest.ExitCode.TESTS_FAILED
 
 
 def test_a_typo_in_the_model_name_is_a_usage_error(kv_project: pytest.Pytester) -> None:
