@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def collect(args: argparse.Namespace) -> None:
     """Per-token statistics of each (cache config, category), in chunk order, saved to an .npz file."""
     from pytest_kvquality.cache_config import CacheConfig
-    from pytest_kvquality.engine import WorkerEngine
+    from pytest_kvquality.engine.client import WorkerEngine
     from pytest_kvquality.options import KVOptions
     from pytest_kvquality.registry import Registry
     from pytest_kvquality.session import KVSession

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pytest_kvquality import llama_backend  # llama_cpp first, then numpy
+from pytest_kvquality.engine import llama as llama_backend  # llama_cpp first, then numpy
 
 llama_backend.init_backend()
 
@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from pytest_kvquality.cache_config import CacheConfig  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
-from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, RowParallel  # noqa: E402
+from pytest_kvquality.engine.pipeline import RowParallel  # noqa: E402
+from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K  # noqa: E402
 from pytest_kvquality.environment import default_cache_dir  # noqa: E402
 from pytest_kvquality.kernels import kernel_name  # noqa: E402
 from pytest_kvquality.metrics import LOG_P_CUTOFF, compact_rows, kl_compact, log_normalizer  # noqa: E402

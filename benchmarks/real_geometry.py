@@ -30,7 +30,8 @@ import numpy as np
 from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import summarize
 from pytest_kvquality.registry import builtin_model_path
@@ -136,7 +137,7 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
               f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.get('logits_contexts')} context(s)",
               flush=True)
     if args.perplexity:
-        batch = min(n_ctx, 256)  # our contexts' batch for a 262k vocabulary (llama_backend.LOGITS_BUDGET_BYTES)
+        batch = min(n_ctx, 256)  # our contexts' batch for a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)
         out["llama_perplexity"] = forward_only_rate(args.perplexity, model.path, text, n_ctx,
                                                     min(int(chunks.shape[0]), args.max_ppl_chunks), batch)
         fo = out["llama_perplexity"].get("tok_s")

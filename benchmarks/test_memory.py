@@ -20,7 +20,8 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir, host_backend
 from pytest_kvquality.registry import builtin_model_path
 

@@ -19,9 +19,12 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import DEFAULT_TAIL_SAMPLES as M
-from pytest_kvquality.engine import DEFAULT_TOP_K as K
-from pytest_kvquality.engine import ModelLoad, RowParallel, WorkerEngine, _compact_block, _kl_compact_block
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.local import _compact_block, _kl_compact_block
+from pytest_kvquality.engine.pipeline import RowParallel
+from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES as M
+from pytest_kvquality.engine.protocol import DEFAULT_TOP_K as K
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kernels import kernel_name
 from pytest_kvquality.metrics import compact_reference, compact_rows, kl_compact, kl_exact

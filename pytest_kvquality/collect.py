@@ -13,7 +13,7 @@ import pytest
 
 from .cache_config import CacheConfig
 from .corpus import CorpusError
-from .engine import EngineError
+from .engine.protocol import EngineError
 from .gating import Outcome, decide, describe
 from .hub import Search, find_local
 from .options import DEFAULT_CACHES, KVOptions

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine.protocol import Engine
 
 
 @pytest.hookspec(firstresult=True)

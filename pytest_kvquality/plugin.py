@@ -65,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
             return custom
         import os
 
-        from .engine import WorkerEngine, worker_gpu_env
+        from .engine.client import WorkerEngine, worker_gpu_env
 
         env = worker_gpu_env(os.environ, os.environ.get("PYTEST_XDIST_WORKER"))
         return WorkerEngine(options.cache_dir / "logs", env=env)

@@ -1,8 +1,8 @@
 """The on-disk reference cache: one checksummed file per (model, corpus slice, context, reference config).
 
-File layout (no pickle)::
+File layout (no pickle; arrays framed by ``array_codec``)::
 
-    b"KVQREF\\x00\\x01" | u32 header length | header JSON | array bytes
+    b"KVQREF\\x00\\x02" | u32 header length | header JSON | array bytes
 
 The header holds the format version, the full key, each array's dtype, shape
 and offset, and a sha256 over the header (without that field) and the
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .array_codec import pack, payload_size, unpack
 from .files import atomic_write
 from .metrics import ReferenceRows
 
@@ -70,13 +71,7 @@ def _checksum(header: dict[str, Any], payload: list[bytes]) -> str:
 
 
 def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: dict[str, Any]) -> None:
-    arrays = rows.arrays()
-    payload = [np.ascontiguousarray(a).tobytes() for a in arrays.values()]
-    layout, offset = [], 0
-    for (name, a), raw in zip(arrays.items(), payload, strict=True):
-        layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
-                       "offset": offset, "nbytes": len(raw)})
-        offset += len(raw)
+    layout, payload = pack(rows.arrays())
     header: dict[str, Any] = {"format": FORMAT_VERSION, "key": key.as_dict(), "arrays": layout,
                               "meta": meta}
     header["checksum"] = _checksum(header, payload)
@@ -109,7 +104,7 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
         expected = header.pop("checksum")
     except (KeyError, TypeError) as e:
         raise ReferenceDamaged(f"{path}: header is missing {e}") from e
-    total = sum(a["nbytes"] for a in layout)
+    total = payload_size(layout)
     if len(data) != payload_start + total:
         raise ReferenceDamaged(
             f"{path}: size {len(data)} bytes, expected {payload_start + total} (truncated or padded)"
@@ -119,10 +114,7 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
     if header["key"] != key.as_dict():
         diff = sorted(k for k in key.as_dict() if header["key"].get(k) != key.as_dict()[k])
         raise ReferenceDamaged(f"{path}: written for another key (differs in {', '.join(diff)})")
-    arrays = {
-        a["name"]: np.frombuffer(raw, np.dtype(a["dtype"])).reshape(a["shape"])
-        for a, raw in zip(layout, chunks, strict=True)
-    }
+    arrays = unpack(layout, memoryview(data)[payload_start:])
     return ReferenceRows.from_arrays(arrays), header.get("meta", {})
 
 

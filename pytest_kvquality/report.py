@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache_config import CacheConfig
+from .engine.protocol import ContextFacts
 from .files import atomic_write
 from .markdown import markdown_table
 from .metrics import KLSummary
@@ -22,16 +23,12 @@ JSON_SCHEMA_VERSION = 3
 #: versions read back (baselines): version 2 differs only in fields a comparison does not read
 READABLE_SCHEMA_VERSIONS = (2, 3)
 
-#: context facts copied into each JSON result, as (key in the engine's context, JSON key)
-CONTEXT_KEYS = (
-    ("rotation_k", "rotation_applied_k"), ("rotation_v", "rotation_applied_v"),
-    ("kv_cache_mib", "kv_cache_mib"), ("kv_cells", "kv_cells"),
-    ("kv_cache_mib_expected", "kv_cache_mib_expected"), ("kv_bytes_per_token", "kv_bytes_per_token"),
-    ("kv_mib_per_32k", "kv_mib_per_32k"), ("kv_mib_per_128k", "kv_mib_per_128k"),
-    ("kv_swa_cells", "kv_swa_cells"), ("kv_swa_full", "kv_swa_full"), ("recurrent_state_mib", "recurrent_state_mib"),
-    ("kv_mismatch", "kv_mismatch"), ("kv_devices", "kv_devices"),
-    ("kv_cpu_fallback", "kv_cpu_fallback"), ("reference_model", "reference_model"),
-)
+#: context facts in each JSON result under another name (the rest keep theirs)
+RENAMED_FACTS = {"rotation_k": "rotation_applied_k", "rotation_v": "rotation_applied_v"}
+#: context facts copied into each JSON result (docs/json-schema.md)
+JSON_FACTS = ("rotation_k", "rotation_v", "kv_cache_mib", "kv_cells", "kv_cache_mib_expected", "kv_bytes_per_token",
+              "kv_mib_per_32k", "kv_mib_per_128k", "kv_swa_cells", "kv_swa_full", "recurrent_state_mib",
+              "kv_mismatch", "kv_devices", "kv_cpu_fallback")
 
 
 @dataclass
@@ -46,7 +43,10 @@ class ResultRecord:
     summary: KLSummary
     eval_seconds: float
     exact: bool
-    context: dict[str, Any] = field(default_factory=dict)
+    context: ContextFacts = field(default_factory=ContextFacts)
+    #: mean KLD by context position (pooled over the categories: on the overall record only)
+    positions: list[dict[str, Any]] | None = None
+    reference_model: str | None = None
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -55,6 +55,7 @@ class ResultRecord:
     def to_json(self) -> dict[str, Any]:
         c = CacheConfig.parse(self.cache)
         s = self.summary
+        facts = self.context.to_dict()
         return {
             "model": self.model, "model_sha256": self.model_sha256, "cache": self.cache,
             "type_k": c.type_k, "type_v": c.type_v, "rotation": c.rotation,
@@ -63,20 +64,18 @@ class ResultRecord:
             "kl_p99": s.kl_p99, "kl_max": s.kl_max, "top1": s.top1, "top1_unc": s.top1_unc,
             "dp_rms": s.dp_rms, "ppl_ratio": s.ppl_ratio, "n_tokens": s.n_tokens,
             "eval_seconds": self.eval_seconds, "exact_reference": self.exact,
-            **{j: self.context.get(k) for k, j in CONTEXT_KEYS},
-            # the position profile pools the categories: on the overall record only
-            "positions": self.context.get("positions") if self.category == OVERALL else None,
+            **{RENAMED_FACTS.get(k, k): facts.get(k) for k in JSON_FACTS},
+            "reference_model": self.reference_model,
+            "positions": self.positions,
             "stats": s.to_dict(),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResultRecord:
-        context = {k: d[j] for k, j in CONTEXT_KEYS if d.get(j) is not None}
-        if d.get("positions") is not None:
-            context["positions"] = d["positions"]
+        facts = {k: d[RENAMED_FACTS.get(k, k)] for k in JSON_FACTS if d.get(RENAMED_FACTS.get(k, k)) is not None}
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
                    KLSummary.from_dict(d["stats"]), d["eval_seconds"], d["exact_reference"],
-                   context)
+                   ContextFacts.from_info(facts), d.get("positions"), d.get("reference_model"))
 
 
 @dataclass
@@ -273,7 +272,7 @@ class Report:
             row = [cache, *(f"{by_cat[c].summary.kl_mean:.5f}" if c in by_cat else "-" for c in categories)]
             if overall is not None:
                 s = overall.summary
-                per_token = overall.context.get("kv_bytes_per_token")
+                per_token = overall.context.kv_bytes_per_token
                 # σ between chunks, what the gates use (llama.cpp's token-level σ is in the JSON)
                 bound = s.bounds.get("kl_mean")
                 sigma = bound.se if bound is not None else s.kl_mean_unc
@@ -293,7 +292,7 @@ class Report:
     def model_notes(self, model: str) -> str:
         """What the header line of a model's table adds: a hybrid model's fixed recurrent state."""
         recs = [r for r in self.records if r.model == model and r.category == OVERALL]
-        state = next((r.context["recurrent_state_mib"] for r in recs if r.context.get("recurrent_state_mib")), None)
+        state = next((r.context.recurrent_state_mib for r in recs if r.context.recurrent_state_mib), None)
         return f", recurrent state {state:,.2f} MiB (fixed)" if state else ""
 
     def table(self) -> list[TableLine]:
@@ -364,7 +363,7 @@ def _fmt_bound(x: float) -> str:
 
 
 
-def _kv_at(context: dict[str, Any]) -> str:
+def _kv_at(context: ContextFacts) -> str:
     """KV MiB at 32k and 128k of context, by llama.cpp's cell rule (kv_memory.py)."""
-    a, b = context.get("kv_mib_per_32k"), context.get("kv_mib_per_128k")
+    a, b = context.kv_mib_per_32k, context.kv_mib_per_128k
     return f"{a:,.0f} / {b:,.0f}" if a is not None and b is not None else "-"

@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from .cache_config import CacheConfig
 from .corpus import Corpus, CorpusError, builtin_corpus, chunk_tokens, load_corpus
-from .engine import Engine, EngineError, ModelLoad
+from .engine.protocol import ContextFacts, Engine, EngineError, ModelLoad
 from .environment import host_backend
 from .gating import Decision
 from .metrics import KLSummary, ReferenceRows, TokenStats, mean_and_uncertainty, summarize
@@ -62,7 +62,11 @@ class ConfigResult:
     eval_seconds: float
     exact: bool = False
     #: what llama.cpp decided for the candidate context: rotation_k/v, kv_cache_mib, ...
-    context: dict[str, Any] = field(default_factory=dict)
+    context: ContextFacts = field(default_factory=ContextFacts)
+    #: mean KLD by context position, pooled over the categories (``position_profile``)
+    positions: list[dict[str, Any]] = field(default_factory=list)
+    #: the --kv-ref-model alias when another GGUF is the reference
+    reference_model: str | None = None
 
     @property
     def overall(self) -> KLSummary:
@@ -224,20 +228,20 @@ class KVSession:
             self._described[model.sha256] = self.engine.describe(self.load_spec(model))
         return self._described[model.sha256]
 
-    def _note_context_facts(self, model: ResolvedModel, cache: CacheConfig, context: dict[str, Any]) -> None:
+    def _note_context_facts(self, model: ResolvedModel, cache: CacheConfig, context: ContextFacts) -> None:
         """Notes about what the engine read from llama.cpp: KV sizes that disagree with the GGUF
         geometry (kv_memory.py) or are missing (a llama.cpp whose log changed); a second context
         that could not be created."""
-        if "kv_bytes_per_token" not in context:
+        if context.kv_bytes_per_token is None:
             self._note(f"{model.alias} {cache.label}: llama.cpp's log gave no KV cache sizes; KV memory is "
                        "not reported")
-        elif context.get("kv_mismatch"):
+        elif context.kv_mismatch:
             self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
-                       f"hyperparameters disagree: {context['kv_mismatch']}")
-        if context.get("second_context_error"):
+                       f"hyperparameters disagree: {context.kv_mismatch}")
+        if context.second_context_error:
             self._note(f"{model.alias} {cache.label}: evaluated with one context and a copy of every logits "
                        f"batch, since a second context (to overlap the KL math without copies) could not be "
-                       f"created: {context['second_context_error']}. Same numbers, slower")
+                       f"created: {context.second_context_error}. Same numbers, slower")
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -343,7 +347,7 @@ class KVSession:
         spec = self.load_spec(model)
         ref_model = self.reference_model(model)
         per_cat: dict[str, TokenStats] = {}
-        context: dict[str, Any] = {}
+        context = ContextFacts()
         seconds = 0.0
         for cat, chunks in self.chunks(ref_model).items():
             ref = None if self.options.exact else self.reference(ref_model, cat, chunks)
@@ -358,17 +362,15 @@ class KVSession:
             context = run.context
             seconds += run.seconds
         summaries = summarize_with_bounds(per_cat, self.options.n_ctx // 2 - 1)
-        context["positions"] = position_profile(per_cat, self.options.n_ctx)
-        if ref_model is not model:  # --kv-ref-model: another GGUF (weights) is the reference
-            context["reference_model"] = ref_model.alias
         self._note_context_facts(model, cache, context)
-        if context.get("kv_cpu_fallback"):
-            self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.get('kv_cpu_ops', []))} "
+        if context.kv_cpu_fallback:
+            self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.kv_cpu_ops or ())} "
                        f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "
                        f"kernel for K={cache.type_k}, V={cache.type_v}. Quality is measured as run; "
                        f"speed suffers.")
         return ConfigResult(model.alias, model.sha256, cache, self.options.n_ctx, summaries,
-                            seconds, self.options.exact, context)
+                            seconds, self.options.exact, context, position_profile(per_cat, self.options.n_ctx),
+                            ref_model.alias if ref_model is not model else None)
 
     def to_report(self) -> Report:
         """This process's results as a mergeable report."""
@@ -376,7 +378,8 @@ class KVSession:
         for r in self.results.values():
             for cat, summary in r.categories.items():
                 rep.records.append(ResultRecord(r.model, r.model_sha256, r.cache.label, r.n_ctx, cat,
-                                                summary, r.eval_seconds, r.exact, r.context))
+                                                summary, r.eval_seconds, r.exact, r.context,
+                                                r.positions if cat == OVERALL else None, r.reference_model))
         for v in self.verdicts:
             t, d = v.threshold, v.decision
             rep.verdicts.append(VerdictRecord(

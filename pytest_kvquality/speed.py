@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cache_config import CacheConfig
-from .engine import SPEED_PHASES
+from .engine.protocol import SPEED_PHASES
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
-from .engine import SPEED_PHASES, Engine, EngineError
+from .engine.protocol import SPEED_PHASES, Engine, EngineError
 from .environment import default_cache_dir, host_backend
 from .files import atomic_write
 from .markdown import markdown_table
@@ -60,9 +60,8 @@ class SweepRow:
         o = r.overall
         return cls(r.model, r.n_ctx, r.cache, o.kl_mean, o.kl_mean_unc, o.top1,
                    {c: s.kl_mean for c, s in r.categories.items() if c != OVERALL},
-                   r.context.get("kv_bytes_per_token"), r.context.get("positions", []), r.eval_seconds,
-                   bool(r.context.get("kv_cpu_fallback")), o.n_tokens,
-                   kv_mib_per_32k=r.context.get("kv_mib_per_32k"))
+                   r.context.kv_bytes_per_token, r.positions or [], r.eval_seconds,
+                   bool(r.context.kv_cpu_fallback), o.n_tokens, kv_mib_per_32k=r.context.kv_mib_per_32k)
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -213,7 +212,7 @@ def run_sweep(argv: Sequence[str], engine_factory: Callable[[], Engine] | None =
     except (CacheConfigError, RegistryError) as e:
         raise SystemExit(f"sweep: {e}") from e
     if engine_factory is None:
-        from .engine import WorkerEngine
+        from .engine.client import WorkerEngine
 
         cache_dir = default_cache_dir()
         engine_factory = lambda: WorkerEngine(cache_dir / "logs")  # noqa: E731

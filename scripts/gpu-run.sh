@@ -71,7 +71,8 @@ if [ "$stage" = oom ] || [ "$stage" = all ]; then  # a KV cache larger than the 
 import os
 import numpy as np
 from pytest_kvquality.cache_config import CacheConfig
-from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import EngineError, ModelLoad
 e = WorkerEngine()
 try:
     e.speed(ModelLoad(os.environ["KVQ_GPU_MODEL"], -1), CacheConfig.parse("f32"), 1 << 24, "pp", np.zeros(8, np.int32))

@@ -23,7 +23,8 @@ from oracle import assert_matches, llama_perplexity_kld
 from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad, WorkerEngine
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.metrics import summarize
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.real_model
 ARCHS = sorted(synthetic.TINY)
 N_CTX = 256
 N_CHUNKS = 2
-#: the micro-batch our contexts get with a 262k vocabulary (llama_backend.LOGITS_BUDGET_BYTES)
+#: the micro-batch our contexts get with a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)
 OUR_UBATCH = 256
 
 
@@ -139,10 +140,10 @@ def test_sliding_window_layers_hold_window_plus_ubatch_cells_and_quality_does_no
     f16, q4 = CacheConfig.parse("f16"), CacheConfig.parse("q4_0")
     run_off = engine.evaluate_exact(off, q4, off, f16, chunks)
     run_on = engine.evaluate_exact(on, q4, on, f16, chunks)
-    assert run_off.context["kv_swa_cells"] == 512 and run_on.context["kv_swa_cells"] == n_ctx
-    assert run_off.context["kv_bytes_per_token"] * n_ctx == expected_kv_bytes(g, q4, n_ctx)
-    assert run_on.context["kv_bytes_per_token"] * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True)
-    assert run_off.context["kv_bytes_per_token"] < 0.7 * run_on.context["kv_bytes_per_token"]
+    assert run_off.context.kv_swa_cells == 512 and run_on.context.kv_swa_cells == n_ctx
+    assert run_off.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx)
+    assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True)
+    assert run_off.context.kv_bytes_per_token < 0.7 * run_on.context.kv_bytes_per_token
     # the same attention either way: the cells differ in order only (measured: KLD between the two
     # f16 runs ~3e-7 against 0.014 for q4_0)
     s_off, s_on = summarize(run_off.stats), summarize(run_on.stats)

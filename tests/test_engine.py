@@ -11,7 +11,7 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.testing import FakeEngine
 
 
@@ -55,7 +55,7 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     """Overlapping, chunks alternate between two contexts and the last batch of each is reduced in
     llama.cpp's buffer. The reductions are slowed here so that, if a context decoded again before
     its lent batch was reduced, the reduction would read the next chunk's logits (or NaNs)."""
-    import pytest_kvquality.engine as engine_mod
+    import pytest_kvquality.engine.local as engine_mod
 
     model = ModelLoad(str(fake_model), 0)
     monkeypatch.setenv("KVQ_OVERLAP", "0")
@@ -81,7 +81,7 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
         assert pipeline is not None
         # the fake decodes each chunk in two batches: one copied, one lent (10 of each over 2 runs)
         assert (pipeline.in_place, pipeline.copied) == ((10, 10) if in_place else (0, 20)), alternate
-        assert run.context["logits_contexts"] == (2 if in_place else 1)
+        assert run.context.logits_contexts == (2 if in_place else 1)
         engine.close()
         for name, values in ref.arrays().items():
             assert np.array_equal(values, plain[0][name]), (alternate, name)
@@ -113,8 +113,8 @@ def test_a_second_context_that_cannot_be_created_costs_speed_not_numbers(
     created.clear()
     run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
     engine.close()
-    assert run.context["logits_contexts"] == 1
-    assert "out of memory" in run.context["second_context_error"]
+    assert run.context.logits_contexts == 1
+    assert "out of memory" in run.context.second_context_error
     for name, values in run.stats.arrays().items():
         assert np.array_equal(values, alternating[1][name]), name
 
@@ -136,7 +136,7 @@ def test_compact_estimate_tracks_the_exact_value_on_the_fake_model(fake_model: P
 
 
 def test_each_xdist_worker_gets_its_own_gpu(tmp_path: Path) -> None:
-    from pytest_kvquality.engine import worker_gpu_env
+    from pytest_kvquality.engine.client import worker_gpu_env
 
     no_driver = tmp_path / "absent"
     env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"}
@@ -151,7 +151,7 @@ def test_each_xdist_worker_gets_its_own_gpu(tmp_path: Path) -> None:
 
 def test_without_cuda_visible_devices_the_workers_split_the_gpus_the_driver_lists(tmp_path: Path) -> None:
     """Found on a 2-GPU host: with CUDA_VISIBLE_DEVICES unset, each worker spread its model over both GPUs."""
-    from pytest_kvquality.engine import worker_gpu_env
+    from pytest_kvquality.engine.client import worker_gpu_env
 
     gpus = tmp_path / "gpus"  # what /proc/driver/nvidia/gpus holds: one folder per GPU, named by PCI address
     for bus in ("0000:18:00.0", "0000:2a:00.0"):

@@ -29,7 +29,7 @@ def worker_pids(parent: int) -> list[int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if b"pytest_kvquality.worker" in cmdline and ppid == parent:
+        if b"pytest_kvquality.engine.worker" in cmdline and ppid == parent:
             found.append(int(entry.name))
     return found
 

@@ -225,14 +225,13 @@ def test_a_native_crash_fails_only_the_tests_that_needed_it(kv_project: pytest.P
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("needs llama-cpp-python for the worker")
     kv_project.makeconftest("""
-        from pytest_kvquality.engine import WorkerEngine
-        from pytest_kvquality.testing import FakeEngine
+        from pytest_kvquality.testing import FakeEngine, TestingWorkerEngine
 
         class CrashingEngine(FakeEngine):
             '''The fake model, except that q4_0 evaluations segfault a real worker process.'''
             def __init__(self):
                 super().__init__()
-                self.worker = WorkerEngine()
+                self.worker = TestingWorkerEngine()
 
             def evaluate(self, model, cache, chunks, ref):
                 if cache.label == "q4_0":
@@ -281,10 +280,10 @@ def test_xdist_workers_share_references_and_merge_results(kv_project: pytest.Pyt
 
 def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path) -> None:
     kv_project.makeconftest("""
-        import pytest_kvquality.engine
+        import pytest_kvquality.engine.local
         from pytest_kvquality.testing import FakeEngine
 
-        pytest_kvquality.engine.PROGRESS_EVERY_S = 0.0  # report after every chunk
+        pytest_kvquality.engine.local.PROGRESS_EVERY_S = 0.0  # report after every chunk
 
         def pytest_kvquality_make_engine(config):
             return FakeEngine()
@@ -381,15 +380,16 @@ def test_kv_memory_missing_from_the_engine_is_said_not_guessed(kv_project: pytes
     """An engine that reports no KV sizes (a llama.cpp whose log lines changed) gets a note and '-',
     not an every-layer formula that is 2-4x wrong for hybrid and sliding-window models."""
     kv_project.makeconftest("""
+        import pytest_kvquality.engine.fake as fake
         import pytest_kvquality.testing as testing
 
-        class NoKVSizes(testing.FakeContext):
+        class NoKVSizes(fake.FakeContext):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 for key in ("kv_bytes_per_token", "kv_mib_per_32k", "kv_mib_per_128k"):
                     del self.info[key]
 
-        testing.FakeContext = NoKVSizes
+        fake.FakeContext = NoKVSizes
 
         def pytest_kvquality_make_engine(config):
             return testing.FakeEngine()
@@ -407,7 +407,7 @@ def test_a_second_context_that_cannot_be_created_is_said(kv_project: pytest.Pyte
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlapping on a GPU takes two contexts; when memory allows only one, the run is slower (every
     logits batch copied) and says so, with the same verdicts."""
-    import pytest_kvquality.testing as testing
+    import pytest_kvquality.engine.fake as testing
 
     class OneContextFits(testing.FakeModel):
         open = 0

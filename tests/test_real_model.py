@@ -18,7 +18,8 @@ from oracle import assert_matches, llama_perplexity_kld
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import EngineError, ModelLoad, WorkerEngine
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import EngineError, ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import summarize
 from pytest_kvquality.registry import builtin_model_path
@@ -89,7 +90,7 @@ def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
             runs[overlap] = (ref.rows.arrays(), e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks, ref.rows))
         finally:
             e.close()
-    assert runs["1"][1].context["logits_contexts"] == 2 and runs["0"][1].context["logits_contexts"] == 1
+    assert runs["1"][1].context.logits_contexts == 2 and runs["0"][1].context.logits_contexts == 1
     for name, values in runs["0"][0].items():
         assert np.array_equal(values, runs["1"][0][name]), name
     for name, values in runs["0"][1].stats.arrays().items():
@@ -116,9 +117,9 @@ def test_rotation_off_is_worse_than_rotation_on_for_q4_0(
     # shared/gpu/README.md: 0.193 (off) vs 0.152 (on) on 6,120 tokens
     assert summarize(off_run.stats).kl_mean > summarize(on_run.stats).kl_mean
     # what llama.cpp reported when it created each context
-    assert on_run.context["rotation_k"] is True and on_run.context["rotation_v"] is True
-    assert off_run.context["rotation_k"] is False and off_run.context["rotation_v"] is False
-    assert on_run.context["kv_cache_mib"] > 0
+    assert on_run.context.rotation_k is True and on_run.context.rotation_v is True
+    assert off_run.context.rotation_k is False and off_run.context.rotation_v is False
+    assert on_run.context.kv_cache_mib > 0
 
 
 def test_compact_reference_is_within_one_percent_of_exact_with_exact_top1(
@@ -141,13 +142,13 @@ def test_kv_bytes_per_token_are_what_llama_cpp_allocates(
     for label in ("f16", "q8_0", "q4_0", "q8_0/q4_0"):
         cache = CacheConfig.parse(label)
         run = engine.speed(gemma, cache, N_CTX, "pp", coding_chunks[0])
-        assert "kv_mismatch" not in run.context, run.context["kv_mismatch"]
-        assert run.context["kv_bytes_per_token"] == cache.kv_bytes_per_token(18, 1, 256, 256), label
+        assert run.context.kv_mismatch is None, run.context.kv_mismatch
+        assert run.context.kv_bytes_per_token == cache.kv_bytes_per_token(18, 1, 256, 256), label
         # llama.cpp prints each cache's MiB with two decimals (two caches: full and sliding-window layers)
-        assert abs(run.context["kv_cache_mib_expected"] - run.context["kv_cache_mib"]) <= 0.011, label
+        assert abs(run.context.kv_cache_mib_expected - run.context.kv_cache_mib) <= 0.011, label
         # at 32k the 15 sliding layers keep 512 + 512 cells (llama-server's ubatch), the 3 global ones 32k
         per_layer_cell = cache.kv_bytes_per_token(1, 1, 256, 256)
-        assert run.context["kv_mib_per_32k"] * 2**20 == per_layer_cell * (3 * 32768 + 15 * 1024), label
+        assert run.context.kv_mib_per_32k * 2**20 == per_layer_cell * (3 * 32768 + 15 * 1024), label
     assert CacheConfig.parse("q4_0").kv_bytes_per_token(18, 1, 256, 256) == 18 * 2 * 8 * 18  # 8 blocks of 18 B
 
 
@@ -170,9 +171,9 @@ def test_placement_probe_reads_where_the_kv_ops_run(tmp_path: Path, gemma: Model
     finally:
         e.close()
     # (a CUDA build still offloads large ops of CPU layers, so CUDA0 may show up there as well)
-    assert "CPU" in run.context["kv_devices"]
-    assert "FLASH_ATTN" in run.context["kv_cpu_ops"]
-    assert run.context["kv_cpu_fallback"] is False  # no layer was offloaded, so nothing fell back
+    assert "CPU" in run.context.kv_devices
+    assert "FLASH_ATTN" in run.context.kv_cpu_ops
+    assert run.context.kv_cpu_fallback is False  # no layer was offloaded, so nothing fell back
 
 
 @pytest.mark.kv_gpu
@@ -181,10 +182,10 @@ def test_a_kv_type_without_a_gpu_kernel_is_reported_as_a_cpu_fallback(engine: Wo
     # CUDA's flash attention takes f32/f16/bf16/q4_0/q4_1/q5_0/q5_1/q8_0 for K and V, in any pair
     # (this llama.cpp), but not iq4_nl: the scheduler moves that attention to the CPU
     gpu = engine.speed(gemma, CacheConfig.parse("q8_0/q4_0"), N_CTX, "pp", coding_chunks[0])
-    assert gpu.context["kv_devices"] == ["CUDA0"] and gpu.context["kv_cpu_fallback"] is False
+    assert gpu.context.kv_devices == ["CUDA0"] and gpu.context.kv_cpu_fallback is False
     fallback = engine.speed(gemma, CacheConfig.parse("iq4_nl"), N_CTX, "pp", coding_chunks[0])
-    assert fallback.context["kv_cpu_fallback"] is True
-    assert "FLASH_ATTN" in fallback.context["kv_cpu_ops"]
+    assert fallback.context.kv_cpu_fallback is True
+    assert "FLASH_ATTN" in fallback.context.kv_cpu_ops
 
 
 def test_out_of_memory_names_model_n_ctx_and_cache(tmp_path: Path, gemma: ModelLoad) -> None:

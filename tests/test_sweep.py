@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.engine.protocol import ContextFacts
 from pytest_kvquality.sweep import grid, main, pareto_front, run_sweep
 from pytest_kvquality.testing import FakeEngine
 
@@ -220,7 +221,7 @@ def test_kv_mib_per_32k_is_llama_cpps_rule_not_the_per_token_cost_times_32k() ->
     z = np.zeros(4, np.float32)
     summary = summarize(TokenStats(z, z, z, z, np.ones(4, bool)))
     result = ConfigResult("m", "0" * 64, CacheConfig.parse("q4_0"), 512, {OVERALL: summary}, 1.0,
-                          context={"kv_bytes_per_token": 253440.0, "kv_mib_per_32k": 1057.5})
+                          context=ContextFacts(kv_bytes_per_token=253440.0, kv_mib_per_32k=1057.5))
     row = SweepRow.of(result)
     assert row.to_json()["kv_mib_per_32k"] == 1057.5  # not 253,440 x 32,768 / 2^20 = 7,920
     assert SweepRow.from_json(row.to_json()).kv_mib_per_32k == 1057.5

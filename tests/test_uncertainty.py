@@ -12,7 +12,7 @@ import pytest
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.calibration import CHECKED, false_pass_rates
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import ModelLoad
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.metrics import TokenStats, summarize
 from pytest_kvquality.testing import FakeEngine, write_fake_gguf
 from pytest_kvquality.uncertainty import (
@@ -161,7 +161,7 @@ def test_calibration_on_real_logits(tmp_path: Path) -> None:
     slice of real logits): a gate at the slice's true value passes at most 5 % (+ 3 simulation
     errors) of resampled 8-chunk runs; llama.cpp's token-level σ passes it far more often."""
     pytest.importorskip("llama_cpp")
-    from pytest_kvquality.engine import WorkerEngine
+    from pytest_kvquality.engine.client import WorkerEngine
     from pytest_kvquality.environment import default_cache_dir
     from pytest_kvquality.registry import builtin_model_path
 

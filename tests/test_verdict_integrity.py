@@ -334,7 +334,7 @@ def test_the_model_worker_dies_with_pytest(tmp_path: Path) -> None:
     script.write_text(
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from pytest_kvquality.engine import WorkerEngine\n"
+        "from pytest_kvquality.engine.testing import TestingWorkerEngine as WorkerEngine\n"
         f"e = WorkerEngine(Path({str(tmp_path)!r}))\n"
         "e.info()\n"
         "print(e._proc.pid, flush=True)\n"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvquality.engine import EngineError, ModelLoad, WorkerCrash, WorkerEngine
-from pytest_kvquality.testing import write_fake_gguf
+from pytest_kvquality.engine.protocol import EngineError, ModelLoad, WorkerCrash
+from pytest_kvquality.testing import TestingWorkerEngine, write_fake_gguf
 
 # find_spec, not import: llama_cpp is only ever imported inside the worker (import-order crash on CUDA)
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -17,13 +17,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[WorkerEngine]:
-    w = WorkerEngine(tmp_path / "logs")
+def worker(tmp_path: Path) -> Iterator[TestingWorkerEngine]:
+    w = TestingWorkerEngine(tmp_path / "logs")
     yield w
     w.close()
 
 
-def test_a_segfault_in_the_worker_is_reported_and_the_worker_restarts(worker: WorkerEngine) -> None:
+def test_a_segfault_in_the_worker_is_reported_and_the_worker_restarts(worker: TestingWorkerEngine) -> None:
     info = worker.info()
     assert info["llama_cpp_python"] == "0.3.36"
     with pytest.raises(WorkerCrash) as e:
@@ -35,7 +35,7 @@ def test_a_segfault_in_the_worker_is_reported_and_the_worker_restarts(worker: Wo
 
 
 def test_a_gguf_of_an_unknown_architecture_fails_with_llama_cpp_reason(
-    worker: WorkerEngine, tmp_path: Path
+    worker: TestingWorkerEngine, tmp_path: Path
 ) -> None:
     model = write_fake_gguf(tmp_path / "alien.gguf", arch="notanarch")
     with pytest.raises(EngineError) as e:
@@ -45,7 +45,7 @@ def test_a_gguf_of_an_unknown_architecture_fails_with_llama_cpp_reason(
     assert worker.info()["llama_cpp_python"]  # the worker survived
 
 
-def test_a_truncated_gguf_fails_cleanly(worker: WorkerEngine, tmp_path: Path) -> None:
+def test_a_truncated_gguf_fails_cleanly(worker: TestingWorkerEngine, tmp_path: Path) -> None:
     whole = write_fake_gguf(tmp_path / "whole.gguf", arch="llama").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[: len(whole) // 2])
@@ -53,12 +53,12 @@ def test_a_truncated_gguf_fails_cleanly(worker: WorkerEngine, tmp_path: Path) ->
         worker.describe(ModelLoad(str(cut), 0))
 
 
-def test_a_missing_model_file_is_named(worker: WorkerEngine, tmp_path: Path) -> None:
+def test_a_missing_model_file_is_named(worker: TestingWorkerEngine, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"model file .*nope\.gguf does not exist"):
         worker.describe(ModelLoad(str(tmp_path / "nope.gguf"), 0))
 
 
-def test_a_worker_killed_by_the_oom_killer_is_explained(worker: WorkerEngine) -> None:
+def test_a_worker_killed_by_the_oom_killer_is_explained(worker: TestingWorkerEngine) -> None:
     import os
     import signal
     import threading
@@ -74,7 +74,7 @@ def test_a_worker_killed_by_the_oom_killer_is_explained(worker: WorkerEngine) ->
     assert worker.pid != pid
 
 
-def test_ctrl_c_in_the_middle_of_a_request_stops_the_busy_worker_at_once(worker: WorkerEngine) -> None:
+def test_ctrl_c_in_the_middle_of_a_request_stops_the_busy_worker_at_once(worker: TestingWorkerEngine) -> None:
     import os
     import signal
     import time

@@ -19,9 +19,11 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from . import kv_memory
-from .cache_config import GGML_TYPE_IDS, CacheConfig
-from .llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
+from .. import kv_memory
+from ..cache_config import GGML_TYPE_IDS, CacheConfig
+from ..environment import env_flag
+from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
+from .protocol import ModelLoad
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -287,8 +289,9 @@ def _memory_facts(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_ubatch: i
 
 
 def _wants_probe(model: LlamaModel) -> bool:
-    env = os.environ.get("KVQ_PLACEMENT_PROBE", "auto")
-    return env == "1" or (env != "0" and model.gpu_layers > 0)
+    """``KVQ_PLACEMENT_PROBE`` on or off; by default only when layers are offloaded."""
+    said = env_flag("KVQ_PLACEMENT_PROBE", None)
+    return model.gpu_layers > 0 if said is None else said
 
 
 def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
@@ -346,3 +349,18 @@ def init_backend() -> None:
         llama_cpp.llama_log_set(_log_to_stderr, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True
+
+
+class LlamaBackend:
+    """llama.cpp as a ``LogitsBackend``."""
+
+    def info(self) -> dict[str, Any]:
+        return backend_info()
+
+    def load(self, model: ModelLoad) -> LlamaModel:
+        if not os.path.isfile(model.path):
+            raise FileNotFoundError(f"model file {model.path} does not exist")
+        return LlamaModel(model.path, model.gpu_layers, swa_full=model.swa_full)
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        quantize(src, dst, weight_type)

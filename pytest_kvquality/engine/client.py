@@ -1,0 +1,237 @@
+"""``WorkerEngine``: a ``LocalEngine`` over llama.cpp in a child process (``worker.py``), so a native
+crash fails the tests that needed it, with the tail of the llama.cpp log, instead of killing pytest;
+and which GPU each xdist worker's model worker gets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from ..cache_config import CacheConfig
+from ..metrics import ReferenceRows
+from . import ipc
+from .ops import OPS, Op, decode, encode
+from .protocol import (
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    CandidateRun,
+    EngineError,
+    ModelLoad,
+    ReferenceRun,
+    SpeedRun,
+    WorkerCrash,
+)
+
+#: Lines of the llama.cpp log shown when the worker fails.
+LOG_TAIL_LINES = 40
+
+#: One entry per NVIDIA GPU the driver knows, readable without starting CUDA.
+NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
+
+
+def visible_gpus(environ: Mapping[str, str], gpus_dir: Path = NVIDIA_GPUS_DIR) -> list[str]:
+    """CUDA device indices a process started with ``environ`` would see: ``CUDA_VISIBLE_DEVICES``
+    when set, else every GPU the NVIDIA driver lists (CUDA's default). Never initialises CUDA."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        return [str(i) for i in range(sum(1 for _ in gpus_dir.iterdir()))]
+    except OSError:
+        return []
+
+
+def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None,
+                   gpus_dir: Path = NVIDIA_GPUS_DIR) -> dict[str, str]:
+    """One GPU per pytest-xdist worker: worker ``gw<k>`` sees only the k-th (mod n) visible device.
+    Set in the model worker's environment, before CUDA initialises; without it llama.cpp spreads
+    every worker's model over all the GPUs."""
+    env = dict(environ)
+    if xdist_worker and xdist_worker.startswith("gw") and xdist_worker[2:].isdigit():
+        devices = visible_gpus(environ, gpus_dir)
+        if len(devices) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = devices[int(xdist_worker[2:]) % len(devices)]
+    return env
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            return f"killed by signal {-code}"
+        if name == "SIGKILL":  # nobody else kills our worker this way
+            return ("killed by signal SIGKILL (most likely the kernel's out-of-memory killer: the model, "
+                    "its KV cache at this n_ctx and one logits batch did not fit in host memory)")
+        return f"killed by signal {name}"
+    return f"exited with status {code}"
+
+
+class WorkerEngine:
+    """Client of the model worker (``python -m pytest_kvquality.engine.worker``).
+
+    The worker is started on first use and again after a crash. Its stdout and
+    stderr (where llama.cpp logs) go to a log file whose tail is quoted in errors.
+    """
+
+    #: the worker's LocalEngine runs with the defaults
+    top_k = DEFAULT_TOP_K
+    tail_samples = DEFAULT_TAIL_SAMPLES
+    #: extra arguments of the worker's command line (``testing.TestingWorkerEngine``: its test operations)
+    server_args: tuple[str, ...] = ()
+
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvq-worker-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._to: Any = None
+        self._from: Any = None
+        self._log_path: Path | None = None
+        self._starts = 0
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    def _start(self) -> None:
+        self._starts += 1
+        self._log_path = self.log_dir / f"worker-{os.getpid()}-{self._starts}.log"
+        log = open(self._log_path, "wb")
+        c2w_r, c2w_w = os.pipe()
+        w2c_r, w2c_w = os.pipe()
+        env = dict(os.environ if self.env is None else self.env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_kvquality.engine.worker", str(c2w_r), str(w2c_w), *self.server_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(c2w_r, w2c_w),
+            env=env, start_new_session=True,
+        )
+        log.close()
+        os.close(c2w_r)
+        os.close(w2c_w)
+        self._to = os.fdopen(c2w_w, "wb")
+        self._from = os.fdopen(w2c_r, "rb")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return "(no worker log)"
+        text = self._log_path.read_bytes().decode("utf-8", errors="replace")
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+              what: str = "") -> ipc.Message:
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        assert self._proc is not None
+        try:
+            ipc.send(self._to, header, arrays)
+            reply, out = ipc.recv(self._from)
+            while "progress" in reply:  # a long request reports as it goes
+                if self.on_progress is not None:
+                    self.on_progress(reply["progress"])
+                reply, out = ipc.recv(self._from)
+        except (ipc.ChannelClosed, BrokenPipeError) as e:
+            code = self._proc.wait()
+            self._discard()
+            raise WorkerCrash(
+                f"the model worker {_describe_exit(code)} while {what or header['op']}.\n"
+                f"Last lines of the llama.cpp log ({self._log_path}):\n{self.log_tail()}"
+            ) from e
+        except BaseException:  # Ctrl-C mid-request: the worker is still busy with it and the
+            self._stop()      # channel is out of step, so it cannot be reused or asked to exit
+            raise
+        if "error" in reply:
+            raise EngineError(
+                f"{reply['error']}\nLast lines of the llama.cpp log ({self._log_path}):\n"
+                f"{self.log_tail(15)}"
+            )
+        return reply, out
+
+    def _discard(self) -> None:
+        for f in (self._to, self._from):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._proc = None
+        self._to = self._from = None
+
+    def _request(self, op: Op, **kwargs: Any) -> Any:
+        args = op.args(**kwargs)
+        header, arrays = encode(op.args, args)
+        reply, out = self._call({"op": op.name, **header}, arrays, what=op.doing(args))
+        return decode(op.reply, reply, out)
+
+    def info(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self._request(OPS["info"]))
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]:
+        return cast(dict[str, Any], self._request(OPS["describe"], model=model))
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
+        return cast(np.ndarray, self._request(OPS["tokenize"], model=model, text=text))
+
+    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int) -> ReferenceRun:
+        return cast(ReferenceRun, self._request(OPS["reference"], model=model, cache=cache, chunks=chunks, seed=seed))
+
+    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows) -> CandidateRun:
+        return cast(CandidateRun, self._request(OPS["evaluate"], model=model, cache=cache, chunks=chunks, ref=ref))
+
+    def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
+                       chunks: np.ndarray) -> CandidateRun:
+        return cast(CandidateRun, self._request(OPS["evaluate_exact"], model=model, cache=cache, ref_model=ref_model,
+                                                ref_cache=ref_cache, chunks=chunks))
+
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str, tokens: np.ndarray) -> SpeedRun:
+        return cast(SpeedRun, self._request(OPS["speed"], model=model, cache=cache, n_ctx=n_ctx, phase=phase,
+                                            tokens=tokens))
+
+    def peak_rss_bytes(self) -> int | None:
+        """The worker's peak resident memory so far (Linux ``VmHWM``; None elsewhere or when not running)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        try:
+            status = Path(f"/proc/{self._proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        self._request(OPS["quantize"], src=src, dst=dst, weight_type=weight_type)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                ipc.send(self._to, {"op": "exit"})
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._discard()
+
+    def _stop(self) -> None:
+        """Kill the worker now (it has no state worth keeping: models reload, references are whole
+        files written by the parent) and forget it; the next call starts a fresh one."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._discard()

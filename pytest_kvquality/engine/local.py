@@ -1,0 +1,278 @@
+"""``LocalEngine``: evaluations in this process, on any ``LogitsBackend`` (llama.cpp inside the model
+worker, the numpy fake in fast tests)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..cache_config import CacheConfig
+from ..metrics import ReferenceRows, TokenStats, compact_rows, kl_compact, kl_exact
+from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, overlap_default
+from .protocol import (
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    SPEED_PHASES,
+    CandidateRun,
+    ContextFacts,
+    EngineError,
+    LogitsBackend,
+    LogitsContext,
+    LogitsModel,
+    ModelLoad,
+    ReferenceRun,
+    SpeedRun,
+)
+
+#: Seconds between progress reports of a long reference build or evaluation.
+PROGRESS_EVERY_S = 5.0
+
+T = TypeVar("T")
+
+
+def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Tokens predicted by scored rows ``start .. start+n`` (offsets from n_ctx/2)."""
+    first = chunk.shape[0] // 2 + 1
+    return chunk[first + start : first + start + n].astype(np.int64)
+
+
+
+def _offloaded(ctx: LogitsContext) -> bool:
+    return int(ctx.info.get("gpu_layers", 0)) > 0
+
+
+def _logits_sources(contexts: list[LogitsContext]) -> list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]]:
+    return [partial(_one_array_batches, ctx) for ctx in contexts]
+
+
+def _one_array_batches(ctx: LogitsContext, chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    return ((x,) for x in ctx.scored_logits(chunk))
+
+
+def _close(contexts: list[LogitsContext]) -> None:
+    for ctx in contexts:
+        ctx.close()
+
+
+def _context_facts(contexts: list[LogitsContext]) -> ContextFacts:
+    """The first context's facts; the time spent in llama.cpp summed over all of them."""
+    facts = dict(contexts[0].info)
+    for key in ("context_seconds", "decode_seconds"):
+        if key in facts:
+            facts[key] = sum(float(c.info.get(key, 0.0)) for c in contexts)
+    return ContextFacts.from_info(facts)
+
+
+def _compact_block(logits: np.ndarray, nxt: np.ndarray, u0: np.ndarray, k: int, m: int,
+                   a: int, b: int) -> ReferenceRows:
+    return compact_rows(logits[a:b], nxt[a:b], k, m, u0[a:b])
+
+
+def _kl_compact_block(logits: np.ndarray, ref: ReferenceRows, nxt: np.ndarray, a: int, b: int) -> TokenStats:
+    return kl_compact(logits[a:b], ref.slice(a, b), nxt[a:b])
+
+
+def _kl_exact_block(cand: np.ndarray, base: np.ndarray, nxt: np.ndarray, a: int, b: int) -> TokenStats:
+    return kl_exact(cand[a:b], base[a:b], nxt[a:b])
+
+
+class LocalEngine:
+    """Runs evaluations in this process; keeps the last model loaded."""
+
+    def __init__(self, backend: LogitsBackend, top_k: int = DEFAULT_TOP_K,
+                 tail_samples: int = DEFAULT_TAIL_SAMPLES, threads: int | None = None) -> None:
+        self.backend = backend
+        self.top_k = top_k
+        self.tail_samples = tail_samples
+        self.rows = RowParallel(threads)
+        self._pipeline: Pipeline | None = None
+        self._speed_ctx: tuple[tuple[ModelLoad, CacheConfig, int], LogitsContext] | None = None
+        self._models: dict[ModelLoad, LogitsModel] = {}
+        #: called now and then during long runs with chunks done, total, scored tokens, seconds
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        self._last_tick = 0.0
+
+    def _tick(self, done: int, total: int, tokens: int, t0: float) -> None:
+        now = time.perf_counter()
+        if self.on_progress is None or done == total or now - max(self._last_tick, t0) < PROGRESS_EVERY_S:
+            return
+        self._last_tick = now
+        self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
+
+    def _scored_batches(
+        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
+        t0: float, lender: Pipeline | None,
+    ) -> Iterator[ScoredBatch]:
+        """Every decoded batch of every chunk, chunk i from ``sources[i % len(sources)]``; with a
+        ``lender`` and two sources, the last batch of each chunk is lent in place (see ``Pipeline``)."""
+        lend = lender is not None and len(sources) > 1
+        per_chunk = chunks.shape[1] - 1 - chunks.shape[1] // 2  # scored rows: positions n_ctx/2 .. n_ctx-2
+        tokens = 0
+        for i, chunk in enumerate(chunks):
+            source = i % len(sources)
+            if lender is not None:
+                lender.reclaim(source)  # its last views must be reduced before it decodes again
+            done = 0
+            for arrays in sources[source](chunk):
+                n = arrays[0].shape[0]
+                last = done + n == per_chunk
+                yield ScoredBatch(_next_tokens(chunk, done, n), arrays, source if lend and last else None)
+                done += n
+            tokens += done
+            self._tick(i + 1, len(chunks), tokens, t0)
+
+    def _reduce_all(
+        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
+        reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], overlap: bool, t0: float,
+    ) -> list[T]:
+        """Every batch through ``reduce(next_tokens, logits, first_row)``, in order; overlapped with
+        the decoding when ``overlap`` (see ``overlap_default``)."""
+        if overlap:
+            if self._pipeline is None:
+                self._pipeline = Pipeline(self.rows)
+            return self._pipeline.run(self._scored_batches(chunks, sources, t0, self._pipeline), reduce)
+        out: list[T] = []
+        row = 0
+        for batch in self._scored_batches(chunks, sources, t0, None):
+            out += reduce(batch.next_tokens, batch.logits, row)
+            row += batch.next_tokens.shape[0]
+        return out
+
+    def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> tuple[list[LogitsContext], bool]:
+        """The context(s) that decode the chunks, and whether to overlap. Overlapping, a second
+        context takes every other chunk, so the last batch of each is reduced without a copy while
+        the other decodes; if it cannot be created (memory), one context and copies do the work."""
+        first = self._model(model).context(cache, n_ctx)
+        overlap = overlap_default(_offloaded(first))
+        contexts = [first]
+        if overlap and chunks_alternate():
+            try:
+                contexts.append(self._model(model).context(cache, n_ctx))
+            except RuntimeError as e:  # out of memory: the copies are slower, never wrong
+                first.info["second_context_error"] = str(e)
+        first.info["logits_contexts"] = len(contexts)
+        return contexts, overlap
+
+    def _model(self, model: ModelLoad) -> LogitsModel:
+        if model not in self._models:
+            # keep at most two models (candidate + reference): free the rest first
+            while len(self._models) >= 2:
+                old = next(iter(self._models))
+                if self._speed_ctx is not None and self._speed_ctx[0][0] == old:
+                    self._speed_ctx[1].close()
+                    self._speed_ctx = None
+                self._models.pop(old).close()
+            self._models[model] = self.backend.load(model)
+        return self._models[model]
+
+    def info(self) -> dict[str, Any]:
+        from ..kernels import kernel_name
+
+        return {**self.backend.info(), "compaction": kernel_name()}
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]:
+        return self._model(model).describe()
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
+        return self._model(model).tokenize(text)
+
+    def reference(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int
+    ) -> ReferenceRun:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
+
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[ReferenceRows]:
+            (logits,) = arrays
+            n = logits.shape[0]
+            u0 = np.asarray(rng.random(n))  # per batch, in batch order: the same on any thread count
+            return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
+
+        try:
+            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
+        finally:
+            _close(contexts)
+        return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
+
+    def evaluate(
+        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
+    ) -> CandidateRun:
+        t0 = time.perf_counter()
+        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
+
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
+            (logits,) = arrays
+            n = logits.shape[0]
+            return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
+
+        try:
+            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
+        finally:
+            _close(contexts)
+        stats = TokenStats.concat(parts)
+        if len(stats) != len(ref):
+            raise EngineError(f"reference has {len(ref)} rows but the corpus scored {len(stats)}")
+        return CandidateRun(time.perf_counter() - t0, stats, _context_facts(contexts))
+
+    def evaluate_exact(
+        self,
+        model: ModelLoad,
+        cache: CacheConfig,
+        ref_model: ModelLoad,
+        ref_cache: CacheConfig,
+        chunks: np.ndarray,
+    ) -> CandidateRun:
+        t0 = time.perf_counter()
+        n_ctx = chunks.shape[1]
+        ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
+        cand_ctx = self._model(model).context(cache, n_ctx)
+
+        def both(chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+            return zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True)
+
+        def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
+            base, cand = arrays
+            return self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
+
+        try:
+            parts = self._reduce_all(chunks, [both], reduce, overlap_default(_offloaded(cand_ctx)), t0)
+        finally:
+            cand_ctx.close()
+            ref_ctx.close()
+        return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), ContextFacts.from_info(cand_ctx.info))
+
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
+              tokens: np.ndarray) -> SpeedRun:
+        """Time one prompt-processing or generation pass; the context is kept between rounds."""
+        if phase not in SPEED_PHASES:
+            raise EngineError(f"unknown speed phase {phase!r} (known: {', '.join(SPEED_PHASES)})")
+        key = (model, cache, n_ctx)
+        if self._speed_ctx is None or self._speed_ctx[0] != key:
+            if self._speed_ctx is not None:
+                self._speed_ctx[1].close()
+                self._speed_ctx = None
+            self._speed_ctx = (key, self._model(model).context(cache, n_ctx))
+        ctx = self._speed_ctx[1]
+        t0 = time.perf_counter()
+        ctx.decode_timed(tokens, one_by_one=phase == "tg")
+        return SpeedRun(time.perf_counter() - t0, int(tokens.size), ContextFacts.from_info(ctx.info))
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None:
+        """Write ``dst``: the weights of ``src`` requantized to ``weight_type`` (e.g. Q3_K_M)."""
+        self.backend.quantize(src, dst, weight_type)
+
+    def close(self) -> None:
+        if self._speed_ctx is not None:
+            self._speed_ctx[1].close()
+            self._speed_ctx = None
+        for m in self._models.values():
+            m.close()
+        self._models.clear()
+        if self._pipeline is not None:
+            self._pipeline.close()
+        self.rows.close()

@@ -1,0 +1,157 @@
+"""Overlapping the KL math with llama.cpp's next decode, without a wrong bit: ``RowParallel`` splits
+a batch's rows over threads, ``Pipeline`` decides which logits views can be reduced in place and
+which must be copied first."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..environment import env_flag
+
+T = TypeVar("T")
+B = TypeVar("B")
+
+#: Smallest row block handed to one thread (smaller blocks cost more in overhead than they save).
+MIN_ROWS_PER_TASK = 8
+
+
+class RowParallel:
+    """Reduces the rows of a logits batch on several threads (numpy releases the GIL).
+
+    Each batch is finished before the next decode overwrites llama.cpp's logits
+    buffer, so no copy of the n_rows x n_vocab block is ever made.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        env = os.environ.get("KVQ_THREADS")
+        self.threads = max(1, threads or (int(env) if env else (os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def map(self, n_rows: int, fn: Callable[[int, int], T]) -> list[T]:
+        if self._pool is None or n_rows < 2 * MIN_ROWS_PER_TASK:
+            return [fn(0, n_rows)]
+        step = max(MIN_ROWS_PER_TASK, -(-n_rows // self.threads))
+        bounds = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+        return list(self._pool.map(lambda ab: fn(*ab), bounds))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def overlap_default(offloaded: bool) -> bool:
+    """Overlap the KL math with the next decode? ``KVQ_OVERLAP=1/0`` decides; by default only when
+    the model runs on a GPU, where the host's cores are otherwise idle during a decode (on a CPU
+    build, llama.cpp's threads already use every core)."""
+    said = env_flag("KVQ_OVERLAP", None)
+    return offloaded if said is None else said
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One decoded batch: the tokens its rows predict and the logits views llama.cpp returned."""
+
+    next_tokens: np.ndarray
+    logits: tuple[np.ndarray, ...]
+    #: the context whose buffer these views are, when the views stay valid until that context decodes
+    #: again (the last batch of a chunk, with contexts taking chunks in turn); None: copy them first
+    held_by: int | None = None
+
+
+class Pipeline:
+    """Reduces batch j on the row pool while llama.cpp decodes batch j+1.
+
+    llama.cpp overwrites a context's logits buffer at that context's next decode. With two contexts
+    taking chunks in turn, the last batch of a chunk stays valid while the other context decodes the
+    next chunk: it is reduced in place, and ``reclaim`` waits for that reduction before its context
+    decodes again. Any other batch is first copied (with every row thread) into one of two slots; a
+    slot is reused only once its reduction is done. Results come back in batch order, so neither
+    changes a bit of the output.
+    """
+
+    def __init__(self, rows: RowParallel) -> None:
+        self.rows = rows
+        self._reducer = ThreadPoolExecutor(1)
+        self._copier = ThreadPoolExecutor(rows.threads)
+        self._slots: list[list[np.ndarray]] = [[], []]
+        self._held: dict[int, Future[Any]] = {}
+        #: batches copied into a slot and batches reduced where llama.cpp left them (for tests, benchmarks)
+        self.copied = 0
+        self.in_place = 0
+
+    def _copy(self, slot: list[np.ndarray], arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        out = []
+        for i, a in enumerate(arrays):
+            if len(slot) <= i or slot[i].shape[0] < a.shape[0] or slot[i].shape[1:] != a.shape[1:]:
+                buf = np.empty_like(a)
+                slot[i:i + 1] = [buf]
+            dst = slot[i][: a.shape[0]]
+            step = max(1, -(-a.shape[0] // self.rows.threads))
+            spans = [(lo, lo + step) for lo in range(0, a.shape[0], step)]
+            list(self._copier.map(partial(_copy_rows, dst, a), spans))
+            out.append(dst)
+        return tuple(out)
+
+    def reclaim(self, holder: int) -> None:
+        """Wait until nothing still reads the views context ``holder`` lent (before it decodes again)."""
+        held = self._held.pop(holder, None)
+        if held is not None:
+            wait([held])
+
+    def run(self, batches: Iterator[ScoredBatch],
+            reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
+        pending: list[Future[list[T]]] = []
+        in_slot: list[Future[list[T]] | None] = [None, None]
+        row = copied = 0
+        try:
+            for batch in batches:
+                if batch.held_by is None:
+                    s = copied % 2
+                    busy = in_slot[s]
+                    if busy is not None:
+                        wait([busy])
+                    future = self._reducer.submit(reduce, batch.next_tokens,
+                                                  self._copy(self._slots[s], batch.logits), row)
+                    in_slot[s] = future
+                    copied += 1
+                else:
+                    future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, row)
+                    self._held[batch.held_by] = future
+                    self.in_place += 1
+                pending.append(future)
+                row += batch.next_tokens.shape[0]
+        except BaseException:  # let running reductions finish before the slots and views go away
+            for f in pending:
+                f.cancel()
+            for f in pending:
+                if not f.cancelled():
+                    f.exception()
+            raise
+        finally:
+            self._held.clear()
+            self.copied += copied
+        out: list[T] = []
+        for f in pending:
+            out += f.result()
+        return out
+
+    def close(self) -> None:
+        self._reducer.shutdown()
+        self._copier.shutdown()
+
+
+def _copy_rows(dst: np.ndarray, src: np.ndarray, span: tuple[int, int]) -> None:
+    np.copyto(dst[span[0]:span[1]], src[span[0]:span[1]])
+
+
+def chunks_alternate() -> bool:
+    """Two contexts taking chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it off: one
+    context, every batch copied, as before; for measuring what it buys)."""
+    return env_flag("KVQ_ALTERNATE", True) is not False

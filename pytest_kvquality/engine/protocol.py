@@ -1,0 +1,172 @@
+"""What the plugin asks of a model runtime (``Engine``), what a runtime asks of llama.cpp or a fake
+(``LogitsBackend``), and the typed results that travel between them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..cache_config import CacheConfig
+from ..metrics import ReferenceRows, TokenStats
+
+#: Reference compression: exact top-k tokens and m tail samples per scored position.
+DEFAULT_TOP_K = 144
+DEFAULT_TAIL_SAMPLES = 96
+
+#: speed phases: prompt processing (a batch) and token generation (one token per decode)
+SPEED_PHASES = ("pp", "tg")
+
+
+class EngineError(RuntimeError):
+    """An evaluation failed; the message says which model, cache and why."""
+
+
+class WorkerCrash(EngineError):
+    """The model worker process died (native crash, OOM kill)."""
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """How to load a model: the file, how many layers go to the GPU (-1: all), and whether its
+    contexts keep sliding-window layers at full size (llama.cpp's swa_full; llama-server's default
+    is off, and so is ours)."""
+
+    path: str
+    gpu_layers: int = -1
+    swa_full: bool = False
+
+
+@dataclass(frozen=True)
+class ContextFacts:
+    """What llama.cpp decided when it created an evaluation context, read from its log and from the
+    GGUF (``llama_log``, ``kv_memory``); every field is None when the backend did not say."""
+
+    gpu_layers: int | None = None
+    rotation_k: bool | None = None
+    rotation_v: bool | None = None
+    flash_attn: str | None = None
+    #: KV cache as allocated (MiB, cells, layers holding one) and as the GGUF geometry predicts it
+    kv_cache_mib: float | None = None
+    kv_cells: int | None = None
+    kv_layers: int | None = None
+    kv_cache_mib_expected: float | None = None
+    kv_bytes_per_token: float | None = None
+    kv_mib_per_32k: float | None = None
+    kv_mib_per_128k: float | None = None
+    kv_swa_cells: int | None = None
+    kv_swa_full: bool | None = None
+    recurrent_state_mib: float | None = None
+    kv_mismatch: str | None = None
+    #: where the scheduler ran the nodes touching the KV cache (the placement probe)
+    kv_devices: tuple[str, ...] | None = None
+    kv_cpu_ops: tuple[str, ...] | None = None
+    kv_cpu_fallback: bool | None = None
+    #: contexts that took chunks in turn, and why a second one could not be created
+    logits_contexts: int | None = None
+    second_context_error: str | None = None
+    #: seconds spent creating the contexts and inside llama.cpp's decode calls (summed over contexts)
+    context_seconds: float | None = None
+    decode_seconds: float | None = None
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> ContextFacts:
+        """From a backend context's ``info``; a key this class does not know is an error (a fact
+        that would otherwise be dropped on the way to the report)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(info) - known)
+        if unknown:
+            raise TypeError(f"context facts not declared in ContextFacts: {', '.join(unknown)}")
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts that were said (for JSON and the worker pipe)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class Timed:
+    seconds: float
+
+
+@dataclass
+class ReferenceRun(Timed):
+    rows: ReferenceRows
+
+
+@dataclass
+class CandidateRun(Timed):
+    stats: TokenStats
+    context: ContextFacts = field(default_factory=ContextFacts)
+
+
+@dataclass
+class SpeedRun(Timed):
+    """One timed decode: ``seconds`` spent in llama.cpp, measured where it ran."""
+
+    n_tokens: int
+    context: ContextFacts = field(default_factory=ContextFacts)
+
+
+class Engine(Protocol):
+    """What the plugin needs from a model runtime."""
+
+    #: reference compression settings (part of the reference cache key)
+    top_k: int
+    tail_samples: int
+
+    def info(self) -> dict[str, Any]: ...
+
+    def describe(self, model: ModelLoad) -> dict[str, Any]: ...
+
+    def tokenize(self, model: ModelLoad, text: str) -> np.ndarray: ...
+
+    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int) -> ReferenceRun: ...
+
+    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray,
+                 ref: ReferenceRows) -> CandidateRun: ...
+
+    def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
+                       chunks: np.ndarray) -> CandidateRun: ...
+
+    def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str, tokens: np.ndarray) -> SpeedRun: ...
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsContext(Protocol):
+    #: what llama.cpp decided (``ContextFacts`` fields), filled in as the context is created and used
+    info: dict[str, Any]
+
+    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]: ...
+
+    def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsModel(Protocol):
+    def tokenize(self, text: str) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def context(self, cache: CacheConfig, n_ctx: int) -> LogitsContext: ...
+
+    def close(self) -> None: ...
+
+
+class LogitsBackend(Protocol):
+    """One file per backend: ``llama.py`` (llama.cpp, in the worker) and ``fake.py`` (numpy)."""
+
+    def info(self) -> dict[str, Any]: ...
+
+    def load(self, model: ModelLoad) -> LogitsModel: ...
+
+    def quantize(self, src: str, dst: str, weight_type: str) -> None: ...
