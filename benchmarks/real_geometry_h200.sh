@@ -1,5 +1,5 @@
 #!/bin/bash
-# On the GPU host, after ../shared/gpu's start/stage/wait (see benchmarks/README.md): the real-geometry
+# On the GPU host, after the GPU host's staging (build, model, wait) (see benchmarks/README.md): the real-geometry
 # runs of docs/results.md for one model, default settings (two contexts taking chunks in turn), then
 # the n_ctx 512 evaluations again with one context (KVQ_ALTERNATE=0), in the same session.
 #   bash benchmarks/real_geometry_h200.sh qwen3.6-35b-a3b 32768 OUT_DIR

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.compaction import compact_reference, compact_rows, kernel_name
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.local import _compact_block, _kl_compact_block
@@ -26,8 +27,7 @@ from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES as M
 from pytest_kvquality.engine.protocol import DEFAULT_TOP_K as K
 from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.kernels import kernel_name
-from pytest_kvquality.metrics import compact_reference, compact_rows, kl_compact, kl_exact
+from pytest_kvquality.metrics import kl_compact, kl_exact
 from pytest_kvquality.reference import ReferenceKey, write_reference
 from pytest_kvquality.registry import builtin_model_path
 

@@ -1,7 +1,7 @@
-"""``python -m pytest_kvquality sweep ...``: see sweep.py."""
+"""``python -m pytest_kvquality sweep|report|options-table``: see sweep/cli.py."""
 
 import sys
 
-from .sweep import main
+from .sweep.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-/* The reference compaction's two passes over the vocabulary, in C (see kernels.py).
+/* The reference compaction's two passes over the vocabulary, in C (see compaction.py).
  *
  * The same float32 / float64 / int64 arithmetic as the numpy path in metrics.py, in the same
  * order, built without fast-math or FP contraction: the results are the same bits, and a test

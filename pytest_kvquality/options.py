@@ -6,16 +6,19 @@ then environment (``KVQ_REF_DIR``, ``KVQ_CACHE_DIR``), then defaults.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
 from .environment import default_cache_dir
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
+from .markdown import markdown_table
 
 if TYPE_CHECKING:  # baseline.py reads reports, which need numpy: imported when options are read
     from .baseline import Criterion
@@ -30,78 +33,174 @@ def shipped_thresholds_dir() -> Path:
     return inside if inside.is_dir() else PACKAGE_DIR.parent / "thresholds"  # source checkout
 
 
-# (option, ini key, ini type, help) -- every option has an ini mirror
-OPTIONS: list[tuple[str, str, str, str, dict[str, Any]]] = [
-    ("--kv-model", "kv_models", "args",
-     "model to evaluate: a registered alias (e.g. gemma3-270m), a path to a .gguf file, or a "
-     "Hugging Face repository file (owner/repo:QUANT, owner/repo/file.gguf); repeatable",
-     {"action": "append", "default": None}),
-    ("--kv-download", "kv_download", "bool",
-     "fetch a model named as owner/repo:QUANT (or a registry entry with hf:) that is not in the local "
-     "caches, with huggingface_hub into the Hugging Face hub cache", {"action": "store_true", "default": None}),
-    ("--kv-cache", "kv_cache", "string",
-     "cache configs, comma-separated: 'q8_0,q4_0' (K=V), 'q8_0/q4_0' (K/V), 'q4_0:norot' "
-     "(rotation off), ':nofa' (flash attention off); default: those in the thresholds, "
-     f"else {DEFAULT_CACHES}", {}),
-    ("--kv-ctx", "kv_ctx", "string", f"context size n_ctx (default {DEFAULT_N_CTX})", {"type": int}),
-    ("--kv-chunks", "kv_chunks", "string", "at most N chunks per category (default: all)",
-     {"type": int}),
-    ("--kv-corpus", "kv_corpus", "string",
-     "corpus: .txt files (category = file stem), .jsonl with text/category, or a directory; "
-     "default: the built-in corpus", {}),
-    ("--kv-thresholds", "kv_thresholds", "paths",
-     "threshold YAML file or directory; repeatable (default: the shipped thresholds)",
-     {"action": "append", "default": None}),
-    ("--kv-ref-dir", "kv_ref_dir", "string",
-     "reference cache directory (env KVQ_REF_DIR; default: the user cache dir)", {}),
-    ("--kv-regen", "kv_regen", "bool", "recompute the references even when cached",
-     {"action": "store_true", "default": None}),
-    ("--kv-json", "kv_json", "string", "write results as JSON to this path", {}),
-    ("--kv-gpu-layers", "kv_gpu_layers", "string",
-     "layers to offload to the GPU (-1 = all, the default when the build has a GPU)", {"type": int}),
-    ("--kv-registry", "kv_registry", "paths", "model registry YAML (aliases -> paths); repeatable",
-     {"action": "append", "default": None}),
-    ("--kv-ref-cache", "kv_ref_cache", "string",
-     f"cache config of the reference (default {DEFAULT_REFERENCE.label})", {}),
-    ("--kv-ref-model", "kv_ref_model", "string",
-     "reference model (alias or .gguf) when it is not the candidate, e.g. higher-precision weights; "
-     "it must share the tokenizer", {}),
-    ("--kv-swa-full", "kv_swa_full", "bool",
-     "keep sliding-window layers' KV cache at full n_ctx (llama.cpp's --swa-full); default off, as "
-     "llama-server runs, so the reported memory is what a deployment allocates",
-     {"action": "store_true", "default": None}),
-    ("--kv-exact", "kv_exact", "bool",
-     "evaluate the reference alongside the candidate with full logits (no cached reference)",
-     {"action": "store_true", "default": None}),
-    ("--kv-require", "kv_require", "bool",
-     "fail instead of skipping when a model or the GPU is missing (for CI gates)",
-     {"action": "store_true", "default": None}),
-    ("--kv-gate", "kv_gate", "string",
-     "what a threshold compares: 'bound' (one-sided 95 % confidence bound, default) or 'mean'",
-     {"choices": GATE_MODES}),
-    ("--kv-inconclusive", "kv_inconclusive", "string",
-     "verdict when the 95 % bounds straddle a threshold: fail (default), warn or pass",
-     {"choices": INCONCLUSIVE_POLICIES}),
-    ("--kv-storage", "kv_storage", "string",
-     "where --kv-save/--kv-compare keep baselines (default: .kvquality in the rootdir)", {}),
-    ("--kv-save", "kv_save", "string", "save this run's results as a baseline named NAME", {}),
-    ("--kv-compare", "kv_compare", "string",
-     "compare with a saved baseline: NUM, NAME, or the latest when no value is given",
-     {"nargs": "?", "const": "latest", "default": None}),
-    ("--kv-compare-fail", "kv_compare_fail", "args",
-     "fail on a regression against --kv-compare: METRIC:X% (relative) or METRIC:X (absolute), "
-     "e.g. kl_mean:10% or top1:0.005; repeatable", {"action": "append", "default": None}),
-    ("--kv-markdown", "kv_markdown", "string",
-     "write a Markdown summary (table and failed gates) to this path; also appended to "
-     "$GITHUB_STEP_SUMMARY when that is set", {}),
-]
+Kind = Literal["text", "int", "flag", "path", "paths", "texts"]
+
+#: the ini type pytest gives each kind of option
+_INI_TYPES: dict[str, str] = {"text": "string", "int": "string", "flag": "bool", "path": "string", "paths": "paths",
+                              "texts": "args"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option, declared once: its flag, ``KVOptions`` field, kind, help (also the README's text),
+    and how its text becomes a value. ``add_options``, ``KVOptions.from_config``, the sweep's command
+    line and the README's options table are all made from ``OPTIONS``."""
+
+    flag: str
+    dest: str
+    kind: Kind
+    help: str
+    metavar: str = ""
+    choices: tuple[str, ...] = ()
+    #: the value as read to the value kept; raises ``pytest.UsageError`` or a ``ValueError`` naming the problem
+    parse: Callable[[Any], Any] | None = None
+    #: --kv-compare: the value when the flag is given without one
+    bare_value: str | None = None
+
+    @property
+    def ini(self) -> str:
+        return self.flag[2:].replace("-", "_") + ("s" if self.flag == "--kv-model" else "")
+
+    @property
+    def repeatable(self) -> bool:
+        return self.kind in ("paths", "texts")
+
+    def argparse_kwargs(self) -> dict[str, Any]:
+        """How argparse (pytest's and the sweep's) declares it."""
+        kwargs: dict[str, Any] = {"help": self.help.replace("%", "%%").replace("`", "")}
+        if self.repeatable:
+            kwargs.update(action="append", default=None)
+        elif self.kind == "flag":
+            kwargs.update(action="store_true", default=None)
+        elif self.bare_value is not None:
+            kwargs.update(nargs="?", const=self.bare_value, default=None)
+        if self.kind == "int":
+            kwargs["type"] = int
+        if self.choices:
+            kwargs["choices"] = self.choices
+        return kwargs
+
+    def readme_row(self) -> tuple[str, str, str]:
+        value = f" [{self.metavar}]" if self.bare_value is not None else f" {self.metavar}" if self.metavar else ""
+        if self.choices:
+            value = " " + "\\|".join(self.choices)
+        more = " (repeatable)" if self.repeatable else ""
+        return f"`{self.flag}{value}`{more}", f"`{self.ini}`", self.help
+
+
+def _criteria(texts: list[str]) -> list[Criterion]:
+    from .baseline import BaselineError, Criterion
+
+    try:  # a bad --kv-compare-fail is a usage error now, not at the end of the run
+        return [Criterion.parse(t) for t in texts]
+    except BaselineError as e:
+        raise pytest.UsageError(f"pytest-kvquality: {e}") from e
+
+
+def _baseline_name(text: str) -> str:
+    from .baseline import BASELINE_NAME
+
+    if not BASELINE_NAME.match(text):  # refused now, not after the run
+        raise pytest.UsageError(f"pytest-kvquality: --kv-save {text!r}: a baseline name uses letters, "
+                                "digits, '.', '_' and '-' only (e.g. feature-kv-fix)")
+    return text
+
+
+def _n_ctx(n: int) -> int:
+    if n < 8 or n % 2:
+        raise pytest.UsageError(f"--kv-ctx must be an even number >= 8, got {n}")
+    return n
+
+
+def _chunks(n: int) -> int:
+    if n < 1:
+        raise pytest.UsageError(f"--kv-chunks must be >= 1, got {n}")
+    return n
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--kv-model", "models", "texts",
+           "model to evaluate: a registered alias (`gemma3-270m`, `qwen3.6-35b`, ...), a path to a `.gguf`, or "
+           "a Hugging Face repository file as llama.cpp's `-hf` names it (`owner/repo:QUANT`, "
+           "`owner/repo/file.gguf`)", "NAME"),
+    Option("--kv-download", "download", "flag",
+           "fetch a repository model (`owner/repo:QUANT`, or a registry entry with `hf:`) that is not in the "
+           "local caches, with huggingface_hub into the Hugging Face hub cache"),
+    Option("--kv-cache", "caches", "text",
+           "cache configs, comma-separated: `q8_0,q4_0` (K = V), `q8_0/q4_0` (K / V), `q4_0:norot` (Hadamard "
+           "rotation off), `f16:nofa` (flash attention off); default: those in the thresholds, else "
+           f"`{DEFAULT_CACHES}`", "LIST", parse=lambda text: CacheConfig.parse_list(str(text))),
+    Option("--kv-ctx", "n_ctx", "int", f"context size n_ctx (default {DEFAULT_N_CTX})", "N", parse=_n_ctx),
+    Option("--kv-chunks", "chunks", "int", "at most N chunks per category (default: all)", "N", parse=_chunks),
+    Option("--kv-corpus", "corpus", "path",
+           "corpus: `.txt` files (category = file stem), `.jsonl` with `text` and `category`, or a directory; "
+           "default: the built-in corpus", "PATH"),
+    Option("--kv-thresholds", "thresholds", "paths",
+           "threshold YAML file or directory (default: the shipped `thresholds/`)", "PATH"),
+    Option("--kv-ref-dir", "ref_dir", "path",
+           "reference cache directory (env `KVQ_REF_DIR`; default `<user cache>/pytest-kvquality/references`)",
+           "DIR"),
+    Option("--kv-regen", "regen", "flag", "rebuild the references even when cached"),
+    Option("--kv-json", "json_path", "path", "write every result as JSON to this path", "PATH"),
+    Option("--kv-gpu-layers", "gpu_layers", "int",
+           "layers to offload to the GPU (-1 = all, the default when the build has a GPU)", "N"),
+    Option("--kv-registry", "registries", "paths", "model registry YAML (aliases -> paths, sha256)", "PATH"),
+    Option("--kv-ref-cache", "ref_cache", "text",
+           f"cache config of the reference (default `{DEFAULT_REFERENCE.label}`)", "CFG",
+           parse=lambda text: CacheConfig.parse(str(text))),
+    Option("--kv-ref-model", "ref_model", "text",
+           "a different GGUF as the reference (e.g. higher-precision weights of the same model; the tokenizer "
+           "must match, it is checked): measures weights and cache losses together", "NAME"),
+    Option("--kv-exact", "exact", "flag",
+           "evaluate the reference alongside the candidate with full logits (no cached reference)"),
+    Option("--kv-swa-full", "swa_full", "flag",
+           "keep sliding-window layers' KV cache at full n_ctx (llama.cpp's `--swa-full`); default off, as "
+           "llama-server runs, so the reported memory is what a deployment allocates"),
+    Option("--kv-require", "require", "flag",
+           "a missing model, or a `kv_gpu` test without a GPU build, fails instead of skipping (for CI gates: "
+           "a skip passes silently)"),
+    Option("--kv-gate", "gate", "text",
+           "what a threshold compares: `bound` (the one-sided 95 % confidence bound, default) or `mean`",
+           choices=GATE_MODES),
+    Option("--kv-inconclusive", "inconclusive", "text",
+           "the verdict when the 95 % bounds straddle a threshold: `fail` (default), `warn` or `pass`",
+           choices=INCONCLUSIVE_POLICIES),
+    Option("--kv-storage", "storage", "path", "where baselines live (default `.kvquality/` in the rootdir)",
+           "DIR"),
+    Option("--kv-save", "save", "text", "save this run's results as baseline `NNNN_NAME.json`", "NAME",
+           parse=_baseline_name),
+    Option("--kv-compare", "compare", "text",
+           "compare with a saved baseline: NUM, NAME, or the latest when no value is given", "NUM|NAME",
+           bare_value="latest"),
+    Option("--kv-compare-fail", "compare_fail", "texts",
+           "fail on a regression against `--kv-compare`: `METRIC:X%` (relative) or `METRIC:X` (absolute), "
+           "e.g. `kl_mean:10%` or `top1:0.005`", "EXPR", parse=_criteria),
+    Option("--kv-markdown", "markdown_path", "path",
+           "write a Markdown summary (table and failed gates) to this path; also appended to "
+           "`$GITHUB_STEP_SUMMARY` when that is set", "PATH"),
+)
+OPTION_BY_FLAG = {o.flag: o for o in OPTIONS}
 
 
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("kvquality", "KV-cache quality (pytest-kvquality)")
-    for opt, ini, ini_type, help_text, kwargs in OPTIONS:
-        group.addoption(opt, dest=ini, help=help_text.replace("%", "%%"), **kwargs)  # argparse formats help
-        parser.addini(ini, help=f"default for {opt}: {help_text}", type=ini_type)  # type: ignore[arg-type]
+    for o in OPTIONS:
+        group.addoption(o.flag, dest=o.ini, **o.argparse_kwargs())
+        parser.addini(o.ini, help=f"default for {o.flag}: {o.help}".replace("`", ""),
+                      type=_INI_TYPES[o.kind])  # type: ignore[arg-type]
+
+
+def add_to_argparse(parser: argparse.ArgumentParser, flags: Sequence[str],
+                    overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """Declare some of the plugin's options on another command line (the sweep's), as the plugin does."""
+    for flag in flags:
+        o = OPTION_BY_FLAG[flag]
+        parser.add_argument(o.flag, dest=o.ini, **{**o.argparse_kwargs(), **(overrides or {}).get(flag, {})})
+
+
+def options_table() -> str:
+    """The README's options table (``python -m pytest_kvquality options-table``)."""
+    return markdown_table(["option", "ini key", "what it does"], [o.readme_row() for o in OPTIONS], "lll")
 
 
 def _get(config: pytest.Config, name: str) -> Any:
@@ -187,62 +286,43 @@ class KVOptions:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> KVOptions:
-        from .baseline import BASELINE_NAME, BaselineError, Criterion
-
+        """Every option of ``OPTIONS`` read, checked and parsed; then the defaults that depend on others."""
         o = cls()
-        models = _get(config, "kv_models")
-        o.models = [str(m) for m in models] if models else []
-        caches = _get(config, "kv_cache")
-        o.caches = CacheConfig.parse_list(str(caches)) if caches else None
-        n_ctx = _int(config, "kv_ctx", "--kv-ctx")
-        if n_ctx is not None:
-            o.n_ctx = n_ctx
-        if o.n_ctx < 8 or o.n_ctx % 2:
-            raise pytest.UsageError(f"--kv-ctx must be an even number >= 8, got {o.n_ctx}")
-        o.chunks = _int(config, "kv_chunks", "--kv-chunks")
-        if o.chunks is not None and o.chunks < 1:
-            raise pytest.UsageError(f"--kv-chunks must be >= 1, got {o.chunks}")
-        o.corpus = _path(config, "kv_corpus")
-        o.thresholds = _as_paths(config, _get(config, "kv_thresholds")) or [shipped_thresholds_dir()]
+        for opt in OPTIONS:
+            value = _read(config, opt)
+            if value is not None:
+                setattr(o, opt.dest, opt.parse(value) if opt.parse else value)
+        o.thresholds = o.thresholds or [shipped_thresholds_dir()]
         ref_dir = _path(config, "kv_ref_dir") or os.environ.get("KVQ_REF_DIR")
         if ref_dir:
             o.ref_dir = Path(os.path.expanduser(str(ref_dir)))
-        o.regen = bool(_get(config, "kv_regen"))
-        o.json_path = _path(config, "kv_json")
-        gl = _int(config, "kv_gpu_layers", "--kv-gpu-layers")
-        o.gpu_layers = gl if gl is not None else -1
-        o.registries = _as_paths(config, _get(config, "kv_registry"))
-        ref_cache = _get(config, "kv_ref_cache")
-        if ref_cache:
-            o.ref_cache = CacheConfig.parse(str(ref_cache))
-        ref_model = _get(config, "kv_ref_model")
-        o.ref_model = str(ref_model) if ref_model else None
-        o.exact = bool(_get(config, "kv_exact"))
-        o.swa_full = bool(_get(config, "kv_swa_full"))
-        o.download = bool(_get(config, "kv_download"))
-        o.require = bool(_get(config, "kv_require"))
-        o.gate = str(_get(config, "kv_gate") or "bound")
-        o.inconclusive = str(_get(config, "kv_inconclusive") or "fail")
-        for name, value, allowed in (("--kv-gate", o.gate, GATE_MODES),
-                                     ("--kv-inconclusive", o.inconclusive, INCONCLUSIVE_POLICIES)):
-            if value not in allowed:
-                raise pytest.UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        o.storage = _path(config, "kv_storage") or config.rootpath / ".kvquality"
-        o.save = _get(config, "kv_save")
-        if o.save is not None and not BASELINE_NAME.match(str(o.save)):  # refused now, not after the run
-            raise pytest.UsageError(f"pytest-kvquality: --kv-save {o.save!r}: a baseline name uses letters, "
-                                    "digits, '.', '_' and '-' only (e.g. feature-kv-fix)")
-        o.compare = _get(config, "kv_compare")
-        try:  # a bad --kv-compare-fail is a usage error now, not at the end of the run
-            o.compare_fail = [Criterion.parse(str(x)) for x in (_get(config, "kv_compare_fail") or [])]
-        except BaselineError as e:
-            raise pytest.UsageError(f"pytest-kvquality: {e}") from e
+        o.storage = o.storage or config.rootpath / ".kvquality"
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
-        o.markdown_path = _path(config, "kv_markdown")
         o.models_from_command_line = _from_command_line(config, "kv_models")
         o.thresholds_given = bool(_get(config, "kv_thresholds"))
         return o
+
+
+def _read(config: pytest.Config, opt: Option) -> Any:
+    """An option's value from the command line or the ini file, by its kind; None when not given."""
+    if opt.kind == "int":
+        return _int(config, opt.ini, opt.flag)
+    if opt.kind == "path":
+        return _path(config, opt.ini)
+    raw = _get(config, opt.ini)
+    if raw is None:
+        return None
+    if opt.kind == "paths":
+        return _as_paths(config, raw)
+    if opt.kind == "texts":
+        return [str(v) for v in raw]
+    if opt.kind == "flag":
+        return bool(raw)
+    text = str(raw)
+    if opt.choices and text not in opt.choices:
+        raise pytest.UsageError(f"{opt.flag} must be one of {', '.join(opt.choices)}, got {text!r}")
+    return text
 
 
 def check_rootdir(config: pytest.Config) -> None:
@@ -264,7 +344,7 @@ def check_rootdir(config: pytest.Config) -> None:
         return
     if (rootpath, inipath) == (config.rootpath, config.inipath):
         return
-    ours = [opt for opt, *_ in OPTIONS]
+    ours = [opt.flag for opt in OPTIONS]
     args = list(config.invocation_params.args)
     spaced = [f"{a} {args[i + 1]}" for i, a in enumerate(args[:-1])
               if a in ours and os.path.exists(os.path.join(config.invocation_params.dir, args[i + 1]))]

@@ -11,6 +11,7 @@ import pytest
 
 from pytest_kvquality import corpus_gen
 from pytest_kvquality.cache_config import CacheConfig, CacheConfigError
+from pytest_kvquality.compaction import compact_reference
 from pytest_kvquality.corpus import (
     BUILTIN_DIR,
     CorpusError,
@@ -18,7 +19,6 @@ from pytest_kvquality.corpus import (
     chunk_tokens,
     load_corpus,
 )
-from pytest_kvquality.metrics import compact_reference
 from pytest_kvquality.reference import (
     ReferenceDamaged,
     ReferenceKey,
@@ -285,7 +285,7 @@ def test_a_reference_write_killed_part_way_leaves_no_entry(tmp_path: Path) -> No
     script = f"""
 import os, time, numpy as np
 from pathlib import Path
-from pytest_kvquality.metrics import compact_reference
+from pytest_kvquality.compaction import compact_reference
 from pytest_kvquality.reference import ReferenceKey, write_reference
 os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))  # a very slow disk
 rng = np.random.default_rng(0)

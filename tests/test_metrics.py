@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from pytest_kvquality.kernels import compaction_kernels, compiler
+from pytest_kvquality.compaction import compact_reference, compaction_kernels, compiler
 from pytest_kvquality.metrics import (
     TokenStats,
-    compact_reference,
     kl_compact,
     kl_exact,
     log_normalizer,

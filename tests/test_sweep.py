@@ -14,7 +14,7 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.engine.protocol import ContextFacts
-from pytest_kvquality.sweep import grid, main, pareto_front, run_sweep
+from pytest_kvquality.sweep import SweepError, grid, main, pareto_front, run_sweep
 from pytest_kvquality.testing import FakeEngine
 
 
@@ -110,11 +110,16 @@ def test_a_config_that_cannot_run_is_listed_not_fatal(fake_model: Path, sweep_di
     assert "## Not measured" in (tmp_path / "m" / "report.md").read_text()
 
 
-def test_cli_usage_and_bad_types(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_usage_and_bad_types(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main([]) == 2
-    assert "usage: python -m pytest_kvquality sweep" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown KV cache type 'q3_k'"):
+    assert "usage: python -m pytest_kvquality" in capsys.readouterr().err
+    assert main(["sweep", "--k-types", "q8_0"]) == 2  # --kv-model is required
+    assert "--kv-model" in capsys.readouterr().err
+    with pytest.raises(SweepError, match="unknown KV cache type 'q3_k'"):
         run_sweep(["--kv-model", "x", "--k-types", "q3_k"], engine_factory=FakeEngine)
+    # from the command line: the message and exit status 2, no traceback
+    assert main(["sweep", "--kv-model", "x", "--k-types", "q3_k", "--out", str(tmp_path)]) == 2
+    assert "sweep: " in capsys.readouterr().err
     assert CacheConfig.parse("q8_0/q4_0") in grid(["q8_0"], ["q4_0"], [True])
 
 
@@ -184,7 +189,7 @@ def test_resume_refuses_rows_from_another_corpus(fake_model: Path, sweep_dir: Pa
     other = tmp_path / "other-corpus"
     other.mkdir()
     (other / "prose.txt").write_text("A different text. " * 2000)
-    with pytest.raises(SystemExit, match=r"corpus_sha256: .* there, .* now"):
+    with pytest.raises(SweepError, match=r"corpus_sha256: .* there, .* now"):
         sweep(fake_model, out, *one, "--resume", "--kv-cache", "q4_0", "--kv-corpus", str(other))
     assert len(json.loads((out / "sweep.json").read_text())["rows"]) == 1  # nothing mixed in
 
@@ -193,7 +198,7 @@ def test_a_damaged_sweep_json_is_not_resumed_silently(fake_model: Path, sweep_di
     out = sweep_dir / "damaged"
     out.mkdir()
     (out / "sweep.json").write_text('{"rows": [{"model": "tiny"')
-    with pytest.raises(SystemExit, match=r"cannot read .*sweep\.json"):
+    with pytest.raises(SweepError, match=r"cannot read .*sweep\.json"):
         sweep(fake_model, out, "--resume")
     assert (out / "sweep.json").read_text() == '{"rows": [{"model": "tiny"'  # left for the user to look at
 

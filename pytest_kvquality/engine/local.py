@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..cache_config import CacheConfig
-from ..metrics import ReferenceRows, TokenStats, compact_rows, kl_compact, kl_exact
+from ..compaction import compact_rows
+from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
 from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, overlap_default
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
@@ -170,7 +171,7 @@ class LocalEngine:
         return self._models[model]
 
     def info(self) -> dict[str, Any]:
-        from ..kernels import kernel_name
+        from ..compaction import kernel_name
 
         return {**self.backend.info(), "compaction": kernel_name()}
 

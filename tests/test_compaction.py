@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_kvquality import kernels
-from pytest_kvquality.metrics import ReferenceRows, compact_rows
+from pytest_kvquality import compaction as kernels
+from pytest_kvquality.compaction import compact_rows
+from pytest_kvquality.metrics import ReferenceRows
 
 HAS_CC = kernels.compiler() is not None
 
@@ -111,7 +112,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"\x7fELF, truncated by a full disk")
     # a fresh process, as the model worker is (a process that loaded the library keeps its mapping)
-    probe = "from pytest_kvquality import kernels; print(kernels.kernel_name())"
+    probe = "from pytest_kvquality import compaction; print(compaction.kernel_name())"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "KVQ_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr

@@ -1,0 +1,17 @@
+"""``python -m pytest_kvquality sweep``: the model-selection report.
+
+A grid of models x K types x V types x rotation on/off x n_ctx, evaluated with the plugin's engine,
+references and cache, plus weights x cache compounding (requantized variants of the first model
+against its own f16-cache reference). Writes ``report.md``, ``sweep.json`` and, when matplotlib is
+installed, ``pareto.png`` and ``positions.png``.
+
+``data`` (what was measured, sweep.json), ``run`` (measuring it), ``report`` and ``plots`` (showing
+it), ``cli`` (the command line).
+"""
+
+from .cli import build_parser, main, run_sweep
+from .data import Compounding, Sweep, SweepError, SweepRow, grid, pareto_front
+from .report import markdown, write_report
+
+__all__ = ["Compounding", "Sweep", "SweepError", "SweepRow", "build_parser", "grid", "main", "markdown",
+           "pareto_front", "run_sweep", "write_report"]
