@@ -20,7 +20,8 @@ from .options import DEFAULT_CACHES, KVOptions
 from .outputs import RunOutputs
 from .registry import file_sha256
 from .report import Report, SkipRecord
-from .session import KVSession, ModelUnavailable, Verdict
+from .results import Verdict
+from .session import KVSession, ModelUnavailable
 from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
 
 STATE = pytest.StashKey["KVState"]()

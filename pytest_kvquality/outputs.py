@@ -14,7 +14,8 @@ import pytest
 from .baseline import BaselineError, BaselineStorage, Comparison, compare
 from .files import atomic_write
 from .options import KVOptions
-from .report import Report, skip_lines
+from .render import markdown, skip_lines, table
+from .report import Report
 
 
 @dataclass
@@ -50,7 +51,7 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
         json_path = options.json_path
         _write(out, session, "--kv-json", lambda: report.write_json(json_path), f"results written to {json_path}")
     if measured:
-        text = report.markdown(out.comparison.lines() if out.comparison else None)
+        text = markdown(report, out.comparison.lines() if out.comparison else None)
         if options.markdown_path:
             md = options.markdown_path
             _write(out, session, "--kv-markdown", lambda: atomic_write(md, text),
@@ -95,7 +96,7 @@ def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: Run
             f"{'GPU' if env.get('gpu_offload') else 'CPU'}, reference {options.ref_cache.label}, "
             f"corpus {env.get('corpus', '?')}; mean KLD per category"
         )
-    for line in report.table():
+    for line in table(report):
         tr.write(line.text)
         if line.verdict:
             tr.write(line.verdict, **({line.colour: True, "bold": True} if line.colour else {}))

@@ -13,7 +13,8 @@ from .options import KVOptions, add_options
 
 if TYPE_CHECKING:
     from .cache_config import CacheConfig
-    from .session import ConfigResult, KVSession
+    from .results import ConfigResult
+    from .session import KVSession
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from .array_codec import pack, payload_size, unpack
 from .files import atomic_write
@@ -129,3 +131,41 @@ class ReferenceStore:
 
     def lock_path(self, key: ReferenceKey) -> Path:
         return self.root / f"{key.digest()[:32]}.lock"
+
+    def load_or_build(self, key: ReferenceKey, build: Callable[[], tuple[ReferenceRows, dict[str, Any]]], *,
+                      rebuild: bool = False, on_damaged: Callable[[str], None] = lambda _: None,
+                      what: str = "the reference") -> ReferenceRows:
+        """The reference for ``key``: read when a sound file is there (and not ``rebuild``), else built
+        once across processes (a file lock; whoever waited reads what the builder wrote) and written.
+        A damaged file is reported to ``on_damaged`` and rebuilt, never used."""
+        path = self.path_for(key)
+        # files are only ever renamed into place, so a complete one is read without the lock (which
+        # a read-only reference directory could not give)
+        if not rebuild and path.exists():
+            rows = self._read(path, key, on_damaged)
+            if rows is not None:
+                return rows
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.lock_path(key)))
+            lock.acquire()
+        except OSError as e:
+            raise OSError(f"{what} is not in {self.root} and cannot be built there: {e}") from e
+        try:
+            if path.exists() and not rebuild:  # built by another process while we waited
+                rows = self._read(path, key, on_damaged)
+                if rows is not None:
+                    return rows
+            rows, meta = build()
+            write_reference(path, key, rows, meta)
+            return rows
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _read(path: Path, key: ReferenceKey, on_damaged: Callable[[str], None]) -> ReferenceRows | None:
+        try:
+            return read_reference(path, key)[0]
+        except ReferenceDamaged as e:
+            on_damaged(f"reference cache entry damaged, rebuilt: {e}")
+            return None

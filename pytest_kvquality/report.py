@@ -1,5 +1,5 @@
-"""Reporting: the terminal table, the ``--kv-json`` document and the ``--kv-markdown`` summary,
-from results merged across xdist workers. The JSON schema is in docs/json-schema.md."""
+"""What a run measured, as data: records merged across xdist workers and the ``--kv-json`` document
+(docs/json-schema.md). Showing it (the terminal table, Markdown) is ``render.py``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 from .cache_config import CacheConfig
 from .engine.protocol import ContextFacts
 from .files import atomic_write
-from .markdown import markdown_table
 from .metrics import KLSummary
+from .results import ConfigResult, SpeedResult, Verdict
 from .thresholds import OVERALL
 
 #: version of the --kv-json document (docs/json-schema.md); bumped on any incompatible change
@@ -71,6 +72,11 @@ class ResultRecord:
         }
 
     @classmethod
+    def of(cls, r: ConfigResult, category: str) -> ResultRecord:
+        return cls(r.model, r.model_sha256, r.cache.label, r.n_ctx, category, r.categories[category], r.eval_seconds,
+                   r.exact, r.context, r.positions if category == OVERALL else None, r.reference_model)
+
+    @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResultRecord:
         facts = {k: d[RENAMED_FACTS.get(k, k)] for k in JSON_FACTS if d.get(RENAMED_FACTS.get(k, k)) is not None}
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
@@ -107,6 +113,13 @@ class VerdictRecord:
         return d
 
     @classmethod
+    def of(cls, v: Verdict) -> VerdictRecord:
+        t, d = v.threshold, v.decision
+        return cls(t.test_id, t.model, t.cache.label, t.category, t.metric, t.rule, d.value, d.uncertainty, d.passed,
+                   d.outcome.value, d.low, d.high, d.chunks_to_decide, v.gate, v.n_tokens, d.n_chunks, d.method,
+                   d.reason)
+
+    @classmethod
     def from_json(cls, d: dict[str, Any]) -> VerdictRecord:
         d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         d["low"] = -math.inf if d.get("low", 0.0) is None else d.get("low", 0.0)
@@ -120,15 +133,6 @@ class SkipRecord:
 
     model: str
     reason: str
-
-
-def skip_lines(skipped: list[SkipRecord]) -> list[str]:
-    """'N gate(s) skipped: model X not available (reason)', one line per model."""
-    out = []
-    for model in dict.fromkeys(s.model for s in skipped):
-        mine = [s for s in skipped if s.model == model]
-        out.append(f"{len(mine)} gate(s) skipped: model {model} not available here ({mine[0].reason})")
-    return out
 
 
 @dataclass
@@ -145,14 +149,9 @@ class SpeedRecord:
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-
-@dataclass
-class TableLine:
-    """One line of the terminal table; ``verdict`` is coloured by the plugin."""
-
-    text: str
-    verdict: str = ""
-    colour: str | None = None
+    @classmethod
+    def of(cls, sp: SpeedResult) -> SpeedRecord:
+        return cls(sp.model, sp.cache.label, sp.phase, sp.n_ctx, sp.n_tokens, sp.tokens_per_s)
 
 
 @dataclass
@@ -165,6 +164,17 @@ class Report:
     notes: list[str] = field(default_factory=list)
     speeds: list[SpeedRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, results: Iterable[ConfigResult], verdicts: Iterable[Verdict], speeds: Iterable[SpeedResult], *,
+           notes: list[str], skipped: list[SkipRecord], environment: dict[str, Any]) -> Report:
+        """The report of one process's typed results (merged across xdist workers later)."""
+        rep = cls(notes=list(notes), skipped=list(skipped))
+        rep.records = [ResultRecord.of(r, cat) for r in results for cat in r.categories]
+        rep.verdicts = [VerdictRecord.of(v) for v in verdicts]
+        rep.speeds = [SpeedRecord.of(sp) for sp in speeds]
+        rep.environment.update(environment)
+        return rep
 
     def merge(self, other: Report) -> None:
         self.skipped += other.skipped
@@ -256,114 +266,5 @@ class Report:
                 out[s.model].append(s.cache)
         return out
 
-    def grid(self, model: str) -> tuple[list[str], list[list[str]], list[tuple[str, str | None]]]:
-        """Header, rows and verdicts of one model's table: a row per cache config, mean KLD per
-        category, overall KLD ± σ, same top, KV memory, speed when measured, gates."""
-        recs = [r for r in self.sorted_records() if r.model == model]
-        categories = [c for c in dict.fromkeys(r.category for r in recs) if c != OVERALL]
-        show_speed = any(s.model == model for s in self.speeds)
-        head = ["cache", *categories, "overall KLD ± σ", "same top", "KV B/token", "KV MiB 32k / 128k"]
-        head += ["pp tok/s", "tg tok/s"] if show_speed else []
-        head += ["gates"]
-        rows, verdicts = [], []
-        for cache in self.configs().get(model, []):
-            by_cat = {r.category: r for r in recs if r.cache == cache}
-            overall = by_cat.get(OVERALL)
-            row = [cache, *(f"{by_cat[c].summary.kl_mean:.5f}" if c in by_cat else "-" for c in categories)]
-            if overall is not None:
-                s = overall.summary
-                per_token = overall.context.kv_bytes_per_token
-                # σ between chunks, what the gates use (llama.cpp's token-level σ is in the JSON)
-                bound = s.bounds.get("kl_mean")
-                sigma = bound.se if bound is not None else s.kl_mean_unc
-                row += [f"{s.kl_mean:.5f} ± {sigma:.5f}", f"{100 * s.top1:.2f} %",
-                        f"{per_token:,.0f}" if per_token else "-", _kv_at(overall.context)]
-            else:
-                row += ["-", "-", "-", "-"]
-            if show_speed:
-                for phase in ("pp", "tg"):
-                    v = self.speed_of(model, cache, phase)
-                    row.append(f"{v:,.1f}" if v is not None else "-")
-            verdict = self.verdict_for(model, cache)
-            rows.append(row)
-            verdicts.append(verdict)
-        return head, rows, verdicts
-
-    def model_notes(self, model: str) -> str:
-        """What the header line of a model's table adds: a hybrid model's fixed recurrent state."""
-        recs = [r for r in self.records if r.model == model and r.category == OVERALL]
-        state = next((r.context.recurrent_state_mib for r in recs if r.context.recurrent_state_mib), None)
-        return f", recurrent state {state:,.2f} MiB (fixed)" if state else ""
-
-    def table(self) -> list[TableLine]:
-        """The terminal table, grouped by model."""
-        lines: list[TableLine] = []
-        for model in self.configs():
-            head, rows, verdicts = self.grid(model)
-            recs = [r for r in self.records if r.model == model and r.category == OVERALL]
-            ctx = f"n_ctx {recs[0].n_ctx}, {recs[0].summary.n_tokens:,} scored tokens" if recs else "speed only"
-            ctx += self.model_notes(model)
-            lines.append(TableLine(f"{model} ({ctx})"))
-            body = [[*r, v[0]] for r, v in zip(rows, verdicts, strict=True)]
-            widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-            lines.append(TableLine("  " + _aligned(head[:-1], widths) + "  " + head[-1]))
-            for b, (text, colour) in zip(body, verdicts, strict=True):
-                lines.append(TableLine("  " + _aligned(b[:-1], widths) + "  ", text, colour))
-        return lines
-
     def failed_gates(self) -> list[VerdictRecord]:
         return [v for v in self.verdicts if v.outcome != "pass"]
-
-    def markdown(self, comparison_lines: list[str] | None = None) -> str:
-        """A summary for a pull-request comment or $GITHUB_STEP_SUMMARY."""
-        out = ["## KV-cache quality", ""]
-        env = self.environment
-        out.append(f"llama-cpp-python {env.get('llama_cpp_python', '?')} · "
-                   f"{'GPU' if env.get('gpu_offload') else 'CPU'} · reference "
-                   f"{env.get('reference_cache', 'f16')} · corpus {env.get('corpus', '?')}")
-        out.append("")
-        for model in self.configs():
-            head, rows, verdicts = self.grid(model)
-            out.append(f"### {model}")
-            out.append("")
-            if notes := self.model_notes(model):
-                out += [notes.lstrip(", ").capitalize() + ".", ""]
-            marked = [[f"`{row[0]}`", *row[1:], f"{_MARKS.get(text[:1], '')} {text}".strip()]
-                      for row, (text, _) in zip(rows, verdicts, strict=True)]
-            out += [markdown_table(head, marked, align="l" + "r" * (len(head) - 2) + "l"), ""]
-        failed = self.failed_gates()
-        if failed:
-            rows = [[f"`{v.test_id}`", f"`{v.rule}`", f"{v.value:.6g} ± {v.uncertainty:.2g}",
-                     f"{_fmt_bound(v.low)} … {_fmt_bound(v.high)}",
-                     v.outcome + (f" (≈{v.chunks_to_decide:,} chunks per category would decide)"
-                                  if v.chunks_to_decide else "")] for v in failed]
-            out += ["### Gates not passed", "",
-                    markdown_table(["gate", "rule", "value ± σ", "95 % bounds", "verdict"], rows, align="llrrl"), ""]
-        elif self.verdicts:
-            out += [f"All {len(self.verdicts)} gates passed.", ""]
-        if comparison_lines:
-            out += ["### Against the baseline", "", *comparison_lines, ""]
-        for line in skip_lines(self.skipped):
-            out.append(f"> ⚠️ {line}")
-        for note in self.notes:
-            out.append(f"> {note}")
-        return "\n".join(out).rstrip() + "\n"
-
-
-_MARKS = {"p": "✅", "F": "❌", "i": "⚠️"}
-
-
-def _aligned(cells: list[str], widths: list[int]) -> str:
-    """The first cell left-aligned, the numbers right-aligned."""
-    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
-
-
-def _fmt_bound(x: float) -> str:
-    return "∞" if math.isinf(x) and x > 0 else "−∞" if math.isinf(x) else f"{x:.6g}"
-
-
-
-def _kv_at(context: ContextFacts) -> str:
-    """KV MiB at 32k and 128k of context, by llama.cpp's cell rule (kv_memory.py)."""
-    a, b = context.kv_mib_per_32k, context.kv_mib_per_128k
-    return f"{a:,.0f} / {b:,.0f}" if a is not None and b is not None else "-"

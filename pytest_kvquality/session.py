@@ -9,127 +9,35 @@ crash fails every test that needed that evaluation with the same message.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 
 from .cache_config import CacheConfig
 from .corpus import Corpus, CorpusError, builtin_corpus, chunk_tokens, load_corpus
 from .engine.protocol import ContextFacts, Engine, EngineError, ModelLoad
 from .environment import host_backend
-from .gating import Decision
-from .metrics import KLSummary, ReferenceRows, TokenStats, mean_and_uncertainty, summarize
+from .metrics import ReferenceRows, TokenStats
 from .options import KVOptions
 from .reference import (
-    ReferenceDamaged,
     ReferenceKey,
     ReferenceStore,
-    read_reference,
     tokens_digest,
-    write_reference,
 )
 from .registry import ModelNotFound, Registry, ResolvedModel, resolve
-from .report import Report, ResultRecord, SkipRecord, SpeedRecord, VerdictRecord
-from .thresholds import OVERALL, Threshold
-from .uncertainty import Stratum, gate_bounds
+from .report import Report, SkipRecord
+from .results import ConfigResult, SpeedResult, Verdict, position_profile, summarize_with_bounds
 
 REFERENCE_SEED = 0
-#: context-position buckets of the per-position profile (over the scored second half of a chunk)
-POSITION_BUCKETS = 8
 #: tokens generated one by one in a tg speed round (llama-bench's tg128)
 TG_TOKENS = 128
 
 
 class ModelUnavailable(RuntimeError):
     """The model cannot be had here (not registered, file missing): a skip, or a failure under --kv-require."""
-
-
-@dataclass
-class ConfigResult:
-    """Statistics of one model with one cache config, per category and overall."""
-
-    model: str
-    model_sha256: str
-    cache: CacheConfig
-    n_ctx: int
-    categories: dict[str, KLSummary]
-    eval_seconds: float
-    exact: bool = False
-    #: what llama.cpp decided for the candidate context: rotation_k/v, kv_cache_mib, ...
-    context: ContextFacts = field(default_factory=ContextFacts)
-    #: mean KLD by context position, pooled over the categories (``position_profile``)
-    positions: list[dict[str, Any]] = field(default_factory=list)
-    #: the --kv-ref-model alias when another GGUF is the reference
-    reference_model: str | None = None
-
-    @property
-    def overall(self) -> KLSummary:
-        return self.categories[OVERALL]
-
-    def __getitem__(self, category: str) -> KLSummary:
-        return self.categories[category]
-
-    def __getattr__(self, name: str) -> Any:  # result.kl_mean -> overall kl_mean
-        if name.startswith("_") or name == "categories":
-            raise AttributeError(name)
-        return getattr(self.categories[OVERALL], name)
-
-
-def summarize_with_bounds(per_cat: dict[str, TokenStats], rows_per_chunk: int) -> dict[str, KLSummary]:
-    """llama.cpp's summary per category and overall, each with its chunk-level gate bounds (the
-    overall ones stratified by category)."""
-    strata = {cat: Stratum(s, rows_per_chunk) for cat, s in per_cat.items()}
-    summaries = {}
-    for cat, s in per_cat.items():
-        summaries[cat] = summarize(s)
-        summaries[cat].bounds = gate_bounds([strata[cat]], list(strata.values()))
-    summaries[OVERALL] = summarize(TokenStats.concat(list(per_cat.values())))
-    summaries[OVERALL].bounds = gate_bounds(list(strata.values()))
-    return summaries
-
-
-def position_profile(per_cat: dict[str, TokenStats], n_ctx: int,
-                     buckets: int = POSITION_BUCKETS) -> list[dict[str, Any]]:
-    """Mean KLD by context position: llama-perplexity scores positions n_ctx/2 .. n_ctx-2 of each
-    chunk, so each category's tokens repeat that range chunk after chunk."""
-    first, rows = n_ctx // 2, n_ctx // 2 - 1
-    kld = np.concatenate([s.kld for s in per_cat.values()]) if per_cat else np.zeros(0, np.float32)
-    pos = np.concatenate([first + np.arange(len(s)) % rows for s in per_cat.values()]) if per_cat else kld
-    edges = np.linspace(first, first + rows, min(buckets, rows) + 1).round().astype(int)
-    out = []
-    for lo, hi in itertools.pairwise(edges):
-        sel = kld[(pos >= lo) & (pos < hi)].astype(np.float64)
-        if sel.size:
-            mean, unc = mean_and_uncertainty(sel.sum(), (sel * sel).sum(), sel.size)
-            out.append({"start": int(lo), "end": int(hi), "kl_mean": mean, "kl_mean_unc": unc,
-                        "n_tokens": int(sel.size)})
-    return out
-
-
-@dataclass
-class Verdict:
-    threshold: Threshold
-    decision: Decision
-    n_tokens: int
-    gate: str = "bound"
-
-
-@dataclass
-class SpeedResult:
-    """Prompt-processing or generation speed of one (model, cache config), from pytest-benchmark."""
-
-    model: str
-    cache: CacheConfig
-    phase: str
-    n_ctx: int
-    n_tokens: int
-    tokens_per_s: float
 
 
 @dataclass
@@ -256,48 +164,22 @@ class KVSession:
             top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
             seed=REFERENCE_SEED, swa_full=self.options.swa_full,
         )
-        store = ReferenceStore(self.options.ref_dir)
-        path = store.path_for(key)
-        must_build = self.options.regen and key.digest() not in self._regenerated
-        # files are only ever renamed into place, so a complete one is read without the lock (which
-        # a read-only reference directory could not give)
-        if not must_build and path.exists():
-            rows = self._read_reference(path, key)
-            if rows is not None:
-                return rows
-        try:
-            store.root.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(store.lock_path(key)))
-            lock.acquire()
-        except OSError as e:
-            raise OSError(f"the {self.options.ref_cache.label} reference for {model.alias} / {category} is not in "
-                          f"{store.root} and cannot be built there: {e}") from e
-        try:
-            if path.exists() and not must_build:  # built by another process while we waited
-                rows = self._read_reference(path, key)
-                if rows is not None:
-                    return rows
-            self._doing = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
-            self._say(f"building {self._doing} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
-            run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks,
-                                        REFERENCE_SEED)
-            write_reference(path, key, run.rows, {
-                "model": model.alias, "category": category, "seconds": run.seconds,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-            self._regenerated.add(key.digest())
-            return run.rows
-        finally:
-            lock.release()
+        rebuild = self.options.regen and key.digest() not in self._regenerated
+        label = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
 
-    def _read_reference(self, path: Path, key: ReferenceKey) -> ReferenceRows | None:
-        """A cached reference, or None (with a note) when the file is damaged and must be rebuilt."""
-        try:
-            rows, _ = read_reference(path, key)
-            return rows
-        except ReferenceDamaged as e:
-            self._note(f"reference cache entry damaged, rebuilt: {e}")
-            return None
+        def build() -> tuple[ReferenceRows, dict[str, Any]]:
+            self._doing = label
+            self._say(f"building {label} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
+            run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks, REFERENCE_SEED)
+            return run.rows, {"model": model.alias, "category": category, "seconds": run.seconds,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+        rows = ReferenceStore(self.options.ref_dir).load_or_build(
+            key, build, rebuild=rebuild, on_damaged=self._note,
+            what=f"the {self.options.ref_cache.label} reference for {model.alias} / {category}")
+        if rebuild:  # --kv-regen rebuilds each reference once per run, once it is written
+            self._regenerated.add(key.digest())
+        return rows
 
     # ------------------------------------------------------------ evaluation
 
@@ -374,31 +256,17 @@ class KVSession:
 
     def to_report(self) -> Report:
         """This process's results as a mergeable report."""
-        rep = Report(notes=list(self.notes), skipped=list(self.skipped))
-        for r in self.results.values():
-            for cat, summary in r.categories.items():
-                rep.records.append(ResultRecord(r.model, r.model_sha256, r.cache.label, r.n_ctx, cat,
-                                                summary, r.eval_seconds, r.exact, r.context,
-                                                r.positions if cat == OVERALL else None, r.reference_model))
-        for v in self.verdicts:
-            t, d = v.threshold, v.decision
-            rep.verdicts.append(VerdictRecord(
-                t.test_id, t.model, t.cache.label, t.category, t.metric, t.rule, d.value, d.uncertainty,
-                d.passed, d.outcome.value, d.low, d.high, d.chunks_to_decide, v.gate, v.n_tokens,
-                d.n_chunks, d.method, d.reason))
-        for sp in self.speeds:
-            rep.speeds.append(SpeedRecord(sp.model, sp.cache.label, sp.phase, sp.n_ctx, sp.n_tokens,
-                                          sp.tokens_per_s))
+        environment: dict[str, Any] = {}
         if self._info is not None:
-            rep.environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp",
-                                                               "gpu_offload") if k in self._info})
-            rep.environment["ggml"] = host_backend().ggml
+            environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp", "gpu_offload")
+                                if k in self._info})
+            environment["ggml"] = host_backend().ggml
         if self.results:
-            rep.environment["corpus"] = self.corpus.name
-            rep.environment["corpus_sha256"] = self.corpus.content_hash()
-            rep.environment["reference_cache"] = self.options.ref_cache.label
-            rep.environment["models"] = {r.model: r.model_sha256 for r in self.results.values()}
-        return rep
+            environment.update(corpus=self.corpus.name, corpus_sha256=self.corpus.content_hash(),
+                               reference_cache=self.options.ref_cache.label,
+                               models={r.model: r.model_sha256 for r in self.results.values()})
+        return Report.of(self.results.values(), self.verdicts, self.speeds, notes=self.notes, skipped=self.skipped,
+                         environment=environment)
 
     def record_verdict(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .collect import KVState
-    from .session import SpeedResult
+    from .results import SpeedResult
 
 
 def measure_speed(state: KVState, model: str, benchmark: Any) -> Callable[..., SpeedResult]:

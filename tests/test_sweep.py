@@ -219,7 +219,7 @@ def test_kv_mib_per_32k_is_llama_cpps_rule_not_the_per_token_cost_times_32k() ->
     import numpy as np
 
     from pytest_kvquality.metrics import TokenStats, summarize
-    from pytest_kvquality.session import ConfigResult
+    from pytest_kvquality.results import ConfigResult
     from pytest_kvquality.sweep import SweepRow
     from pytest_kvquality.thresholds import OVERALL
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache_config import UNQUANTIZED, CacheConfig, CacheConfigError
-from ..session import ConfigResult
+from ..results import ConfigResult
 from ..thresholds import OVERALL
 
 
