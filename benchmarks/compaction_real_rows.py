@@ -26,7 +26,7 @@ from pytest_kvquality.engine.pipeline import RowParallel  # noqa: E402
 from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K  # noqa: E402
 from pytest_kvquality.environment import default_cache_dir  # noqa: E402
 from pytest_kvquality.metrics import LOG_P_CUTOFF, kl_compact, log_normalizer  # noqa: E402
-from pytest_kvquality.registry import builtin_model_path  # noqa: E402
+from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
 
 ROWS_PER_CHUNK = 255
 

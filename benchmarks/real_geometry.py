@@ -34,7 +34,7 @@ from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import summarize
-from pytest_kvquality.registry import builtin_model_path
+from pytest_kvquality.resolve import builtin_model_path
 
 CACHES = ("f16", "q8_0", "q4_0")
 TINY_OF = {"qwen3.6-35b-a3b": "qwen35moe-mtp", "gemma4-31b": "gemma4", "gemma4-26b-a4b": "gemma4-moe"}

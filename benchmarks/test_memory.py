@@ -23,7 +23,7 @@ from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir, host_backend
-from pytest_kvquality.registry import builtin_model_path
+from pytest_kvquality.resolve import builtin_model_path
 
 GIB = 1 << 30
 

@@ -29,7 +29,7 @@ from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import kl_compact, kl_exact
 from pytest_kvquality.reference import ReferenceKey, write_reference
-from pytest_kvquality.registry import builtin_model_path
+from pytest_kvquality.resolve import builtin_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMMA_VOCAB = 262_144

@@ -3,11 +3,10 @@ measurement item per cache config, so every evaluated configuration shows in the
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -15,94 +14,10 @@ from .cache_config import CacheConfig
 from .corpus import CorpusError
 from .engine.protocol import EngineError
 from .gating import Outcome, decide, describe
-from .hub import Search, find_local
-from .options import DEFAULT_CACHES, KVOptions
-from .outputs import RunOutputs
-from .registry import file_sha256
-from .report import Report, SkipRecord
+from .options import DEFAULT_CACHES, shipped_thresholds_dir
 from .results import Verdict
-from .session import KVSession, ModelUnavailable
-from .thresholds import Threshold, ThresholdError, load_thresholds, threshold_files
-
-STATE = pytest.StashKey["KVState"]()
-T = TypeVar("T")
-
-
-class KVState:
-    """Per-run plugin state, kept in ``config.stash``."""
-
-    def __init__(self, config: pytest.Config, options: KVOptions, session: KVSession) -> None:
-        self.config = config
-        self.options = options
-        self.session = session
-        self.report = Report()
-        #: what the end of the run wrote and compared (set by pytest_sessionfinish)
-        self.outputs: RunOutputs | None = None
-        self.threshold_paths = threshold_files(options.thresholds) if options.models else []
-        # --kv-model value by canonical alias, so a path keeps working under its alias
-        self.model_names: dict[str, str] = {}
-        for name in options.models:
-            self.model_names.setdefault(self.alias_of(name), name)
-
-    def alias_of(self, name: str) -> str:
-        """The name a --kv-model value is gated under: its alias, also when given as a path to a
-        registered or bundled file (recognised by its sha256, hashed once and cached)."""
-        registry = self.session.registry
-        alias = registry.alias_of(name)
-        ref = registry.hub_ref(name)
-        if ref is not None and registry.lookup(name) is None and alias == ref.label:
-            found = find_local(ref, os.environ, Search())  # a copy of a registered or bundled file?
-            if found is not None:
-                digest = found.sha256 or file_sha256(found.path, self.options.cache_dir)
-                return registry.alias_for_digest(digest) or alias
-            return alias
-        path = Path(name).expanduser()
-        if alias == path.stem and path.is_file():
-            try:
-                digest = file_sha256(path, self.options.cache_dir)
-            except OSError:
-                return alias
-            return self.session.registry.alias_for_file(path, digest) or alias
-        return alias
-
-    def known_model(self, name: str) -> str | None:
-        if self.session.registry.lookup(name) is not None:
-            return self.session.registry.canonical(name)
-        return name if name in self.model_names else None
-
-    def speed_caches(self) -> list[CacheConfig]:
-        """Configs a ``kv_cache`` test runs for: --kv-cache, else f16 next to the defaults."""
-        return self.options.caches or CacheConfig.parse_list("f16," + DEFAULT_CACHES)
-
-    def categories(self) -> list[str]:
-        return self.session.corpus.categories
-
-    def model_name(self, alias: str) -> str:
-        """The --kv-model value (alias or path) behind a canonical alias."""
-        return self.model_names.get(alias, alias)
-
-    def _available(self, alias: str, work: Callable[[], T]) -> T:
-        """Run ``work``; an unavailable model skips the item (fails it under --kv-require), and the
-        skip is counted for the summary, so a gate that did not run is in plain sight."""
-        try:
-            return work()
-        except ModelUnavailable as e:
-            if self.options.require:
-                pytest.fail(f"--kv-require is set and model {alias} is not available: {e}", pytrace=False)
-            self.session.skipped.append(SkipRecord(alias, str(e)))
-            pytest.skip(str(e))
-
-    def speed_target(self, alias: str, cache: CacheConfig, phase: str) -> Any:
-        """A timed pass for kv_speed."""
-        return self._available(alias, lambda: self.session.speed_target(self.model_name(alias), cache, phase))
-
-    def run(self, alias: str, cache: CacheConfig) -> Any:
-        """Evaluate for an item."""
-        return self._available(alias, lambda: self.session.evaluate(self.model_name(alias), cache))
-
-
-def get_state(config: pytest.Config) -> KVState:
-    return config.stash[STATE]
+from .state import STATE, KVState, configure, get_state
+from .thresholds import Threshold, ThresholdError, load_thresholds
 
 
 class ThresholdFailed(AssertionError):
@@ -256,3 +171,29 @@ def add_measure_items(session: pytest.Session, config: pytest.Config, items: lis
             if (alias, cache) not in covered:
                 items.append(MeasureItem.from_parent(
                     parent, name=f"{alias}::{cache.label}::measure", model=alias, cache=cache))
+
+
+def start(config: pytest.Config) -> None:
+    """Build the run's state (``state.configure``), check the threshold files of the selected models
+    and put them on the collection list."""
+    state = configure(config)
+    check_threshold_files(state)
+    config.stash[STATE] = state
+    for p in state.threshold_paths:
+        if str(p) not in config.args:
+            config.args.append(str(p))
+
+
+def threshold_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """A threshold file chosen for this run (and no other YAML) as a collector."""
+    state = parent.config.stash.get(STATE, None)
+    if state is None or file_path.resolve() not in state.threshold_paths:
+        return None
+    resolved = file_path.resolve()
+    try:
+        resolved.relative_to(parent.config.rootpath)
+    except ValueError:  # outside the rootdir: shipped files get a short stable id, others their full path
+        shipped = resolved.parent == shipped_thresholds_dir().resolve()
+        nodeid = f"thresholds/{file_path.name}" if shipped else resolved.as_posix()
+        return ThresholdFile.from_parent(parent, path=file_path, nodeid=nodeid)
+    return ThresholdFile.from_parent(parent, path=file_path)

@@ -29,7 +29,7 @@ def download(ref: HubRef, env: Mapping[str, str], cache_dir: Path) -> Found:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.hf_api import RepoFile
 
-    from .registry import file_sha256
+    from .resolve import file_sha256
 
     if hub_offline(env):
         raise DownloadError(f"{ref.label} is not on this machine and HF_HUB_OFFLINE is set, so it is not fetched")

@@ -15,7 +15,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .registry import GGUF_MAGIC
+#: the first four bytes of every GGUF file
+GGUF_MAGIC = b"GGUF"
+
 
 #: GGUF value types -> numpy dtype of the fixed-size ones (8: string, 9: array)
 _SCALAR = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",

@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import __version__
-from .options import KVOptions, add_options
+from .options import add_options
+
+MARKERS = ("kvquality: a KV-cache quality gate or measurement",
+           "xdist_group(name): run items of one group on one xdist worker",
+           "kv_gpu: needs a GPU build of llama-cpp-python (skipped without one, failed under --kv-require)")
 
 if TYPE_CHECKING:
     from .cache_config import CacheConfig
@@ -31,83 +35,18 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Build the run's state and put the threshold files of the selected models on the collection list."""
-    config.addinivalue_line("markers", "kvquality: a KV-cache quality gate or measurement")
-    config.addinivalue_line("markers", "xdist_group(name): run items of one group on one xdist worker")
-    config.addinivalue_line("markers", "kv_gpu: needs a GPU build of llama-cpp-python (skipped without one, "
-                                       "failed under --kv-require)")
-    from .cache_config import CacheConfigError
-    from .collect import STATE, KVState, check_threshold_files
-    from .options import check_rootdir
-    from .registry import ModelNotFound, Registry, RegistryError
-    from .session import KVSession
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    from .collect import start
 
-    check_rootdir(config)
-    try:
-        options = KVOptions.from_config(config)
-        registry = Registry.load(options.registries)
-    except (CacheConfigError, RegistryError) as e:
-        raise pytest.UsageError(f"pytest-kvquality: {e}") from e
-    if options.models_from_command_line:  # asked for by name: found, or a usage error that says where it looked
-        import os
-        from contextlib import nullcontext
-
-        capture = config.pluginmanager.getplugin("capturemanager")
-        # a download's progress bar goes to the terminal, not into pytest's capture
-        with capture.global_and_fixture_disabled() if capture and options.download else nullcontext():
-            for name in options.models:
-                try:
-                    registry.check_available(name, os.environ, options.cache_dir, options.download)
-                except ModelNotFound as e:
-                    raise pytest.UsageError(f"pytest-kvquality: --kv-model {name}: {e}") from e
-
-    def make_engine() -> Any:
-        custom = config.hook.pytest_kvquality_make_engine(config=config)
-        if custom is not None:
-            return custom
-        import os
-
-        from .engine.client import WorkerEngine, worker_gpu_env
-
-        env = worker_gpu_env(os.environ, os.environ.get("PYTEST_XDIST_WORKER"))
-        return WorkerEngine(options.cache_dir / "logs", env=env)
-
-    state = KVState(config, options, KVSession(options, make_engine, registry))
-    check_threshold_files(state)
-    config.stash[STATE] = state
-    if config.get_verbosity() >= 0:  # -q hides progress
-        def progress(text: str) -> None:  # the reporter registers after us: look it up when used
-            reporter = config.pluginmanager.get_plugin("terminalreporter")
-            capture = config.pluginmanager.get_plugin("capturemanager")
-            if reporter is None:
-                return
-            if capture is None:
-                reporter.write_line(f"[kvquality] {text}")
-                return
-            with capture.global_and_fixture_disabled():  # progress is written during a test
-                reporter.write_line(f"[kvquality] {text}")
-
-        state.session.progress = progress
-    for p in state.threshold_paths:
-        if str(p) not in config.args:
-            config.args.append(str(p))
+    start(config)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """Collect the threshold files chosen for this run (and no other YAML)."""
-    from .collect import STATE, ThresholdFile
-    from .options import shipped_thresholds_dir
+    from .collect import threshold_file
 
-    state = parent.config.stash.get(STATE, None)
-    if state is None or file_path.resolve() not in state.threshold_paths:
-        return None
-    resolved = file_path.resolve()
-    try:
-        resolved.relative_to(parent.config.rootpath)
-    except ValueError:  # outside the rootdir: shipped files get a short stable id, others their full path
-        shipped = resolved.parent == shipped_thresholds_dir().resolve()
-        nodeid = f"thresholds/{file_path.name}" if shipped else resolved.as_posix()
-        return ThresholdFile.from_parent(parent, path=file_path, nodeid=nodeid)
-    return ThresholdFile.from_parent(parent, path=file_path)
+    return threshold_file(file_path, parent)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
@@ -121,7 +60,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run tests that use ``kv_model`` (or ``kv_eval``) once per ``--kv-model``, and tests that
     use ``kv_cache`` once per ``--kv-cache`` config."""
-    from .collect import get_state
+    from .state import get_state
 
     if "kv_model" in metafunc.fixturenames:
         names: list[str | None] = [*get_state(metafunc.config).model_names] or [None]
@@ -136,8 +75,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Skip ``kv_gpu`` tests without a GPU build (fail them under --kv-require)."""
     if item.get_closest_marker("kv_gpu") is None:
         return
-    from .collect import get_state
     from .environment import host_backend
+    from .state import get_state
 
     backend = host_backend()
     if backend.gpu is None:
@@ -150,8 +89,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Plugin and llama.cpp versions, the backend, what will be measured, where references live."""
-    from .collect import get_state
     from .environment import host_backend
+    from .state import get_state
 
     state = get_state(config)
     o = state.options
@@ -168,8 +107,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Print the results table (merged from all xdist workers), the baseline comparison, notes."""
-    from .collect import get_state
     from .outputs import write_terminal_summary
+    from .state import get_state
 
     state = get_state(config)
     write_terminal_summary(terminalreporter, state.report, state.options, state.outputs)
@@ -178,31 +117,17 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Merge results; on a worker hand them to the xdist controller, else write the outputs and
     compare baselines (a regression sets the exit status); stop the model worker."""
-    from .collect import STATE
-    from .outputs import finish
+    from .state import finish_session
 
-    state = session.config.stash.get(STATE, None)
-    if state is None:
-        return
-    state.report.merge(state.session.to_report())
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        workeroutput["kvquality"] = state.report.dumps()
-    else:
-        state.outputs = finish(state.report, state.options, session)
-    state.session.close()
+    finish_session(session)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     """On the xdist controller: merge a worker's results."""
-    from .collect import STATE
-    from .report import Report
+    from .state import merge_worker
 
-    data = getattr(node, "workeroutput", {}).get("kvquality")
-    state = node.config.stash.get(STATE, None)
-    if data and state is not None:
-        state.report.merge(Report.loads(data))
+    merge_worker(node)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -211,7 +136,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 @pytest.fixture(scope="session")
 def kv_session(pytestconfig: pytest.Config) -> KVSession:
     """The run's evaluation session: models, references and memoised results."""
-    from .collect import get_state
+    from .state import get_state
 
     return get_state(pytestconfig).session
 
@@ -219,7 +144,7 @@ def kv_session(pytestconfig: pytest.Config) -> KVSession:
 @pytest.fixture
 def kv_model(request: pytest.FixtureRequest) -> str:
     """The ``--kv-model`` under test (tests using it run once per model)."""
-    from .collect import get_state
+    from .state import get_state
 
     name = getattr(request, "param", None)
     if name is None:
@@ -237,7 +162,7 @@ def kv_eval(kv_model: str, pytestconfig: pytest.Config) -> Callable[..., ConfigR
     ``result["coding"]`` summaries, and ``result.kl_mean`` etc. for overall.
     """
     from .cache_config import CacheConfig
-    from .collect import get_state
+    from .state import get_state
 
     state = get_state(pytestconfig)
 
@@ -256,8 +181,8 @@ def kv_speed(kv_model: str, benchmark: Any, pytestconfig: pytest.Config) -> Call
     """``kv_speed(cache, "pp" | "tg", rounds=5)``: time prompt processing (n_ctx tokens in
     batches) or generation (128 tokens, one per decode) with pytest-benchmark, so
     ``--benchmark-compare-fail`` works on it; tokens/s go to the summary table and JSON."""
-    from .collect import get_state
     from .speed import measure_speed
+    from .state import get_state
 
     return measure_speed(get_state(pytestconfig), kv_model, benchmark)
 

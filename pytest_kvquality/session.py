@@ -27,8 +27,9 @@ from .reference import (
     ReferenceStore,
     tokens_digest,
 )
-from .registry import ModelNotFound, Registry, ResolvedModel, resolve
+from .registry import ModelNotFound, Registry
 from .report import Report, SkipRecord
+from .resolve import ResolvedModel, resolve
 from .results import ConfigResult, SpeedResult, Verdict, position_profile, summarize_with_bounds
 
 REFERENCE_SEED = 0

@@ -15,8 +15,8 @@ from .engine.protocol import SPEED_PHASES
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .collect import KVState
     from .results import SpeedResult
+    from .state import KVState
 
 
 def measure_speed(state: KVState, model: str, benchmark: Any) -> Callable[..., SpeedResult]:

@@ -25,7 +25,8 @@ from pytest_kvquality.reference import (
     read_reference,
     write_reference,
 )
-from pytest_kvquality.registry import ModelNotFound, Registry, RegistryError, resolve
+from pytest_kvquality.registry import ModelNotFound, Registry, RegistryError
+from pytest_kvquality.resolve import resolve
 from pytest_kvquality.testing import write_fake_gguf
 from pytest_kvquality.thresholds import ThresholdError, load_thresholds
 

@@ -15,7 +15,8 @@ from hub_fixtures import COMMIT, HubFile, fake_hub, flat_layout, hub_layout, oll
 
 from pytest_kvquality.download import DownloadError, download
 from pytest_kvquality.hub import HubRef, Search, find_local, parse_ref
-from pytest_kvquality.registry import ModelNotFound, Registry, resolve
+from pytest_kvquality.registry import ModelNotFound, Registry
+from pytest_kvquality.resolve import resolve
 
 REPO = "ggml-org/gemma-3-270m-GGUF"
 FILE = "gemma-3-270m-Q4_K_M.gguf"

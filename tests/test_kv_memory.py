@@ -40,7 +40,7 @@ S (f32):    0.01 MiB
 
 def tiny_geometry(name: str, tmp_path: Path) -> Geometry:
     from pytest_kvquality.environment import default_cache_dir
-    from pytest_kvquality.registry import builtin_model_path
+    from pytest_kvquality.resolve import builtin_model_path
 
     path = synthetic.write(tmp_path / f"{name}.gguf", synthetic.TINY[name], builtin_model_path(default_cache_dir())[0])
     return Geometry.from_metadata(read_metadata(path))

@@ -22,7 +22,7 @@ from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import EngineError, ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import summarize
-from pytest_kvquality.registry import builtin_model_path
+from pytest_kvquality.resolve import builtin_model_path
 
 pytestmark = pytest.mark.real_model
 

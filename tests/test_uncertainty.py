@@ -163,7 +163,7 @@ def test_calibration_on_real_logits(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     from pytest_kvquality.engine.client import WorkerEngine
     from pytest_kvquality.environment import default_cache_dir
-    from pytest_kvquality.registry import builtin_model_path
+    from pytest_kvquality.resolve import builtin_model_path
 
     engine = WorkerEngine(tmp_path)
     spec = ModelLoad(str(builtin_model_path(default_cache_dir())[0]), -1)

