@@ -7,6 +7,9 @@ The per-token reduction mirrors ``log_softmax(...)`` in llama.cpp's
 ``tools/perplexity/perplexity.cpp`` and the summary mirrors the end of its
 ``kl_divergence(...)``: the same cutoff (base log-probabilities at or below -16
 are left out of the KL sum), the same uncertainties, the same percentile rule.
+
+Longer than our ~350-line limit on purpose: every definition taken from ``perplexity.cpp`` is in
+this one file, to be read side by side with it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -83,7 +82,8 @@ def _failed(status: int | pytest.ExitCode) -> int | pytest.ExitCode:
     return pytest.ExitCode.TESTS_FAILED if status == pytest.ExitCode.OK else status
 
 
-def write_terminal_summary(tr: Any, report: Report, options: KVOptions, out: RunOutputs | None) -> None:
+def write_terminal_summary(tr: pytest.TerminalReporter, report: Report, options: KVOptions,
+                           out: RunOutputs | None) -> None:
     """The KV-cache section of pytest's terminal summary: table, notes, comparison, files written."""
     if not (report.records or report.speeds or report.notes or report.skipped
             or (out and (out.comparison or out.errors or out.warnings))):

@@ -16,8 +16,10 @@ MARKERS = ("kvquality: a KV-cache quality gate or measurement",
            "kv_gpu: needs a GPU build of llama-cpp-python (skipped without one, failed under --kv-require)")
 
 if TYPE_CHECKING:
+    from pytest_benchmark.fixture import BenchmarkFixture
+
     from .cache_config import CacheConfig
-    from .results import ConfigResult
+    from .results import ConfigResult, SpeedResult
     from .session import KVSession
 
 
@@ -105,7 +107,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                     f"{o.inconclusive}"]
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
     """Print the results table (merged from all xdist workers), the baseline comparison, notes."""
     from .outputs import write_terminal_summary
     from .state import get_state
@@ -177,7 +180,7 @@ def kv_eval(kv_model: str, pytestconfig: pytest.Config) -> Callable[..., ConfigR
 
 
 @pytest.fixture
-def kv_speed(kv_model: str, benchmark: Any, pytestconfig: pytest.Config) -> Callable[..., Any]:
+def kv_speed(kv_model: str, benchmark: BenchmarkFixture, pytestconfig: pytest.Config) -> Callable[..., SpeedResult]:
     """``kv_speed(cache, "pp" | "tg", rounds=5)``: time prompt processing (n_ctx tokens in
     batches) or generation (128 tokens, one per decode) with pytest-benchmark, so
     ``--benchmark-compare-fail`` works on it; tokens/s go to the summary table and JSON."""

@@ -17,6 +17,9 @@ head_dim^(-1/4), so q.k has unit scale instead of sqrt(head_dim).
 Weights are F16 (tiny models) or Q4_0 blocks written directly (``quant="Q4_0"``,
 models of real size: random 4-bit values, the block scale set for the same
 variance), streamed tensor by tensor so a 20 GB file never sits in memory.
+
+Longer than our ~350-line limit on purpose: one GGUF writer per architecture, each following
+its llama.cpp loader tensor by tensor; they share the helpers at the top.
 """
 
 from __future__ import annotations

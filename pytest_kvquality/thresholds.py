@@ -125,6 +125,44 @@ def load_thresholds(
 ) -> list[Threshold]:
     """Parse and validate one file. ``known_models`` maps a name to its canonical alias or None;
     ``categories`` None skips the category check (a look before the corpus is read)."""
+    loader, top = _read_top(path)
+    models = _mapping(path, top["models"].node, "models")
+    if not models:
+        raise ThresholdError(path, top["models"].line, "models", "no models: the file would make no gates")
+    allowed_categories = [OVERALL, *(categories or [])]
+    out: list[Threshold] = []
+    #: one gate per (model, cache config, category, metric), however the cache config is written
+    seen: dict[tuple[str, CacheConfig, str, str], int] = {}
+    for m in models:
+        model = known_models(m.key)
+        if model is None:
+            raise ThresholdError(path, m.line, f"models.{m.key}",
+                                 "unknown model (not registered, not a --kv-model path stem)")
+        for c in _nonempty(path, m, f"models.{m.key}", "cache configs"):
+            where = f"models.{m.key}.{c.key}"
+            try:
+                cache = CacheConfig.parse(c.key)
+            except CacheConfigError as e:
+                raise ThresholdError(path, c.line, where, str(e)) from e
+            for cat in _nonempty(path, c, where, "categories"):
+                cwhere = f"{where}.{cat.key}"
+                if categories is not None and cat.key not in allowed_categories:
+                    raise ThresholdError(path, cat.line, cwhere,
+                                         f"unknown category; known: {', '.join(allowed_categories)}")
+                for met in _nonempty(path, cat, cwhere, "metrics"):
+                    t = _threshold(path, loader, met, f"{cwhere}.{met.key}", model, cache, cat.key)
+                    gate = (model, cache, cat.key, met.key)
+                    if gate in seen:
+                        raise ThresholdError(path, met.line, f"{cwhere}.{met.key}",
+                                             f"the same gate as line {seen[gate]} ({cache.label} / {cat.key} / "
+                                             f"{met.key}): one gate, one rule")
+                    seen[gate] = met.line
+                    out.append(t)
+    return out
+
+
+def _read_top(path: Path) -> tuple[yaml.SafeLoader, dict[str, _Entry]]:
+    """The file's YAML root as entries by key, with ``version`` checked and ``models`` present."""
     try:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -152,46 +190,18 @@ def load_thresholds(
                              f"unsupported version {version!r}; this plugin reads {SCHEMA_VERSION}")
     if "models" not in top:
         raise ThresholdError(path, None, "models", "missing")
-    allowed_categories = [OVERALL, *(categories or [])]
-    out: list[Threshold] = []
-    #: one gate per (model, cache config, category, metric), however the cache config is written
-    seen: dict[tuple[str, CacheConfig, str, str], int] = {}
-    models = _mapping(path, top["models"].node, "models")
-    if not models:
-        raise ThresholdError(path, top["models"].line, "models", "no models: the file would make no gates")
-    for m in models:
-        model = known_models(m.key)
-        if model is None:
-            raise ThresholdError(path, m.line, f"models.{m.key}",
-                                 "unknown model (not registered, not a --kv-model path stem)")
-        for c in _nonempty(path, m, f"models.{m.key}", "cache configs"):
-            where = f"models.{m.key}.{c.key}"
-            try:
-                cache = CacheConfig.parse(c.key)
-            except CacheConfigError as e:
-                raise ThresholdError(path, c.line, where, str(e)) from e
-            for cat in _nonempty(path, c, where, "categories"):
-                cwhere = f"{where}.{cat.key}"
-                if categories is not None and cat.key not in allowed_categories:
-                    raise ThresholdError(path, cat.line, cwhere,
-                                         f"unknown category; known: {', '.join(allowed_categories)}")
-                for met in _nonempty(path, cat, cwhere, "metrics"):
-                    mwhere = f"{cwhere}.{met.key}"
-                    if met.key not in THRESHOLD_METRICS:
-                        raise ThresholdError(path, met.line, mwhere,
-                                             f"unknown metric; known: {', '.join(THRESHOLD_METRICS)}")
-                    try:
-                        op, limit = parse_rule(_scalar(loader, met.node))
-                    except ValueError as e:
-                        raise ThresholdError(path, met.line, mwhere, str(e)) from e
-                    gate = (model, cache, cat.key, met.key)
-                    if gate in seen:
-                        raise ThresholdError(path, met.line, mwhere,
-                                             f"the same gate as line {seen[gate]} ({cache.label} / {cat.key} / "
-                                             f"{met.key}): one gate, one rule")
-                    seen[gate] = met.line
-                    out.append(Threshold(path, met.line, model, cache, cat.key, met.key, op, limit))
-    return out
+    return loader, top
+
+
+def _threshold(path: Path, loader: yaml.SafeLoader, met: _Entry, where: str, model: str, cache: CacheConfig,
+               category: str) -> Threshold:
+    if met.key not in THRESHOLD_METRICS:
+        raise ThresholdError(path, met.line, where, f"unknown metric; known: {', '.join(THRESHOLD_METRICS)}")
+    try:
+        op, limit = parse_rule(_scalar(loader, met.node))
+    except ValueError as e:
+        raise ThresholdError(path, met.line, where, str(e)) from e
+    return Threshold(path, met.line, model, cache, category, met.key, op, limit)
 
 
 def _nonempty(path: Path, entry: _Entry, where: str, what: str) -> list[_Entry]:

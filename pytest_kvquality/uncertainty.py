@@ -19,6 +19,9 @@ observation:
 
 Fewer than ``MIN_CHUNKS`` chunks in a category of the statistic leave the bound undecided: a gate
 on it cannot pass (the chunk-level spread cannot be estimated from fewer).
+
+Longer than our ~350-line limit on purpose: the bound methods (heavy-tail t, log-normal, Wilson,
+Woodruff) share the chunk statistics and are chosen among per metric; docs/gates.md explains them as one.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Imported only inside the model worker, and before numpy there (see worker.py):
 on the CUDA build a numpy import ahead of ``llama_cpp`` made the model load
 segfault. Logits are requested for the scored positions only and handed out
 one decoded batch at a time, so memory never holds n_ctx x n_vocab floats.
+
+Longer than our ~350-line limit on purpose: all of llama.cpp's low-level API is here (model,
+context, log capture, placement probe, quantizer), so no other module imports ``llama_cpp``.
 """
 
 from __future__ import annotations
@@ -155,25 +158,7 @@ class LlamaContext:
         self.n_ctx = n_ctx
         rows = max(32, LOGITS_BUDGET_BYTES // (4 * model.n_vocab))
         self.n_batch = min(n_ctx, max(rows, 256))
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = self.n_batch
-        p.n_ubatch = min(self.n_batch, 512)
-        p.n_seq_max = 1
-        p.swa_full = model.swa_full
-        # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
-        # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)
-        cores = os.cpu_count() or 1
-        threads = int(os.environ.get("KVQ_LLAMA_THREADS") or (min(4, cores) if model.gpu_layers > 0 else cores))
-        p.n_threads = threads
-        p.n_threads_batch = threads
-        p.type_k = GGML_TYPE_IDS[cache.type_k]
-        p.type_v = GGML_TYPE_IDS[cache.type_v]
-        p.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if cache.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        p = _context_params(model, cache, n_ctx, self.n_batch)
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when the KV cache is created
         if cache.rotation:
             os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
@@ -265,6 +250,30 @@ class LlamaContext:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+
+
+def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_batch: int) -> Any:
+    """llama.cpp's context parameters for one evaluation context (one sequence, scored logits only)."""
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx = n_ctx
+    p.n_batch = n_batch
+    p.n_ubatch = min(n_batch, 512)
+    p.n_seq_max = 1
+    p.swa_full = model.swa_full
+    # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
+    # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)
+    cores = os.cpu_count() or 1
+    threads = int(os.environ.get("KVQ_LLAMA_THREADS") or (min(4, cores) if model.gpu_layers > 0 else cores))
+    p.n_threads = threads
+    p.n_threads_batch = threads
+    p.type_k = GGML_TYPE_IDS[cache.type_k]
+    p.type_v = GGML_TYPE_IDS[cache.type_v]
+    p.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if cache.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    return p
 
 
 def _memory_facts(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_ubatch: int, log: str) -> dict[str, Any]:
