@@ -67,7 +67,7 @@ class ThresholdItem(KVItemBase):
         summary = result[t.category]
         decision = decide(t, summary, state.options.gate)
         state.session.record_verdict(Verdict(t, decision, summary.n_tokens, state.options.gate))
-        # JUnit XML <properties> of this test case (see README, "JUnit")
+        # JUnit XML <properties> of this test case (docs/ci.md, "JUnit")
         self.user_properties += [
             ("kv_metric", t.metric), ("kv_value", decision.value), ("kv_uncertainty", decision.uncertainty),
             ("kv_lower_bound", decision.low), ("kv_upper_bound", decision.high),

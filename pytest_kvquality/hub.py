@@ -128,7 +128,7 @@ def ollama_roots(env: Mapping[str, str]) -> list[Path]:
 
 
 def find_local(ref: HubRef, env: Mapping[str, str], search: Search) -> Found | None:
-    """The first local copy of ``ref``, in the order of the README: hub cache, llama.cpp, LM Studio,
+    """The first local copy of ``ref``, in the order of docs/models.md: hub cache, llama.cpp, LM Studio,
     Ollama."""
     for found in _candidates(ref, env, search):
         return found

@@ -1,4 +1,4 @@
-"""pytest-kvquality: options, hooks and fixtures. The work is done elsewhere (see README, "Design")."""
+"""pytest-kvquality: options, hooks and fixtures. The work is done elsewhere (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU host (see shared/gpu/README.md), after `source .gpu/bin/env.sh`: the test suite, the
+# On the GPU host (its staging kit is outside this repository), after `source .gpu/bin/env.sh`: the test suite, the
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
 #          | variants | compaction | kernels | all (default all; the sweeps, variants, compaction, kernels and
 #          multigpu run only when named)
-# The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (shared/gpu).
+# The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
 export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GPU_MODEL:?source env.sh}"

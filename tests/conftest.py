@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from helpers import LOAD_PLUGIN, isolate_model_caches
 
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
-
-#: Is the plugin loaded by its entry point? Not in an uninstalled checkout (the GPU host runs one
-#: with -p pytest_kvquality.plugin), nor with PYTEST_DISABLE_PLUGIN_AUTOLOAD set.
-PLUGIN_AUTOLOADED = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and any(
-    ep.value == "pytest_kvquality.plugin" for ep in entry_points(group="pytest11"))
-#: ini line that loads the plugin in pytester runs when the entry point does not
-LOAD_PLUGIN = "" if PLUGIN_AUTOLOADED else "addopts = -p pytest_kvquality.plugin"
-#: the same, for command lines (a subprocess, or a run whose ini file is not found)
-PLUGIN_ARGS = [] if PLUGIN_AUTOLOADED else ["-p", "pytest_kvquality.plugin"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,11 +33,3 @@ def kv_project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
     isolate_model_caches(monkeypatch, tmp_path / "home")
     return pytester
-
-
-def isolate_model_caches(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    """Point every place models are looked for (hub.py) into ``home``, so no test sees this machine's."""
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "LLAMA_CACHE", "OLLAMA_MODELS", "XDG_CACHE_HOME",
-                "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)

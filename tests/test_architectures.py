@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PLUGIN_ARGS
+from helpers import PLUGIN_ARGS
 from oracle import assert_matches, llama_perplexity_kld
 
 from pytest_kvquality import synthetic

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import PLUGIN_ARGS
+from helpers import PLUGIN_ARGS
 
 ARGS = ["--kv-chunks", "8"]
 

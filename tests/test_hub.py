@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import isolate_model_caches
+from helpers import isolate_model_caches
 from hub_fixtures import COMMIT, HubFile, fake_hub, flat_layout, hub_layout, ollama_layout, sha256_of
 
 from pytest_kvquality.download import DownloadError, download

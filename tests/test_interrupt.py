@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PLUGIN_ARGS
+from helpers import PLUGIN_ARGS
 
 from pytest_kvquality.reference import ReferenceKey, read_reference
 

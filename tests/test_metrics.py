@@ -16,6 +16,7 @@ from pytest_kvquality.metrics import (
     mean_and_uncertainty,
     median,
     percentile,
+    quantile_bounds,
     summarize,
 )
 
@@ -162,3 +163,11 @@ def test_compact_reference_keeps_the_top1_token_exactly(compaction: str) -> None
     assert (ref.argmax == base.argmax(axis=1)).all()
     assert (ref.top_ids[:, 0] == base.argmax(axis=1)).all()
 
+
+def test_order_statistic_bounds_of_percentiles() -> None:
+    values = np.sort(np.random.default_rng(0).exponential(size=20000))
+    low, high = quantile_bounds(values, 0.99, 1.6448536269514722)
+    true_p99 = -math.log(0.01)
+    assert low < true_p99 < high
+    assert high - low < 0.25
+    assert quantile_bounds(values[:100], 0.999, 1.64) == (float(values[98]), math.inf)  # too few for p99.9

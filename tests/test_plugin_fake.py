@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LOAD_PLUGIN
+from helpers import LOAD_PLUGIN
 
 from pytest_kvquality.cache_config import CacheConfig
 

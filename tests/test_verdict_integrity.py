@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LOAD_PLUGIN
+from helpers import LOAD_PLUGIN
 
 from pytest_kvquality.corpus import CorpusError, load_corpus
 from pytest_kvquality.files import WriteError, atomic_write
