@@ -128,13 +128,13 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
         out["configs"][label] = {
             "eval_seconds": run.seconds, "scored_tok_s": scored / run.seconds,
             "processed_tok_s": chunks.size / run.seconds, "kl_mean": s.kl_mean, "top1": s.top1,
-            "context_seconds": run.context.get("context_seconds"), "decode_seconds": run.context.get("decode_seconds"),
-            **{k: run.context.get(k) for k in ("kv_bytes_per_token", "kv_cache_mib", "kv_mib_per_32k",
+            "context_seconds": run.context.context_seconds, "decode_seconds": run.context.decode_seconds,
+            **{k: getattr(run.context, k) for k in ("kv_bytes_per_token", "kv_cache_mib", "kv_mib_per_32k",
                                                "kv_mib_per_128k", "kv_swa_cells", "recurrent_state_mib",
                                                "kv_mismatch", "kv_devices", "logits_contexts")}}
-        print(f"  n_ctx {n_ctx} {label}: {run.seconds:.1f} s (context {run.context.get('context_seconds', 0):.1f} s, "
-              f"in llama.cpp {run.context.get('decode_seconds', 0):.1f} s), {scored / run.seconds:,.0f} scored tok/s, "
-              f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.get('logits_contexts')} context(s)",
+        print(f"  n_ctx {n_ctx} {label}: {run.seconds:.1f} s (context {(run.context.context_seconds or 0):.1f} s, "
+              f"in llama.cpp {(run.context.decode_seconds or 0):.1f} s), {scored / run.seconds:,.0f} scored tok/s, "
+              f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.logits_contexts} context(s)",
               flush=True)
     if args.perplexity:
         batch = min(n_ctx, 256)  # our contexts' batch for a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)

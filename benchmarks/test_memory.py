@@ -54,7 +54,7 @@ def test_peak_rss_does_not_grow_with_context_times_vocabulary(benchmark, n_ctx: 
         "n_ctx": n_ctx, "scored_tokens": len(run.stats), "worker_peak_rss_gib": (peak or 0) / GIB,
         "pytest_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "model_gib": model_bytes / GIB, "logits_all_would_need_gib": logits_all / GIB,
-        "kv_cache_mib": run.context.get("kv_cache_mib"), "reference_mib": sum(
+        "kv_cache_mib": run.context.kv_cache_mib, "reference_mib": sum(
             a.nbytes for a in ref.rows.arrays().values()) / 2**20,
         "scored_tok_per_s": len(run.stats) / run.seconds, "gpu": host_backend().gpu,
     })

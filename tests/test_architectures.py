@@ -117,17 +117,19 @@ def test_kv_memory_is_what_llama_cpp_allocates(engine: WorkerEngine, models: dic
         cache = CacheConfig.parse(label)
         for n_ctx in (N_CTX, 32768, 131072):
             ctx = engine.speed(model, cache, n_ctx, "pp", tokens).context
-            assert "kv_mismatch" not in ctx, ctx.get("kv_mismatch")
-            assert ctx["kv_bytes_per_token"] * n_ctx == expected_kv_bytes(g, cache, n_ctx), (label, n_ctx)
+            assert ctx.kv_mismatch is None, ctx.kv_mismatch
+            assert ctx.kv_bytes_per_token is not None
+            assert ctx.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, cache, n_ctx), (label, n_ctx)
             # llama.cpp's own figure, printed with two decimals per cache
-            assert ctx["kv_cache_mib"] == pytest.approx(ctx["kv_cache_mib_expected"], abs=0.011), (label, n_ctx)
+            assert ctx.kv_cache_mib == pytest.approx(ctx.kv_cache_mib_expected, abs=0.011), (label, n_ctx)
             # 32k and 128k as a deployment allocates them (llama-server's ubatch of 512)
-            for at, key in ((32768, "kv_mib_per_32k"), (131072, "kv_mib_per_128k")):
-                assert ctx[key] * 2**20 == expected_kv_bytes(g, cache, at, n_ubatch=SERVER_UBATCH), (label, key)
+            for at, mib in ((32768, ctx.kv_mib_per_32k), (131072, ctx.kv_mib_per_128k)):
+                assert mib is not None
+                assert mib * 2**20 == expected_kv_bytes(g, cache, at, n_ubatch=SERVER_UBATCH), (label, at)
             if g.full_attention_interval:  # the Gated DeltaNet state, fixed, printed with two decimals
-                assert ctx["recurrent_state_mib"] == pytest.approx(g.recurrent_state_bytes() / 2**20, abs=0.0051)
+                assert ctx.recurrent_state_mib == pytest.approx(g.recurrent_state_bytes() / 2**20, abs=0.0051)
             else:
-                assert ctx["recurrent_state_mib"] is None
+                assert ctx.recurrent_state_mib is None
 
 
 def test_sliding_window_layers_hold_window_plus_ubatch_cells_and_quality_does_not_change(
@@ -145,12 +147,12 @@ def test_sliding_window_layers_hold_window_plus_ubatch_cells_and_quality_does_no
     assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True)
     assert run_off.context.kv_bytes_per_token < 0.7 * run_on.context.kv_bytes_per_token
     # the same attention either way: the cells differ in order only (measured: KLD between the two
-    # f16 runs ~3e-7 against 0.014 for q4_0)
+    # f16 runs ~3e-7 on the CPU and 2.9e-6 on the H200, against 0.005-0.014 for q4_0)
     s_off, s_on = summarize(run_off.stats), summarize(run_on.stats)
     assert s_off.kl_mean == pytest.approx(s_on.kl_mean, rel=0.01)
     assert abs(s_off.top1 - s_on.top1) <= 0.005
     between = summarize(engine.evaluate_exact(off, f16, on, f16, chunks).stats)
-    assert between.kl_mean < 1e-4 * s_off.kl_mean + 1e-6 and between.top1 >= 0.995
+    assert between.kl_mean < 2e-3 * s_off.kl_mean + 1e-6 and between.top1 >= 0.995
 
 
 @pytest.mark.parametrize("arch", ARCHS)

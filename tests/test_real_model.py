@@ -182,7 +182,7 @@ def test_a_kv_type_without_a_gpu_kernel_is_reported_as_a_cpu_fallback(engine: Wo
     # CUDA's flash attention takes f32/f16/bf16/q4_0/q4_1/q5_0/q5_1/q8_0 for K and V, in any pair
     # (this llama.cpp), but not iq4_nl: the scheduler moves that attention to the CPU
     gpu = engine.speed(gemma, CacheConfig.parse("q8_0/q4_0"), N_CTX, "pp", coding_chunks[0])
-    assert gpu.context.kv_devices == ["CUDA0"] and gpu.context.kv_cpu_fallback is False
+    assert gpu.context.kv_devices == ("CUDA0",) and gpu.context.kv_cpu_fallback is False
     fallback = engine.speed(gemma, CacheConfig.parse("iq4_nl"), N_CTX, "pp", coding_chunks[0])
     assert fallback.context.kv_cpu_fallback is True
     assert "FLASH_ATTN" in fallback.context.kv_cpu_ops

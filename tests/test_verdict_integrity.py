@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import LOAD_PLUGIN
+from helpers import LOAD_PLUGIN, PLUGIN_ARGS
 
 from pytest_kvquality.corpus import CorpusError, load_corpus
 from pytest_kvquality.files import WriteError, atomic_write
@@ -129,7 +129,8 @@ def test_a_directory_given_as_a_model_exits_4(kv_project: pytest.Pytester, tmp_p
 def test_a_space_separated_path_that_would_move_the_rootdir_is_refused(
     kv_project: pytest.Pytester, fake_model: Path
 ) -> None:
-    result = kv_project.runpytest("--kv-model", str(fake_model), *CHUNKS)  # its folder holds no ini file
+    # its folder holds no ini file, so the plugin is loaded here as the ini would load it
+    result = kv_project.runpytest(*PLUGIN_ARGS, "--kv-model", str(fake_model), *CHUNKS)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"Write the option with '=', e.g. --kv-model={fake_model}" in result.stderr.str()
     kv_project.runpytest(f"--kv-model={fake_model}", *CHUNKS).assert_outcomes(passed=2)  # the '=' form runs
