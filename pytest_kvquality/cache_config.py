@@ -91,15 +91,6 @@ class CacheConfig:
     def quantized(self) -> bool:
         return not {self.type_k, self.type_v} <= UNQUANTIZED
 
-    @property
-    def rotation_applies(self) -> bool:
-        """llama.cpp rotates only quantized K/V; for f16/f16 the flag changes nothing."""
-        return self.quantized
-
-    def bytes_per_element_pair(self) -> float:
-        """Bytes for one K element plus one V element."""
-        return (BITS_PER_ELEMENT[self.type_k] + BITS_PER_ELEMENT[self.type_v]) / 8.0
-
     def kv_bytes_per_token(self, n_layer: int, n_head_kv: int, head_k: int, head_v: int) -> float:
         """KV-cache bytes per token of a model whose every layer keeps n_head_kv K rows of head_k
         elements and V rows of head_v elements (the fake; real models: kv_memory.py)."""

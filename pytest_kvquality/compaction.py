@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .environment import env_flag
+from .files import WriteError, atomic_produce
 from .metrics import F32, LOG_P_CUTOFF, PAD_LOGP, ROW_BLOCK, ReferenceRows, base_next_logp, log_normalizer
 
 #: Bins of log p over (-16, 0] used to find each row's top-k candidates before sorting them.
@@ -193,25 +193,21 @@ def _load_or_build() -> CompactionKernels:
 
 
 def _build(cc: list[str], out: Path) -> None:
-    """Compile compaction.c into ``out``."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise KernelBuildError(f"cannot write the compiled kernel to {out.parent}: {exc}") from exc
-    try:
-        done = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+    """Compile compaction.c into ``out`` (atomically: parallel workers building at once all end with
+    a whole file)."""
+    def compile_to(tmp: Path) -> None:
+        done = subprocess.run([*cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise KernelBuildError(f"building {SOURCE.name} with {cc[0]} failed: "
                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
-        os.replace(tmp, out)  # atomic: parallel workers building at once all end with a whole file
+
+    try:
+        atomic_produce(out, compile_to, suffix=".so")
+    except WriteError as exc:
+        raise KernelBuildError(f"cannot write the compiled kernel to {out.parent}: {exc}") from exc
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelBuildError(f"building {SOURCE.name} failed: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise KernelBuildError(f"building {SOURCE.name} into {out.parent} failed: {exc}") from exc
 
 
 def _load(path: Path) -> CompactionKernels:

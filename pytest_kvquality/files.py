@@ -1,4 +1,5 @@
-"""The one way this package writes a file: ``atomic_write``.
+"""The one way this package writes a file: ``atomic_write`` (bytes we hold) and ``atomic_produce``
+(a file another tool writes: the C compiler, llama.cpp's quantizer, the bundled model's assembler).
 
 A reader never sees half a file (a temporary file in the same folder, fsynced, then renamed), and
 writing never destroys what the path points at: a symlink is written through to its target (the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -72,4 +73,33 @@ def atomic_write(path: Path, data: bytes | str | Iterable[bytes], *, fsync_dir: 
         raise
     except OSError as e:
         raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    return target
+
+
+def atomic_produce(path: Path, produce: Callable[[Path], object], *, suffix: str = "") -> Path:
+    """Have ``produce(tmp)`` write a temporary file beside ``path`` (a tool that takes an output
+    path), then rename it into place: readers and parallel producers only ever see a whole file.
+    A symlink is produced through to its target; a path that is not a regular file is refused (a
+    tool's output cannot be renamed over a device). The temporary file never outlives a failure."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        raise WriteError(0, f"cannot write {path}: it is not a regular file")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(name)
+    try:
+        produce(tmp)
+        with open(tmp, "rb+") as out:  # the tool closed it; make it durable before it is visible
+            os.fsync(out.fileno())
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
+        if tmp.stat().st_mode & 0o111:  # a tool that made an executable (the compiler) keeps it one
+            mode |= 0o111 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target

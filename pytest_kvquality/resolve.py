@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .files import atomic_write
+from .files import atomic_produce, atomic_write
 from .gguf_meta import GGUF_MAGIC
 from .hub import Found, HubRef, Search, fetch_command, find_local, split_parts
 from .registry import ModelNotFound, Registry, builtin_sha256
@@ -110,9 +110,7 @@ def builtin_model_path(cache_dir: Path) -> tuple[Path, str]:
         # hashed, not trusted: a damaged copy would otherwise run, and key references, as the clean model
         if target.exists() and file_sha256(target, cache_dir) == expected:
             return target, expected
-        tmp = target.with_suffix(".partial")
-        gemma.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
+        atomic_produce(target, lambda tmp: gemma.assemble(tmp, overwrite=True), suffix=".partial")
         got = file_sha256(target, cache_dir)
         if got != expected:
             raise ModelNotFound(f"the bundled model assembled at {target} has sha256 {got}, its package "

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -92,8 +92,8 @@ class WorkerEngine:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = env
         self._proc: subprocess.Popen[bytes] | None = None
-        self._to: Any = None
-        self._from: Any = None
+        self._to: BinaryIO | None = None
+        self._from: BinaryIO | None = None
         self._log_path: Path | None = None
         self._starts = 0
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
@@ -126,11 +126,10 @@ class WorkerEngine:
         text = self._log_path.read_bytes().decode("utf-8", errors="replace")
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
-    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-              what: str = "") -> ipc.Message:
+    def _call(self, header: ipc.Header, arrays: ipc.Arrays | None = None, what: str = "") -> ipc.Message:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
-        assert self._proc is not None
+        assert self._proc is not None and self._to is not None and self._from is not None
         try:
             ipc.send(self._to, header, arrays)
             reply, out = ipc.recv(self._from)
@@ -218,7 +217,8 @@ class WorkerEngine:
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             try:
-                ipc.send(self._to, {"op": "exit"})
+                if self._to is not None:
+                    ipc.send(self._to, {"op": "exit"})
             except (BrokenPipeError, OSError):
                 pass
             try:

@@ -25,6 +25,7 @@ import numpy as np
 from .. import kv_memory
 from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import env_flag
+from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
 from .protocol import ModelLoad
 
@@ -340,13 +341,13 @@ def quantize(src: str, dst: str, weight_type: str) -> None:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{weight_type}")
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
-    if rc != 0:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise RuntimeError(f"llama_model_quantize({src} -> {weight_type}) failed with code {rc}")
-    os.replace(tmp, dst)
+
+    def quantize_to(tmp: Path) -> None:
+        rc = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src} -> {weight_type}) failed with code {rc}")
+
+    atomic_produce(Path(dst), quantize_to, suffix=".gguf")
 
 
 _initialised = False
