@@ -15,6 +15,7 @@ same steps on a tiny model of the architecture, to check the script on a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -194,7 +195,7 @@ def main() -> None:
     try:
         with VramSampler() as vram:
             t0 = time.perf_counter()
-            result["describe"] = engine.describe(model)
+            result["describe"] = dataclasses.asdict(engine.describe(model))
             result["load_seconds"] = time.perf_counter() - t0
             print(f"  loaded in {result['load_seconds']:.1f} s: {result['describe']}", flush=True)
             result["runs"] = [measure(engine, model, args.ctx, False, args, text)]

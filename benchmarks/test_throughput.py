@@ -154,7 +154,7 @@ def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_pa
     benchmark.extra_info.update({"scored_tokens": scored, "ours_tok_per_s": ours,
                                  "reference_build_s": ref_wall, "reference_build_rounds_s": ref_walls,
                                  "reference_vs_eval": ref_wall / benchmark.stats.stats.mean,
-                                 "eval_engine_s": run.seconds, "compaction": engine.info()["compaction"]})
+                                 "eval_engine_s": run.seconds, "compaction": engine.info().compaction})
     exe = _llama_perplexity()
     if exe is None:
         pytest.skip("llama-perplexity not built (scripts/install-llama.sh); only our figure recorded")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cache_config import CacheConfig
 from .corpus import Corpus, CorpusError, builtin_corpus, chunk_tokens, load_corpus
-from .engine.protocol import ContextFacts, Engine, EngineError, ModelLoad
+from .engine.protocol import BackendInfo, ContextFacts, Engine, EngineError, ModelFacts, ModelLoad
 from .environment import host_backend
 from .metrics import ReferenceRows, TokenStats
 from .options import KVOptions
@@ -57,11 +57,11 @@ class KVSession:
     _corpus: Corpus | None = None
     _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
     _chunks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    _described: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _described: dict[str, ModelFacts] = field(default_factory=dict)
     _same_tokenizer: set[tuple[str, str]] = field(default_factory=set)
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
     _regenerated: set[str] = field(default_factory=set)
-    _info: dict[str, Any] | None = None
+    _info: BackendInfo | None = None
     _doing: str = ""
 
     # ------------------------------------------------------------ pieces
@@ -86,7 +86,7 @@ class KVSession:
             self._corpus = load_corpus(self.options.corpus) if self.options.corpus else builtin_corpus()
         return self._corpus
 
-    def backend_info(self) -> dict[str, Any]:
+    def backend_info(self) -> BackendInfo:
         if self._info is None:
             self._info = self.engine.info()
         return self._info
@@ -131,7 +131,7 @@ class KVSession:
             self._chunks[key] = out
         return self._chunks[key]
 
-    def describe(self, model: ResolvedModel) -> dict[str, Any]:
+    def describe(self, model: ResolvedModel) -> ModelFacts:
         """The model's hyperparameters as llama.cpp reads them (once per model)."""
         if model.sha256 not in self._described:
             self._described[model.sha256] = self.engine.describe(self.load_spec(model))
@@ -161,7 +161,7 @@ class KVSession:
         info = self.backend_info()
         key = ReferenceKey(
             model_sha256=model.sha256, tokens_sha256=tokens_digest(chunks), n_ctx=chunks.shape[1],
-            ref_cache=self.options.ref_cache.label, llama_cpp=str(info.get("llama_cpp_python")),
+            ref_cache=self.options.ref_cache.label, llama_cpp=info.llama_cpp_python,
             top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
             seed=REFERENCE_SEED, swa_full=self.options.swa_full,
         )
@@ -216,9 +216,9 @@ class KVSession:
         if (model.sha256, ref.sha256) in self._same_tokenizer:
             return ref
         mine, theirs = self.describe(model), self.describe(ref)
-        if mine.get("n_vocab") != theirs.get("n_vocab"):
-            raise EngineError(f"{model.alias} ({mine.get('n_vocab')} tokens) and the reference "
-                              f"{ref.alias} ({theirs.get('n_vocab')} tokens) have different vocabularies")
+        if mine.n_vocab != theirs.n_vocab:
+            raise EngineError(f"{model.alias} ({mine.n_vocab} tokens) and the reference "
+                              f"{ref.alias} ({theirs.n_vocab} tokens) have different vocabularies")
         probe = next(iter(self.corpus.texts.values()))[:4000]
         if not np.array_equal(self.engine.tokenize(self.load_spec(model), probe),
                               self.engine.tokenize(self.load_spec(ref), probe)):
@@ -259,8 +259,8 @@ class KVSession:
         """This process's results as a mergeable report."""
         environment: dict[str, Any] = {}
         if self._info is not None:
-            environment.update({k: self._info[k] for k in ("llama_cpp_python", "llama_cpp", "gpu_offload")
-                                if k in self._info})
+            environment.update(llama_cpp_python=self._info.llama_cpp_python, llama_cpp=self._info.llama_cpp,
+                               gpu_offload=self._info.gpu_offload)
             environment["ggml"] = host_backend().ggml
         if self.results:
             environment.update(corpus=self.corpus.name, corpus_sha256=self.corpus.content_hash(),

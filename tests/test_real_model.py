@@ -200,7 +200,7 @@ def test_out_of_memory_names_model_n_ctx_and_cache(tmp_path: Path, gemma: ModelL
         assert "out of memory" in message
         assert f"n_ctx {n_ctx}" in message and "cache f16" in message and gemma.path in message
         assert "failed to allocate" in message  # llama.cpp's own words, from the log tail
-        assert e.info()["llama_cpp_python"]  # the worker is still serving
+        assert e.info().llama_cpp_python  # the worker is still serving
     finally:
         e.close()
 

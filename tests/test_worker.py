@@ -25,7 +25,7 @@ def worker(tmp_path: Path) -> Iterator[TestingWorkerEngine]:
 
 def test_a_segfault_in_the_worker_is_reported_and_the_worker_restarts(worker: TestingWorkerEngine) -> None:
     info = worker.info()
-    assert info["llama_cpp_python"] == "0.3.36"
+    assert info.llama_cpp_python == "0.3.36"
     with pytest.raises(WorkerCrash) as e:
         worker.crash_for_test()
     message = str(e.value)
@@ -42,7 +42,7 @@ def test_a_gguf_of_an_unknown_architecture_fails_with_llama_cpp_reason(
         worker.describe(ModelLoad(str(model), 0))
     assert f"llama.cpp could not load {model}" in str(e.value)
     assert "unknown model architecture: 'notanarch'" in str(e.value)
-    assert worker.info()["llama_cpp_python"]  # the worker survived
+    assert worker.info().llama_cpp_python  # the worker survived
 
 
 def test_a_truncated_gguf_fails_cleanly(worker: TestingWorkerEngine, tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_a_worker_killed_by_the_oom_killer_is_explained(worker: TestingWorkerEng
     threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
     with pytest.raises(WorkerCrash, match=r"SIGKILL \(most likely the kernel.s out-of-memory killer"):
         worker.sleep_for_test(30)
-    assert worker.info()["llama_cpp_python"]  # and a fresh worker serves the next request
+    assert worker.info().llama_cpp_python  # and a fresh worker serves the next request
     assert worker.pid != pid
 
 
@@ -98,5 +98,5 @@ def test_ctrl_c_in_the_middle_of_a_request_stops_the_busy_worker_at_once(worker:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
-    assert worker.info()["llama_cpp_python"]  # the channel is not out of step: a fresh worker answers
+    assert worker.info().llama_cpp_python  # the channel is not out of step: a fresh worker answers
     assert worker.pid != pid

@@ -22,8 +22,10 @@ from .ops import OPS, Op, decode, encode
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
+    BackendInfo,
     CandidateRun,
     EngineError,
+    ModelFacts,
     ModelLoad,
     ReferenceRun,
     SpeedRun,
@@ -170,11 +172,11 @@ class WorkerEngine:
         reply, out = self._call({"op": op.name, **header}, arrays, what=op.doing(args))
         return decode(op.reply, reply, out)
 
-    def info(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self._request(OPS["info"]))
+    def info(self) -> BackendInfo:
+        return cast(BackendInfo, self._request(OPS["info"]))
 
-    def describe(self, model: ModelLoad) -> dict[str, Any]:
-        return cast(dict[str, Any], self._request(OPS["describe"], model=model))
+    def describe(self, model: ModelLoad) -> ModelFacts:
+        return cast(ModelFacts, self._request(OPS["describe"], model=model))
 
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
         return cast(np.ndarray, self._request(OPS["tokenize"], model=model, text=text))

@@ -21,13 +21,12 @@ import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..cache_config import BITS_PER_ELEMENT, CacheConfig
 from .local import LocalEngine
-from .protocol import ModelLoad
+from .protocol import BackendInfo, ModelFacts, ModelLoad
 
 FAKE_VOCAB = 384
 FAKE_BOS = 1
@@ -84,9 +83,8 @@ class FakeModel:
             noise = np.random.default_rng(seed + 1).standard_normal(self.w_prev.shape).astype(np.float32)
             self.w_prev += noise * weight_noise
 
-    def describe(self) -> dict[str, Any]:
-        return {"desc": "fake", "n_vocab": FAKE_VOCAB, "n_layer": FAKE_KV[0], "n_ctx_train": 1 << 20,
-                "gpu_layers": 0}
+    def describe(self) -> ModelFacts:
+        return ModelFacts(desc="fake", n_vocab=FAKE_VOCAB, n_layer=FAKE_KV[0], n_ctx_train=1 << 20, gpu_layers=0)
 
     def tokenize(self, text: str) -> np.ndarray:
         data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -155,9 +153,8 @@ class FakeBackend:
         self.noise_scale = noise_scale
         self.chunk_effect = chunk_effect
 
-    def info(self) -> dict[str, Any]:
-        return {"llama_cpp_python": "fake", "llama_cpp": "fake", "gpu_offload": False,
-                "system_info": "fake"}
+    def info(self) -> BackendInfo:
+        return BackendInfo(llama_cpp_python="fake", llama_cpp="fake", gpu_offload=False, system_info="fake")
 
     def load(self, model: ModelLoad) -> FakeModel:
         return FakeModel(model.path, self.noise_scale, self.chunk_effect)

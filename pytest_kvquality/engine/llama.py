@@ -27,7 +27,7 @@ from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
-from .protocol import ModelLoad
+from .protocol import BackendInfo, ModelFacts, ModelLoad
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -69,14 +69,14 @@ def _log_to_stderr(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         _debug.append(text.decode("utf-8", errors="replace"))
 
 
-def backend_info() -> dict[str, Any]:
-    return {
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp": f"vendored in llama-cpp-python {llama_cpp.__version__}",
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
+def backend_info() -> BackendInfo:
+    return BackendInfo(
+        llama_cpp_python=llama_cpp.__version__,
+        llama_cpp=f"vendored in llama-cpp-python {llama_cpp.__version__}",
+        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
 
 
 class LlamaModel:
@@ -112,16 +112,12 @@ class LlamaModel:
             self._geometry = kv_memory.Geometry.from_file(Path(self.path))
         return self._geometry
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelFacts:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, 256)
-        return {
-            "desc": buf.value.decode(errors="replace"),
-            "n_vocab": self.n_vocab,
-            "n_layer": int(llama_cpp.llama_model_n_layer(self.model)),
-            "n_ctx_train": int(llama_cpp.llama_model_n_ctx_train(self.model)),
-            "gpu_layers": self.gpu_layers,
-        }
+        return ModelFacts(desc=buf.value.decode(errors="replace"), n_vocab=self.n_vocab,
+                          n_layer=int(llama_cpp.llama_model_n_layer(self.model)),
+                          n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self.model)), gpu_layers=self.gpu_layers)
 
     def tokenize(self, text: str) -> np.ndarray:
         data = text.encode("utf-8")
@@ -364,7 +360,7 @@ def init_backend() -> None:
 class LlamaBackend:
     """llama.cpp as a ``LogitsBackend``."""
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> BackendInfo:
         return backend_info()
 
     def load(self, model: ModelLoad) -> LlamaModel:

@@ -3,6 +3,7 @@ worker, the numpy fake in fast tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -18,12 +19,14 @@ from .protocol import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
     SPEED_PHASES,
+    BackendInfo,
     CandidateRun,
     ContextFacts,
     EngineError,
     LogitsBackend,
     LogitsContext,
     LogitsModel,
+    ModelFacts,
     ModelLoad,
     ReferenceRun,
     SpeedRun,
@@ -170,12 +173,12 @@ class LocalEngine:
             self._models[model] = self.backend.load(model)
         return self._models[model]
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> BackendInfo:
         from ..compaction import kernel_name
 
-        return {**self.backend.info(), "compaction": kernel_name()}
+        return dataclasses.replace(self.backend.info(), compaction=kernel_name())
 
-    def describe(self, model: ModelLoad) -> dict[str, Any]:
+    def describe(self, model: ModelLoad) -> ModelFacts:
         return self._model(model).describe()
 
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:

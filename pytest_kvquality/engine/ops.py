@@ -19,7 +19,7 @@ import numpy as np
 from ..cache_config import CacheConfig
 from ..metrics import ReferenceRows, TokenStats
 from .ipc import Arrays, Header
-from .protocol import CandidateRun, ContextFacts, ModelLoad, ReferenceRun, SpeedRun
+from .protocol import BackendInfo, CandidateRun, ContextFacts, ModelFacts, ModelLoad, ReferenceRun, SpeedRun
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def _table(*ops: Op) -> dict[str, Op]:
 
 
 OPS = _table(
-    Op("info", NoArgs, dict, lambda a: "reading backend info"),
-    Op("describe", ModelArgs, dict, lambda a: f"loading {a.model.path}"),
+    Op("info", NoArgs, BackendInfo, lambda a: "reading backend info"),
+    Op("describe", ModelArgs, ModelFacts, lambda a: f"loading {a.model.path}"),
     Op("tokenize", TokenizeArgs, np.ndarray, lambda a: f"tokenizing with {a.model.path}"),
     Op("reference", ReferenceArgs, ReferenceRun,
        lambda a: f"building the {a.cache.label} reference of {a.model.path}"),

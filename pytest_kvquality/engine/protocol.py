@@ -89,6 +89,30 @@ class ContextFacts:
                 for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """The model runtime: versions, whether it can offload to a GPU, and which compaction kernel
+    builds references (``compiled C`` or ``numpy``; set by ``LocalEngine``)."""
+
+    llama_cpp_python: str
+    llama_cpp: str
+    gpu_offload: bool
+    system_info: str = ""
+    cuda_visible_devices: str | None = None
+    compaction: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a loaded model says of itself (the tokenizer check compares ``n_vocab``)."""
+
+    desc: str
+    n_vocab: int
+    n_layer: int
+    n_ctx_train: int
+    gpu_layers: int
+
+
 @dataclass
 class Timed:
     seconds: float
@@ -120,9 +144,9 @@ class Engine(Protocol):
     top_k: int
     tail_samples: int
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> BackendInfo: ...
 
-    def describe(self, model: ModelLoad) -> dict[str, Any]: ...
+    def describe(self, model: ModelLoad) -> ModelFacts: ...
 
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray: ...
 
@@ -155,7 +179,7 @@ class LogitsContext(Protocol):
 class LogitsModel(Protocol):
     def tokenize(self, text: str) -> np.ndarray: ...
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self) -> ModelFacts: ...
 
     def context(self, cache: CacheConfig, n_ctx: int) -> LogitsContext: ...
 
@@ -165,7 +189,7 @@ class LogitsModel(Protocol):
 class LogitsBackend(Protocol):
     """One file per backend: ``llama.py`` (llama.cpp, in the worker) and ``fake.py`` (numpy)."""
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> BackendInfo: ...
 
     def load(self, model: ModelLoad) -> LogitsModel: ...
 
