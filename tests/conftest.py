@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import LOAD_PLUGIN, isolate_model_caches
+from helpers import LOAD_PLUGIN, isolate_model_caches, measured
 
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
 
@@ -33,3 +33,22 @@ def kv_project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
     isolate_model_caches(monkeypatch, tmp_path / "home")
     return pytester
+
+
+@pytest.fixture
+def straddling(kv_project: pytest.Pytester, fake_model: Path) -> Path:
+    """Gates from measured values: q4_0 passes clearly (8σ of room), q4_0/f16 sits at +0.5σ,
+    inside the one-sided 95 % band, so neither pass nor fail can be claimed."""
+    m = measured(kv_project, fake_model, "q4_0,q4_0/f16")
+    (q4, q4_unc), (k4, k4_unc) = m["q4_0"], m["q4_0/f16"]
+    kv_project.makefile(".yaml", gates=f"""
+version: 1
+models:
+  tiny:
+    q4_0:
+      overall: {{kl_mean: "< {q4 + 8 * q4_unc:.6f}"}}
+      coding: {{kl_mean: "< 9"}}
+    q4_0/f16:
+      overall: {{kl_mean: "< {k4 + 0.5 * k4_unc:.6f}"}}
+""")
+    return kv_project.path / "gates.yaml"
