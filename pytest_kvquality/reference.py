@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ def tokens_digest(chunks: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _checksum(header: dict[str, Any], payload: list[bytes]) -> str:
+def _checksum(header: dict[str, Any], payload: Sequence[bytes | memoryview]) -> str:
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for p in payload:
         h.update(p)
@@ -96,13 +96,15 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
         header = json.loads(data[start : start + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReferenceDamaged(f"{path}: header is not readable JSON ({e})") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+    if not isinstance(header, dict):
+        raise ReferenceDamaged(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != FORMAT_VERSION:
         raise ReferenceDamaged(f"{path}: wrong format version {header.get('format')!r}")
     payload_start = start + n
+    payload = memoryview(data)[payload_start:]
     try:
         layout = header["arrays"]
-        chunks = [data[payload_start + a["offset"] : payload_start + a["offset"] + a["nbytes"]]
-                  for a in layout]
+        chunks = [payload[a["offset"] : a["offset"] + a["nbytes"]] for a in layout]  # views: no copy
         expected = header.pop("checksum")
     except (KeyError, TypeError) as e:
         raise ReferenceDamaged(f"{path}: header is missing {e}") from e
@@ -116,7 +118,7 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
     if header["key"] != key.as_dict():
         diff = sorted(k for k in key.as_dict() if header["key"].get(k) != key.as_dict()[k])
         raise ReferenceDamaged(f"{path}: written for another key (differs in {', '.join(diff)})")
-    arrays = unpack(layout, memoryview(data)[payload_start:])
+    arrays = unpack(layout, payload)
     return ReferenceRows.from_arrays(arrays), header.get("meta", {})
 
 

@@ -40,6 +40,7 @@ def test_reference_round_trip(tmp_path: Path) -> None:
     (lambda b: b[:-100] + bytes([b[-100] ^ 0x40]) + b[-99:], "checksum mismatch"),
     (lambda b: b[:7] + b"\x09" + b[8:], "reference format 9"),
     (lambda b: b"PK\x03\x04" + b[4:], "not a pytest-kvquality reference"),
+    (lambda b: b[:8] + (3).to_bytes(4, "little") + b"[1]", "header is a JSON list, not an object"),
 ])
 def test_damaged_references_are_detected(tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
     path, key, _ = make_reference(tmp_path)
