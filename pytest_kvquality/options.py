@@ -59,10 +59,12 @@ class Option:
     parse: Callable[[Any], Any] | None = None
     #: --kv-compare: the value when the flag is given without one
     bare_value: str | None = None
+    #: the ini key, when it is not the flag with underscores (``kv_models`` for the repeatable --kv-model)
+    ini_key: str = ""
 
     @property
     def ini(self) -> str:
-        return self.flag[2:].replace("-", "_") + ("s" if self.flag == "--kv-model" else "")
+        return self.ini_key or self.flag[2:].replace("-", "_")
 
     @property
     def repeatable(self) -> bool:
@@ -125,7 +127,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kv-model", "models", "texts",
            "model to evaluate: a registered alias (`gemma3-270m`, `qwen3.6-35b`, ...), a path to a `.gguf`, or "
            "a Hugging Face repository file as llama.cpp's `-hf` names it (`owner/repo:QUANT`, "
-           "`owner/repo/file.gguf`)", "NAME"),
+           "`owner/repo/file.gguf`)", "NAME", ini_key="kv_models"),
     Option("--kv-download", "download", "flag",
            "fetch a repository model (`owner/repo:QUANT`, or a registry entry with `hf:`) that is not in the "
            "local caches, with huggingface_hub into the Hugging Face hub cache"),
@@ -291,19 +293,21 @@ class KVOptions:
     def from_config(cls, config: pytest.Config) -> KVOptions:
         """Every option of ``OPTIONS`` read, checked and parsed; then the defaults that depend on others."""
         o = cls()
+        given: set[str] = set()
         for opt in OPTIONS:
             value = _read(config, opt)
             if value is not None:
                 setattr(o, opt.dest, opt.parse(value) if opt.parse else value)
+                given.add(opt.dest)
+        o.thresholds_given = "thresholds" in given
         o.thresholds = o.thresholds or [shipped_thresholds_dir()]
-        ref_dir = _path(config, "kv_ref_dir") or os.environ.get("KVQ_REF_DIR")
-        if ref_dir:
-            o.ref_dir = Path(os.path.expanduser(str(ref_dir)))
+        env_ref_dir = os.environ.get("KVQ_REF_DIR")
+        if "ref_dir" not in given and env_ref_dir:
+            o.ref_dir = Path(os.path.expanduser(env_ref_dir))
         o.storage = o.storage or config.rootpath / ".kvquality"
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
         o.models_from_command_line = _from_command_line(config, "kv_models")
-        o.thresholds_given = bool(_get(config, "kv_thresholds"))
         return o
 
 

@@ -42,3 +42,15 @@ def test_the_sweep_declares_the_shared_options_as_the_plugin_does() -> None:
             action = by_flag[o.flag]
             assert action.help == o.argparse_kwargs()["help"], o.flag
             assert action.dest == o.ini
+
+
+def test_kvq_ref_dir_applies_only_where_no_option_or_ini_key_names_the_folder(
+    kv_project: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVQ_REF_DIR", str(tmp_path / "from-env"))
+    given = kv_project.runpytest("--co")  # kv_project's ini names a reference folder
+    given.stdout.fnmatch_lines([f"*references in {tmp_path / 'refs'}"])
+    unset = kv_project.runpytest("--co", "-o", "kv_ref_dir=")
+    unset.stdout.fnmatch_lines([f"*references in {tmp_path / 'from-env'}"])
+    flag = kv_project.runpytest("--co", "-o", "kv_ref_dir=", f"--kv-ref-dir={tmp_path / 'from-flag'}")
+    flag.stdout.fnmatch_lines([f"*references in {tmp_path / 'from-flag'}"])
