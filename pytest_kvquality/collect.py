@@ -17,7 +17,7 @@ from .gating import Outcome, decide, describe
 from .options import DEFAULT_CACHES, shipped_thresholds_dir
 from .results import Verdict
 from .state import STATE, KVState, configure, get_state
-from .thresholds import Threshold, ThresholdError, load_thresholds
+from .thresholds import Threshold, ThresholdError, file_corpus, load_thresholds
 
 
 class ThresholdFailed(AssertionError):
@@ -36,13 +36,34 @@ class ThresholdFile(pytest.File):
         except CorpusError as e:
             raise self.CollectError(f"cannot read the corpus: {e}") from e
         try:
+            corpus = file_corpus(self.path)
+            if corpus is not None and corpus != state.session.corpus.name:
+                why = f"its gates were measured on corpus {corpus}, this run scores {state.session.corpus.name}"
+                if state.options.thresholds_given:  # asked for by name: its gates must not vanish
+                    raise self.CollectError(f"{self.path}: {why} (--kv-corpus {corpus} runs them)")
+                state.session.notes.append(f"{self.path.name}: {why}; not applied")
+                return
             thresholds = load_thresholds(self.path, state.known_model, categories)
         except ThresholdError as e:
             raise self.CollectError(f"invalid threshold file: {e}") from e
         wanted = state.options.caches
         for t in thresholds:
             if t.model in state.model_names and (wanted is None or t.cache in wanted):
+                if t.metric.startswith("gen_"):
+                    self._check_generation(t, state)
                 yield ThresholdItem.from_parent(self, name=t.test_id, threshold=t)
+
+    def _check_generation(self, t: Threshold, state: KVState) -> None:
+        """A generation gate makes the run generate; one that generations of N tokens can never meet
+        is an error here, not a failure found after minutes of decoding."""
+        state.session.wants_generation = True
+        n, agree = state.options.gen_tokens, state.options.gen_agree
+        if t.metric == "gen_first_divergence_median" and t.higher_is_better and t.limit >= n:
+            raise self.CollectError(f"{t.path}:{t.line}: {t.rule} can never be met: generations stop at "
+                                    f"--kv-gen-tokens {n}, so the median first divergence is at most {n}")
+        if t.metric == "gen_prefix_agree" and agree > n:
+            raise self.CollectError(f"{t.path}:{t.line}: gen_prefix_agree counts the first --kv-gen-agree {agree} "
+                                    f"tokens but generations stop at --kv-gen-tokens {n}")
 
 
 class KVItemBase(pytest.Item):

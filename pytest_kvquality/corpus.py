@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from .chat import ChatError, Transcript, transcript
+
 BUILTIN_DIR = Path(__file__).parent / "corpus_data"
 BUILTIN_CATEGORIES = ("coding", "science", "tool_calling", "long_documents")
 DEFAULT_CATEGORY = "default"
+#: the built-in agent corpus (chat transcripts with tools, ``agent_gen.py``): ``--kv-corpus builtin:agent``
+AGENT_CORPUS = "builtin:agent"
+AGENT_FILE = BUILTIN_DIR / "agent.jsonl"
 
 
 #: the name of the pooled figure (thresholds.OVERALL); no category may take it
@@ -30,17 +35,28 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Corpus:
+    """Text per category (chunked llama-perplexity's way), or chat transcripts per category (each
+    one sequence, scored where the assistant speaks); never both."""
+
     name: str
     texts: dict[str, str]
+    chats: dict[str, list[Transcript]] = field(default_factory=dict)
 
     @property
     def categories(self) -> list[str]:
-        return list(self.texts)
+        return list(self.chats or self.texts)
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.chats)
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
         for cat, text in self.texts.items():
             h.update(cat.encode() + b"\0" + text.encode("utf-8") + b"\0")
+        for cat, records in self.chats.items():
+            for t in records:
+                h.update(b"chat\0" + cat.encode() + b"\0" + t.digest_text().encode("utf-8") + b"\0")
         return h.hexdigest()
 
 
@@ -58,7 +74,8 @@ def _read_text(path: Path) -> str:
         raise CorpusError(f"corpus file {path} cannot be read: {e.strerror}") from e
 
 
-def _read_jsonl(path: Path) -> dict[str, str]:
+def _read_jsonl(path: Path, chats: dict[str, list[Transcript]]) -> dict[str, str]:
+    """Text records (``text``, ``category``) by category; chat records (``messages``) go to ``chats``."""
     parts: dict[str, list[str]] = {}
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
@@ -67,8 +84,16 @@ def _read_jsonl(path: Path) -> dict[str, str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        if isinstance(record, dict) and "messages" in record:
+            try:
+                t = transcript(record, f"{path}:{lineno}", DEFAULT_CATEGORY)
+            except ChatError as e:
+                raise CorpusError(str(e)) from e
+            chats.setdefault(t.category, []).append(t)
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise CorpusError(f"{path}:{lineno}: each JSONL record needs a string field 'text'")
+            raise CorpusError(f"{path}:{lineno}: each JSONL record needs a string field 'text' (text) or a list "
+                              "'messages' (chat)")
         cat = record.get("category", DEFAULT_CATEGORY)
         if not isinstance(cat, str) or not cat:
             raise CorpusError(f"{path}:{lineno}: 'category' must be a non-empty string")
@@ -77,18 +102,30 @@ def _read_jsonl(path: Path) -> dict[str, str]:
 
 
 def load_corpus(path: str | Path) -> Corpus:
-    """Read ``.txt`` files (category = file stem), ``.jsonl`` files, or a directory of both."""
+    """Read ``.txt`` files (category = file stem), ``.jsonl`` files, or a directory of both; or a
+    built-in corpus by name (``builtin:agent``)."""
     p = Path(path)
+    if p.name == AGENT_CORPUS:  # from an ini file the name arrives behind the ini's folder
+        return _named(load_corpus(AGENT_FILE), AGENT_CORPUS)
     if not p.exists():
         raise CorpusError(f"corpus path {p} does not exist")
     files = sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
     if not files:
         raise CorpusError(f"corpus directory {p} has no .txt or .jsonl files")
     texts: dict[str, str] = {}
+    chats: dict[str, list[Transcript]] = {}
     for f in files:
-        found = _read_jsonl(f) if f.suffix == ".jsonl" else {f.stem: _read_text(f)}
+        found = _read_jsonl(f, chats) if f.suffix == ".jsonl" else {f.stem: _read_text(f)}
         for cat, text in found.items():
             texts[cat] = texts[cat] + "\n\n" + text if cat in texts else text
+    if chats and texts:
+        raise CorpusError(f"corpus {p} mixes text ({', '.join(texts)}) and chat transcripts ({', '.join(chats)}); "
+                          "a corpus is scored one way: split it into two runs")
+    if POOLED in chats:
+        raise CorpusError(f"corpus {p}: a category may not be named {POOLED!r}, the name of the figure pooled "
+                          "over all categories; rename the records' 'category'")
+    if chats:
+        return Corpus(p.name, {}, chats)
     empty = [c for c, t in texts.items() if not t.strip()]
     if empty:
         raise CorpusError(f"corpus {p}: category {empty[0]!r} has no text")
@@ -96,6 +133,10 @@ def load_corpus(path: str | Path) -> Corpus:
         raise CorpusError(f"corpus {p}: a category may not be named {POOLED!r}, the name of the figure pooled "
                           "over all categories; rename the file or the records' 'category'")
     return Corpus(p.name, texts)
+
+
+def _named(corpus: Corpus, name: str) -> Corpus:
+    return Corpus(name, corpus.texts, corpus.chats)
 
 
 def chunk_tokens(

@@ -53,6 +53,9 @@ def decide(t: Threshold, summary: KLSummary, mode: str = "bound") -> Decision:
     """Pass, fail or inconclusive for one threshold against one summary."""
     from .uncertainty import MIN_CHUNKS, chunks_to_decide
 
+    if t.metric.startswith("gen_") and t.metric not in summary.generation:
+        return Decision(Outcome.INCONCLUSIVE, math.nan, 0.0, -math.inf, math.inf,
+                        reason="no generations were run for this result (--kv-gen)")
     value, _ = summary.metric(t.metric)
     bound = summary.bounds.get(t.metric)
     if bound is None:  # a summary without chunk structure (e.g. read from an old document)

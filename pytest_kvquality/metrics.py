@@ -301,6 +301,8 @@ class KLSummary:
     order_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: what gates read: each threshold metric's bounds from the chunk-level spread (uncertainty.py)
     bounds: dict[str, GateBound] = field(default_factory=dict)
+    #: generation divergence (``generation.GEN_METRICS``), when generations were run
+    generation: dict[str, float] = field(default_factory=dict)
 
     @property
     def kl_p99(self) -> float:
@@ -320,6 +322,8 @@ class KLSummary:
         }
         for key, _frac in KL_PERCENTILES.items():
             table["kl_" + key] = (self.kl_percentiles.get(key, 0.0), 0.0)
+        for key, value in self.generation.items():
+            table[key] = (value, 0.0)
         if name not in table:
             raise KeyError(name)
         return table[name]
@@ -347,6 +351,8 @@ class KLSummary:
 THRESHOLD_METRICS = (
     "kl_mean", "kl_median", "kl_max", "kl_p999", "kl_p99", "kl_p95", "kl_p90",
     "top1", "dp_rms", "dp_mean", "ppl_ratio", "ln_ppl_ratio",
+    # generation divergence (generation.py), measured when a threshold names one or --kv-gen is set
+    "gen_first_divergence_median", "gen_identical", "gen_prefix_agree", "gen_kl_at_divergence",
 )
 
 

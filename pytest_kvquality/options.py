@@ -123,6 +123,15 @@ def _chunks(n: int) -> int:
     return n
 
 
+def _at_least(flag: str, low: int) -> Callable[[int], int]:
+    def check(n: int) -> int:
+        if n < low:
+            raise pytest.UsageError(f"{flag} must be >= {low}, got {n}")
+        return n
+
+    return check
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("--kv-model", "models", "texts",
            "model to evaluate: a registered alias (`gemma3-270m`, `qwen3.6-35b`, ...), a path to a `.gguf`, or "
@@ -138,8 +147,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kv-ctx", "n_ctx", "int", f"context size n_ctx (default {DEFAULT_N_CTX})", "N", parse=_n_ctx),
     Option("--kv-chunks", "chunks", "int", "at most N chunks per category (default: all)", "N", parse=_chunks),
     Option("--kv-corpus", "corpus", "path",
-           "corpus: `.txt` files (category = file stem), `.jsonl` with `text` and `category`, or a directory; "
-           "default: the built-in corpus", "PATH"),
+           "corpus: `.txt` files (category = file stem), `.jsonl` with `text` and `category` or chat `messages`, "
+           "a directory, or `builtin:agent` (chat transcripts with tools); default: the built-in text corpus",
+           "PATH"),
+    Option("--kv-chat-template", "chat_template", "text",
+           "chat template for chat corpora: a shipped name (`gemma3`) or a Jinja file; default: the registry "
+           "entry's, else the GGUF's `tokenizer.chat_template`", "NAME|PATH"),
+    Option("--kv-gen", "gen_prompts", "int",
+           "greedy-decode N prompts per category with the reference and each cache and report where they first "
+           f"diverge (default 0: off, or {16} when a threshold gates a `gen_*` metric)", "N",
+           parse=_at_least("--kv-gen", 0)),
+    Option("--kv-gen-tokens", "gen_tokens", "int", "tokens generated per prompt (default 128)", "N",
+           parse=_at_least("--kv-gen-tokens", 1)),
+    Option("--kv-gen-agree", "gen_agree", "int",
+           "`gen_prefix_agree` counts prompts whose first N generated tokens agree (default 32)", "N",
+           parse=_at_least("--kv-gen-agree", 1)),
     Option("--kv-thresholds", "thresholds", "paths",
            "threshold YAML file or directory (default: the shipped `thresholds/`)", "PATH"),
     Option("--kv-ref-dir", "ref_dir", "path",
@@ -266,6 +288,10 @@ class KVOptions:
     ref_dir: Path = field(default_factory=lambda: default_cache_dir() / "references")
     cache_dir: Path = field(default_factory=default_cache_dir)
     regen: bool = False
+    chat_template: str | None = None
+    gen_prompts: int = 0
+    gen_tokens: int = 128
+    gen_agree: int = 32
     json_path: Path | None = None
     gpu_layers: int = -1
     registries: list[Path] = field(default_factory=list)

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from filelock import FileLock
@@ -31,6 +31,15 @@ from .metrics import ReferenceRows
 
 MAGIC = b"KVQREF\x00\x02"
 FORMAT_VERSION = 2
+
+
+class Stored(Protocol):
+    """What a reference file holds: named arrays (``ReferenceRows``, ``generation.Generations``)."""
+
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+S = TypeVar("S", bound=Stored)
 
 
 class ReferenceDamaged(ValueError):
@@ -51,9 +60,14 @@ class ReferenceKey:
     seed: int
     #: sliding-window layers at full size: the logits differ in the last bits (different cell order)
     swa_full: bool = False
+    #: greedy generations of this many tokens per prompt instead of scored logits (0: logits)
+    gen_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "format": FORMAT_VERSION}
+        d = {**self.__dict__, "format": FORMAT_VERSION}
+        if not self.gen_tokens:  # logits references keep the digests they had before generations
+            d.pop("gen_tokens")
+        return d
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
@@ -72,7 +86,7 @@ def _checksum(header: dict[str, Any], payload: Sequence[bytes | memoryview]) -> 
     return h.hexdigest()
 
 
-def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: dict[str, Any]) -> None:
+def write_reference(path: Path, key: ReferenceKey, rows: Stored, meta: dict[str, Any]) -> None:
     layout, payload = pack(rows.arrays())
     header: dict[str, Any] = {"format": FORMAT_VERSION, "key": key.as_dict(), "arrays": layout,
                               "meta": meta}
@@ -81,7 +95,7 @@ def write_reference(path: Path, key: ReferenceKey, rows: ReferenceRows, meta: di
     atomic_write(path, [MAGIC, struct.pack("<I", len(raw_header)), raw_header, *payload], fsync_dir=True)
 
 
-def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:
+def read_arrays(path: Path, key: ReferenceKey) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load and verify a cache entry; raise ``ReferenceDamaged`` if anything is off."""
     data = path.read_bytes()
     if len(data) < len(MAGIC) + 4 or data[: len(MAGIC) - 1] != MAGIC[:-1]:
@@ -118,8 +132,16 @@ def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[s
     if header["key"] != key.as_dict():
         diff = sorted(k for k in key.as_dict() if header["key"].get(k) != key.as_dict()[k])
         raise ReferenceDamaged(f"{path}: written for another key (differs in {', '.join(diff)})")
-    arrays = unpack(layout, payload)
-    return ReferenceRows.from_arrays(arrays), header.get("meta", {})
+    return unpack(layout, payload), header.get("meta", {})
+
+
+def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:
+    """A logits reference file, verified (``read_arrays``)."""
+    arrays, meta = read_arrays(path, key)
+    try:
+        return ReferenceRows.from_arrays(arrays), meta
+    except KeyError as e:
+        raise ReferenceDamaged(f"{path}: array {e} is missing") from e
 
 
 class ReferenceStore:
@@ -134,9 +156,11 @@ class ReferenceStore:
     def lock_path(self, key: ReferenceKey) -> Path:
         return self.root / f"{key.digest()[:32]}.lock"
 
-    def load_or_build(self, key: ReferenceKey, build: Callable[[], tuple[ReferenceRows, dict[str, Any]]], *,
+    def load_or_build(self, key: ReferenceKey, build: Callable[[], tuple[S, dict[str, Any]]], *,
                       rebuild: bool = False, on_damaged: Callable[[str], None] = lambda _: None,
-                      what: str = "the reference") -> ReferenceRows:
+                      what: str = "the reference",
+                      decode: Callable[[dict[str, np.ndarray]], S] = ReferenceRows.from_arrays,  # type: ignore[assignment]
+                      ) -> S:
         """The reference for ``key``: read when a sound file is there (and not ``rebuild``), else built
         once across processes (a file lock; whoever waited reads what the builder wrote) and written.
         A damaged file is reported to ``on_damaged`` and rebuilt, never used."""
@@ -144,7 +168,7 @@ class ReferenceStore:
         # files are only ever renamed into place, so a complete one is read without the lock (which
         # a read-only reference directory could not give)
         if not rebuild and path.exists():
-            rows = self._read(path, key, on_damaged)
+            rows = self._read(path, key, on_damaged, decode)
             if rows is not None:
                 return rows
         try:
@@ -155,7 +179,7 @@ class ReferenceStore:
             raise OSError(f"{what} is not in {self.root} and cannot be built there: {e}") from e
         try:
             if path.exists() and not rebuild:  # built by another process while we waited
-                rows = self._read(path, key, on_damaged)
+                rows = self._read(path, key, on_damaged, decode)
                 if rows is not None:
                     return rows
             rows, meta = build()
@@ -165,9 +189,14 @@ class ReferenceStore:
             lock.release()
 
     @staticmethod
-    def _read(path: Path, key: ReferenceKey, on_damaged: Callable[[str], None]) -> ReferenceRows | None:
+    def _read(path: Path, key: ReferenceKey, on_damaged: Callable[[str], None],
+              decode: Callable[[dict[str, np.ndarray]], S]) -> S | None:
         try:
-            return read_reference(path, key)[0]
+            arrays = read_arrays(path, key)[0]
+            try:
+                return decode(arrays)
+            except KeyError as e:
+                raise ReferenceDamaged(f"{path}: array {e} is missing") from e
         except ReferenceDamaged as e:
             on_damaged(f"reference cache entry damaged, rebuilt: {e}")
             return None

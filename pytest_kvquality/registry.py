@@ -18,6 +18,7 @@ A registry file is YAML::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import yaml
 from .hub import HubRef, parse_ref
 
 BUILTIN_ALIAS = "gemma3-270m"
+#: a shipped chat template's name (``chat_templates/NAME.jinja``); anything else is a path
+_TEMPLATE_NAME = re.compile(r"[a-z0-9_.-]+")
 
 
 class ModelNotFound(LookupError):
@@ -45,11 +48,14 @@ class ModelEntry:
     builtin: bool = False
     #: where the file comes from when no path is given: a GGUF in a Hugging Face repository
     hf: HubRef | None = None
+    #: chat template for a GGUF that has none: a shipped name (``gemma3``) or a Jinja file
+    chat_template: str | None = None
 
 
 BUILTIN_ENTRIES = {
+    # its GGUF carries no chat template: Gemma 3's, as Google publishes it, is shipped (chat_templates/)
     BUILTIN_ALIAS: ModelEntry(BUILTIN_ALIAS, None, None, ("gemma-3-270m", "gemma3-270m-q4_k_m"),
-                              builtin=True),
+                              builtin=True, chat_template="gemma3"),
     # models with shipped thresholds: found in the local caches (or fetched with --kv-download) from
     # these repositories, checked to exist on huggingface.co; no sha256 is pinned (none verified here)
     "gemma4-31b": ModelEntry("gemma4-31b", None, None, ("gemma-4-31b",),
@@ -159,12 +165,19 @@ def _parse_registry(path: Path) -> dict[str, ModelEntry]:
         sha = spec.get("sha256")
         if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
             raise RegistryError(f"model registry {path}: models.{alias}.sha256 must be 64 hex digits, quoted")
+        template = spec.get("chat_template")
+        if template is not None and not (isinstance(template, str) and template):
+            raise RegistryError(f"{where}.chat_template must be a template name or a path")
+        if template is not None and not _TEMPLATE_NAME.fullmatch(template):
+            t = Path(os.path.expanduser(template))
+            template = str(t if t.is_absolute() else (path.parent / t).resolve())
         if isinstance(spec.get("path"), str):
             p = Path(os.path.expandvars(os.path.expanduser(spec["path"])))
             out[str(alias)] = ModelEntry(str(alias), str(p if p.is_absolute() else (path.parent / p).resolve()),
-                                         sha, tuple(aliases))
+                                         sha, tuple(aliases), chat_template=template)
         else:
-            out[str(alias)] = ModelEntry(str(alias), None, sha, tuple(aliases), hf=_hub_entry(spec, sha, where))
+            out[str(alias)] = ModelEntry(str(alias), None, sha, tuple(aliases), hf=_hub_entry(spec, sha, where),
+                                         chat_template=template)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .engine.protocol import ContextFacts
 from .markdown import markdown_table
@@ -116,6 +117,7 @@ def markdown(report: Report, comparison_lines: list[str] | None = None) -> str:
                 markdown_table(["gate", "rule", "value ± σ", "95 % bounds", "verdict"], rows, align="llrrl"), ""]
     elif report.verdicts:
         out += [f"All {len(report.verdicts)} gates passed.", ""]
+    out += where_loss_hits(report)
     if comparison_lines:
         out += ["### Against the baseline", "", *comparison_lines, ""]
     for line in skip_lines(report.skipped):
@@ -125,6 +127,40 @@ def markdown(report: Report, comparison_lines: list[str] | None = None) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+
+
+def where_loss_hits(report: Report) -> list[str]:
+    """Markdown: mean KLD by span and by the reference's confidence, and generation divergence, per
+    (model, cache) of the overall records that have them."""
+    out: list[str] = []
+    overall = [r for r in report.records if r.category == OVERALL]
+    span_rows = [[f"`{r.model}`", f"`{r.cache}`", x.label, f"{x.n_tokens:,}", f"{x.kl_mean:.5f}", f"{100 * x.top1:.2f}"]
+                 for r in overall for x in (r.spans or []) if len(r.spans or []) > 1]
+    if span_rows:
+        out += ["### Mean KLD by span", "",
+                markdown_table(["model", "cache", "span", "tokens", "mean KLD", "same top %"], span_rows,
+                               align="lllrrr"), ""]
+    conf_rows = [[f"`{r.model}`", f"`{r.cache}`", x.label, f"{x.n_tokens:,}", f"{x.kl_mean:.5f}", f"{100 * x.top1:.2f}"]
+                 for r in overall for x in (r.confidence or [])]
+    if conf_rows:
+        out += ["### Mean KLD by the reference's confidence", "",
+                markdown_table(["model", "cache", "reference top-1 p", "tokens", "mean KLD", "same top %"], conf_rows,
+                               align="lllrrr"), ""]
+    gen_rows = [[f"`{r.model}`", f"`{r.cache}`", r.category, *generation_cells(r.generation)]
+                for r in report.records if r.generation]
+    if gen_rows:
+        out += ["### Generation divergence", "",
+                markdown_table(["model", "cache", "category", "prompts", "median first divergence", "identical %",
+                                "prefix agree %", "KL at divergence"], gen_rows, align="lllrrrrr"), ""]
+    return out
+
+
+def generation_cells(g: dict[str, Any]) -> list[str]:
+    """Prompts, median first divergence (``≥ N`` when censored), identical and agreeing shares, KL."""
+    median = g["gen_first_divergence_median"]
+    shown = f"≥ {g['n_tokens']}" if g.get("median_censored") else f"{median:g}"
+    return [str(g["n_prompts"]), shown, f"{100 * g['gen_identical']:.1f}",
+            f"{100 * g['gen_prefix_agree']:.1f} (first {g['agree_tokens']})", f"{g['gen_kl_at_divergence']:.4f}"]
 
 
 _MARKS = {"p": "✅", "F": "❌", "i": "⚠️"}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .breakdown import Slice
 from .cache_config import CacheConfig
 from .engine.protocol import ContextFacts
 from .files import atomic_write
@@ -48,6 +49,10 @@ class ResultRecord:
     #: mean KLD by context position (pooled over the categories: on the overall record only)
     positions: list[dict[str, Any]] | None = None
     reference_model: str | None = None
+    #: mean KLD by reference confidence and by span (overall record only), generation divergence
+    confidence: list[Slice] | None = None
+    spans: list[Slice] | None = None
+    generation: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -68,20 +73,32 @@ class ResultRecord:
             **{RENAMED_FACTS.get(k, k): facts.get(k) for k in JSON_FACTS},
             "reference_model": self.reference_model,
             "positions": self.positions,
+            "confidence": None if self.confidence is None else [x.to_dict() for x in self.confidence],
+            "spans": None if self.spans is None else [x.to_dict() for x in self.spans],
+            "generation": self.generation,
             "stats": s.to_dict(),
         }
 
     @classmethod
     def of(cls, r: ConfigResult, category: str) -> ResultRecord:
+        overall = category == OVERALL
+        gen = r.generation.get(category)
         return cls(r.model, r.model_sha256, r.cache.label, r.n_ctx, category, r.categories[category], r.eval_seconds,
-                   r.exact, r.context, r.positions if category == OVERALL else None, r.reference_model)
+                   r.exact, r.context, r.positions if overall else None, r.reference_model,
+                   r.confidence if overall else None, r.spans if overall else None,
+                   gen.to_dict() if gen is not None else None)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResultRecord:
         facts = {k: d[RENAMED_FACTS.get(k, k)] for k in JSON_FACTS if d.get(RENAMED_FACTS.get(k, k)) is not None}
         return cls(d["model"], d["model_sha256"], d["cache"], d["n_ctx"], d["category"],
                    KLSummary.from_dict(d["stats"]), d["eval_seconds"], d["exact_reference"],
-                   ContextFacts.from_info(facts), d.get("positions"), d.get("reference_model"))
+                   ContextFacts.from_info(facts), d.get("positions"), d.get("reference_model"),
+                   _slices(d.get("confidence")), _slices(d.get("spans")), d.get("generation"))
+
+
+def _slices(data: list[dict[str, Any]] | None) -> list[Slice] | None:
+    return None if data is None else [Slice.from_dict(x) for x in data]
 
 
 @dataclass

@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from .breakdown import Slice
 from .cache_config import CacheConfig
 from .engine.protocol import ContextFacts
 from .gating import Decision
+from .generation import GenerationSummary
 from .metrics import KLSummary, TokenStats, mean_and_uncertainty, summarize
 from .thresholds import OVERALL, Threshold
 from .uncertainty import Stratum, gate_bounds
@@ -37,6 +39,11 @@ class ConfigResult:
     positions: list[dict[str, Any]] = field(default_factory=list)
     #: the --kv-ref-model alias when another GGUF is the reference
     reference_model: str | None = None
+    #: mean KLD by the reference's top-1 probability, and by span (assistant, tool_call, text), pooled
+    confidence: list[Slice] = field(default_factory=list)
+    spans: list[Slice] = field(default_factory=list)
+    #: generation divergence per category and overall (empty when no generations were run)
+    generation: dict[str, GenerationSummary] = field(default_factory=dict)
 
     @property
     def overall(self) -> KLSummary:
@@ -79,10 +86,11 @@ class ConfigResult:
         return self.overall.ppl_ratio
 
 
-def summarize_with_bounds(per_cat: dict[str, TokenStats], rows_per_chunk: int) -> dict[str, KLSummary]:
+def summarize_with_bounds(per_cat: dict[str, TokenStats], rows_per_chunk: int | dict[str, int]) -> dict[str, KLSummary]:
     """llama.cpp's summary per category and overall, each with its chunk-level gate bounds (the
-    overall ones stratified by category)."""
-    strata = {cat: Stratum(s, rows_per_chunk) for cat, s in per_cat.items()}
+    overall ones stratified by category); ``rows_per_chunk`` may differ by category (chat corpora)."""
+    rows = rows_per_chunk if isinstance(rows_per_chunk, dict) else dict.fromkeys(per_cat, rows_per_chunk)
+    strata = {cat: Stratum(s, rows[cat]) for cat, s in per_cat.items()}
     summaries = {}
     for cat, s in per_cat.items():
         summaries[cat] = summarize(s)

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from .breakdown import confidence_profile, span_profile
 from .cache_config import CacheConfig
-from .corpus import Corpus, CorpusError, builtin_corpus, chunk_tokens, load_corpus
+from .corpus import Corpus, CorpusError, builtin_corpus, load_corpus
 from .engine.protocol import BackendInfo, ContextFacts, Engine, EngineError, ModelFacts, ModelLoad
 from .environment import host_backend
+from .generation import Divergence, Generations, GenerationSummary, summarize_generation
 from .metrics import ReferenceRows, TokenStats
 from .options import KVOptions
+from .plan import DEFAULT_GEN_PROMPTS, CategoryPlan, chat_plans, text_plan
 from .reference import (
     ReferenceKey,
     ReferenceStore,
@@ -31,6 +34,9 @@ from .registry import ModelNotFound, Registry
 from .report import Report, SkipRecord
 from .resolve import ResolvedModel, resolve
 from .results import ConfigResult, SpeedResult, Verdict, position_profile, summarize_with_bounds
+from .sequences import Sequences
+from .thresholds import OVERALL
+from .uncertainty import GateBound
 
 REFERENCE_SEED = 0
 #: tokens generated one by one in a tg speed round (llama-bench's tg128)
@@ -56,7 +62,9 @@ class KVSession:
     _engine: Engine | None = None
     _corpus: Corpus | None = None
     _models: dict[str, ResolvedModel | Exception] = field(default_factory=dict)
-    _chunks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: set at collection when a threshold gates a generation metric (gen_*)
+    wants_generation: bool = False
+    _plans: dict[str, dict[str, CategoryPlan]] = field(default_factory=dict)
     _described: dict[str, ModelFacts] = field(default_factory=dict)
     _same_tokenizer: set[tuple[str, str]] = field(default_factory=set)
     _errors: dict[tuple[str, CacheConfig], Exception] = field(default_factory=dict)
@@ -112,24 +120,31 @@ class KVSession:
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
         return ModelLoad(str(model.path), self.options.gpu_layers, self.options.swa_full)
 
-    def chunks(self, model: ResolvedModel) -> dict[str, np.ndarray]:
-        """Tokenized, chunked corpus per category for this model's tokenizer."""
+    def plans(self, model: ResolvedModel) -> dict[str, CategoryPlan]:
+        """What each category decodes and scores with this model's tokenizer (once per model)."""
         key = model.sha256
-        if key not in self._chunks:
+        if key not in self._plans:
             spec = self.load_spec(model)
+            if self.corpus.is_chat:
+                entry = self.registry.lookup(model.alias)
+                template = self.options.chat_template or (entry.chat_template if entry is not None else None)
+                self._plans[key] = chat_plans(self.corpus, self.describe(model), model.alias,
+                                              lambda text: self.engine.tokenize_pieces(spec, text), self.options.chunks,
+                                              template)
+                return self._plans[key]
             out = {}
             for cat, text in self.corpus.texts.items():
                 tokens = self.engine.tokenize(spec, text)
                 try:
-                    out[cat] = chunk_tokens(tokens, self.options.n_ctx, self.options.chunks, cat)
+                    out[cat] = text_plan(tokens, self.options.n_ctx, self.options.chunks, cat)
                 except CorpusError as e:
                     if not self.options.skip_short_categories:
                         raise
                     self._note(f"category {cat} left out at n_ctx {self.options.n_ctx}: {e}")
             if not out:
                 raise CorpusError(f"no corpus category has 2 x {self.options.n_ctx} tokens")
-            self._chunks[key] = out
-        return self._chunks[key]
+            self._plans[key] = out
+        return self._plans[key]
 
     def describe(self, model: ResolvedModel) -> ModelFacts:
         """The model's hyperparameters as llama.cpp reads them (once per model)."""
@@ -156,21 +171,28 @@ class KVSession:
         if text not in self.notes:
             self.notes.append(text)
 
-    def reference(self, model: ResolvedModel, category: str, chunks: np.ndarray) -> ReferenceRows:
-        """Load the cached reference, or build and store it (once across parallel workers)."""
+    def _reference_key(self, model: ResolvedModel, seqs: Sequences, gen_tokens: int = 0) -> ReferenceKey:
+        """Text chunks keep the key they always had (the chunk array's digest); chat sequences and
+        generation prompts are named by everything they hold, scored positions included."""
         info = self.backend_info()
-        key = ReferenceKey(
-            model_sha256=model.sha256, tokens_sha256=tokens_digest(chunks), n_ctx=chunks.shape[1],
+        digest = tokens_digest(seqs.tokens) if seqs.is_halves() and not gen_tokens else seqs.digest()
+        return ReferenceKey(
+            model_sha256=model.sha256, tokens_sha256=digest, n_ctx=seqs.width,
             ref_cache=self.options.ref_cache.label, llama_cpp=info.llama_cpp_python,
             top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
-            seed=REFERENCE_SEED, swa_full=self.options.swa_full,
+            seed=REFERENCE_SEED, swa_full=self.options.swa_full, gen_tokens=gen_tokens,
         )
+
+    def reference(self, model: ResolvedModel, category: str, chunks: Sequences) -> ReferenceRows:
+        """Load the cached reference, or build and store it (once across parallel workers)."""
+        key = self._reference_key(model, chunks)
         rebuild = self.options.regen and key.digest() not in self._regenerated
         label = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
 
         def build() -> tuple[ReferenceRows, dict[str, Any]]:
             self._doing = label
-            self._say(f"building {label} ({chunks.shape[0]} x {chunks.shape[1]} tokens)")
+            self._say(f"building {label} ({len(chunks)} x {chunks.width} tokens)" if chunks.is_halves() else
+                      f"building {label} ({len(chunks)} transcripts, {chunks.n_rows} scored tokens)")
             run = self.engine.reference(self.load_spec(model), self.options.ref_cache, chunks, REFERENCE_SEED)
             return run.rows, {"model": model.alias, "category": category, "seconds": run.seconds,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -219,7 +241,8 @@ class KVSession:
         if mine.n_vocab != theirs.n_vocab:
             raise EngineError(f"{model.alias} ({mine.n_vocab} tokens) and the reference "
                               f"{ref.alias} ({theirs.n_vocab} tokens) have different vocabularies")
-        probe = next(iter(self.corpus.texts.values()))[:4000]
+        probe = (next(iter(self.corpus.texts.values())) if self.corpus.texts else
+                 next(iter(self.corpus.chats.values()))[0].digest_text())[:4000]
         if not np.array_equal(self.engine.tokenize(self.load_spec(model), probe),
                               self.engine.tokenize(self.load_spec(ref), probe)):
             raise EngineError(f"{model.alias} and the reference {ref.alias} tokenize the corpus differently")
@@ -229,10 +252,13 @@ class KVSession:
     def _evaluate(self, model: ResolvedModel, cache: CacheConfig) -> ConfigResult:
         spec = self.load_spec(model)
         ref_model = self.reference_model(model)
+        plans = self.plans(ref_model)
         per_cat: dict[str, TokenStats] = {}
+        ref_top: list[np.ndarray] = []
         context = ContextFacts()
         seconds = 0.0
-        for cat, chunks in self.chunks(ref_model).items():
+        for cat, plan in plans.items():
+            chunks = plan.sequences
             ref = None if self.options.exact else self.reference(ref_model, cat, chunks)
             self._doing = f"{model.alias} {cache.label} / {cat}"
             self._say(f"evaluating {self._doing}")
@@ -241,19 +267,73 @@ class KVSession:
                                                  chunks)
             else:
                 run = self.engine.evaluate(spec, cache, chunks, ref)
+                ref_top.append(np.exp(ref.top_logp.max(axis=1, initial=-np.inf)))
             per_cat[cat] = run.stats
             context = run.context
             seconds += run.seconds
-        summaries = summarize_with_bounds(per_cat, self.options.n_ctx // 2 - 1)
+        summaries = summarize_with_bounds(per_cat, {cat: plan.rows_per_block for cat, plan in plans.items()})
+        n_ctx = max(plan.sequences.width for plan in plans.values())
         self._note_context_facts(model, cache, context)
         if context.kv_cpu_fallback:
             self._note(f"{model.alias} {cache.label}: llama.cpp ran {', '.join(context.kv_cpu_ops or ())} "
                        f"over the KV cache on the CPU although the model is on the GPU: this build has no GPU "
                        f"kernel for K={cache.type_k}, V={cache.type_v}. Quality is measured as run; "
                        f"speed suffers.")
-        return ConfigResult(model.alias, model.sha256, cache, self.options.n_ctx, summaries,
-                            seconds, self.options.exact, context, position_profile(per_cat, self.options.n_ctx),
-                            ref_model.alias if ref_model is not model else None)
+        all_stats = TokenStats.concat(list(per_cat.values()))
+        generation = self._generation(model, ref_model, cache, plans) if self._generating() else None
+        if generation is not None:
+            for cat, (summary, bounds) in generation.items():
+                summaries[cat].generation = summary.values
+                summaries[cat].bounds.update(bounds)
+        return ConfigResult(
+            model.alias, model.sha256, cache, n_ctx, summaries, seconds, self.options.exact, context,
+            [] if self.corpus.is_chat else position_profile(per_cat, self.options.n_ctx),
+            ref_model.alias if ref_model is not model else None,
+            confidence=confidence_profile(all_stats, np.concatenate(ref_top)) if ref_top else [],
+            spans=span_profile(all_stats, np.concatenate([p.sequences.row_spans() for p in plans.values()])),
+            generation={cat: g[0] for cat, g in generation.items()} if generation else {})
+
+    def _generating(self) -> bool:
+        return self.options.gen_prompts > 0 or self.wants_generation
+
+    def _generation(self, model: ResolvedModel, ref_model: ResolvedModel, cache: CacheConfig,
+                    plans: dict[str, CategoryPlan]) -> dict[str, tuple[GenerationSummary, dict[str, GateBound]]]:
+        """Greedy generations with the reference cache (cached like reference logits) and this cache,
+        per category; summaries per category and pooled, with bootstrap bounds over prompts."""
+        n_prompts = self.options.gen_prompts or DEFAULT_GEN_PROMPTS
+        n_tokens, agree = self.options.gen_tokens, self.options.gen_agree
+        spec, ref_spec = self.load_spec(model), self.load_spec(ref_model)
+        per_cat: dict[str, Divergence] = {}
+        decoded, seconds = 0, 0.0
+        for cat, plan in plans.items():
+            prompts = plan.pick_prompts(n_prompts)
+            key = self._reference_key(ref_model, prompts, gen_tokens=n_tokens)
+            label = f"{self.options.ref_cache.label} reference generations {ref_model.alias} / {cat}"
+
+            def build(prompts: Sequences = prompts, label: str = label, cat: str = cat) -> tuple[Generations, dict[str, Any]]:
+                self._doing = label
+                self._say(f"generating {label} ({len(prompts)} prompts x {n_tokens} tokens)")
+                run = self.engine.generate_reference(ref_spec, self.options.ref_cache, prompts, n_tokens,
+                                                     REFERENCE_SEED)
+                return run.generations, {"model": ref_model.alias, "category": cat, "seconds": run.seconds,
+                                         "decoded": run.decoded, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+            gens = ReferenceStore(self.options.ref_dir).load_or_build(
+                key, build, rebuild=self.options.regen and key.digest() not in self._regenerated,
+                on_damaged=self._note, what=f"the reference generations for {ref_model.alias} / {cat}",
+                decode=Generations.from_arrays)
+            if self.options.regen:
+                self._regenerated.add(key.digest())
+            self._doing = f"{model.alias} {cache.label} generations / {cat}"
+            run = self.engine.generate(spec, cache, prompts, gens)
+            per_cat[cat] = run.divergence
+            decoded += run.decoded
+            seconds += run.seconds
+        out = {cat: summarize_generation([d], agree) for cat, d in per_cat.items()}
+        out[OVERALL] = summarize_generation(list(per_cat.values()), agree, decoded, seconds)
+        self._note(f"{model.alias} {cache.label}: generation divergence over {out[OVERALL][0].n_prompts} prompts, "
+                   f"{decoded} tokens decoded one by one in {seconds:.1f} s")
+        return out
 
     def to_report(self) -> Report:
         """This process's results as a mergeable report."""
@@ -282,7 +362,7 @@ class KVSession:
         model = self.model(model_name)
         spec = self.load_spec(model)
         n_ctx = self.options.n_ctx
-        tokens = next(iter(self.chunks(model).values()))[0][: self._speed_tokens(phase)]
+        tokens = next(iter(self.plans(model).values())).sequences.sequence(0)[: self._speed_tokens(phase)]
 
         def run_once() -> float:
             run = self.engine.speed(spec, cache, n_ctx, phase, tokens)

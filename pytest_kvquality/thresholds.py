@@ -3,6 +3,7 @@
 Schema (version 1)::
 
     version: 1
+    corpus: builtin          # optional: the gates apply only to runs on this corpus
     models:
       MODEL_ALIAS:
         CACHE_CONFIG:            # q4_0 | q8_0/q4_0 | q4_0:norot | ...
@@ -161,6 +162,18 @@ def load_thresholds(
     return out
 
 
+def file_corpus(path: Path) -> str | None:
+    """The corpus a file's gates were measured on (its ``corpus:`` key: ``builtin``, ``builtin:agent``,
+    a corpus file or folder name), or None: gates for any corpus with these categories."""
+    loader, top = _read_top(path)
+    if "corpus" not in top:
+        return None
+    value = _scalar(loader, top["corpus"].node)
+    if not isinstance(value, str) or not value:
+        raise ThresholdError(path, top["corpus"].line, "corpus", "must be a corpus name (builtin, builtin:agent, ...)")
+    return value
+
+
 def _read_top(path: Path) -> tuple[yaml.SafeLoader, dict[str, _Entry]]:
     """The file's YAML root as entries by key, with ``version`` checked and ``models`` present."""
     try:
@@ -178,10 +191,10 @@ def _read_top(path: Path) -> tuple[yaml.SafeLoader, dict[str, _Entry]]:
     if root is None:
         raise ThresholdError(path, None, "", "file is empty")
     top = {e.key: e for e in _mapping(path, root, "")}
-    unknown_top = set(top) - {"version", "models"}
+    unknown_top = set(top) - {"version", "models", "corpus"}
     if unknown_top:
         k = sorted(unknown_top)[0]
-        raise ThresholdError(path, top[k].line, k, "unknown top-level key (expected version, models)")
+        raise ThresholdError(path, top[k].line, k, "unknown top-level key (expected version, corpus, models)")
     if "version" not in top:
         raise ThresholdError(path, 1, "version", f"missing; this plugin reads version {SCHEMA_VERSION}")
     version = _scalar(loader, top["version"].node)

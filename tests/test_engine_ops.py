@@ -16,8 +16,18 @@ import pytest
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.engine import ipc
 from pytest_kvquality.engine.ops import OPS, TEST_OPS, call_args, decode, encode
-from pytest_kvquality.engine.protocol import CandidateRun, ContextFacts, Engine, ModelLoad
-from pytest_kvquality.metrics import TokenStats
+from pytest_kvquality.engine.protocol import (
+    CandidateRun,
+    ContextFacts,
+    DivergenceRun,
+    Engine,
+    GenerationRun,
+    ModelLoad,
+    ReferenceRun,
+)
+from pytest_kvquality.generation import Divergence, Generations
+from pytest_kvquality.metrics import ReferenceRows, TokenStats
+from pytest_kvquality.sequences import Sequences
 
 
 def _through_pipe(tp: object, value: object) -> object:
@@ -37,12 +47,13 @@ def test_an_evaluation_request_and_its_reply_survive_the_pipe() -> None:
     op = OPS["evaluate_exact"]
     args = op.args(model=ModelLoad("/m.gguf", 0, True), cache=CacheConfig.parse("q8_0/q4_0:norot"),
                    ref_model=ModelLoad("/r.gguf"), ref_cache=CacheConfig.parse("f16"),
-                   chunks=np.arange(12, dtype=np.int32).reshape(2, 6))
+                   chunks=Sequences.of([np.arange(6, dtype=np.int32), np.arange(3, dtype=np.int32)],
+                                       [np.array([0, 2, 2, 0, 3, 0], np.uint8), np.array([4, 4, 0], np.uint8)]))
     back = _through_pipe(op.args, args)
     assert call_args(back).keys() == call_args(args).keys()
     assert back.model == args.model and back.ref_model == args.ref_model
     assert back.cache == args.cache and back.ref_cache == args.ref_cache
-    assert np.array_equal(back.chunks, args.chunks) and back.chunks.dtype == np.int32
+    assert back.chunks.digest() == args.chunks.digest() and back.chunks.tokens.dtype == np.int32
     z = np.linspace(0, 1, 5, dtype=np.float64)
     stats = TokenStats(z, z + 1, z + 2, z + 3, np.array([1, 0, 1, 1, 0], bool))
     facts = ContextFacts(rotation_k=True, kv_devices=("CPU", "CUDA0"), kv_cache_mib=1.5, logits_contexts=2)
@@ -50,6 +61,26 @@ def test_an_evaluation_request_and_its_reply_survive_the_pipe() -> None:
     assert isinstance(reply, CandidateRun) and reply.seconds == 2.5 and reply.context == facts
     for f in dataclasses.fields(TokenStats):
         assert np.array_equal(getattr(reply.stats, f.name), getattr(stats, f.name))
+
+
+def test_a_generation_and_its_divergence_survive_the_pipe() -> None:
+    rows = _through_pipe(ReferenceRun, ReferenceRun(0.0, _rows(3))).rows
+    sent = GenerationRun(1.5, Generations(np.array([[5, 6, 7]], np.int32), np.array([3], np.int32), rows), 2)
+    got = _through_pipe(GenerationRun, sent)
+    assert got.decoded == 2 and np.array_equal(got.generations.tokens, sent.generations.tokens)
+    assert not got.generations.rows.differences(rows)
+    div = DivergenceRun(0.5, Divergence(np.array([3, 1], np.int32), np.array([np.nan, 0.25], np.float32), 3), 4)
+    back = _through_pipe(DivergenceRun, div)
+    assert back.divergence.n_tokens == 3 and np.array_equal(back.divergence.first, [3, 1])
+    assert np.isnan(back.divergence.kl[0]) and back.divergence.kl[1] == np.float32(0.25)
+
+
+def _rows(n: int) -> ReferenceRows:
+    rng = np.random.default_rng(0)
+    return ReferenceRows(rng.integers(0, 9, n).astype(np.int32), rng.random(n).astype(np.float32),
+                         rng.integers(0, 9, (n, 4)).astype(np.int32), rng.random((n, 4)).astype(np.float32),
+                         rng.integers(0, 9, (n, 2)).astype(np.int32), rng.random((n, 2)).astype(np.float32),
+                         rng.random(n))
 
 
 def test_a_context_fact_nobody_declared_is_refused_not_dropped() -> None:

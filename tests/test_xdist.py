@@ -39,7 +39,7 @@ STRESS_CONFTEST = """
         '''Appends one line per reference build to builds.log (O_APPEND: safe across processes).'''
         def reference(self, model, cache, chunks, seed):
             with open(os.path.join(os.environ["KVQ_STRESS_DIR"], "builds.log"), "a") as f:
-                f.write(f"{os.getpid()} {chunks.shape}\\n")
+                f.write(f"{os.getpid()} {chunks.tokens.shape}\\n")
             return super().reference(model, cache, chunks, seed)
 
     def pytest_kvquality_make_engine(config):

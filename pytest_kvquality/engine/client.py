@@ -16,7 +16,9 @@ from typing import Any, BinaryIO, cast
 import numpy as np
 
 from ..cache_config import CacheConfig
+from ..generation import Generations
 from ..metrics import ReferenceRows
+from ..sequences import Sequences, as_sequences
 from . import ipc
 from .ops import OPS, Op, decode, encode
 from .protocol import (
@@ -24,11 +26,14 @@ from .protocol import (
     DEFAULT_TOP_K,
     BackendInfo,
     CandidateRun,
+    DivergenceRun,
     EngineError,
+    GenerationRun,
     ModelFacts,
     ModelLoad,
     ReferenceRun,
     SpeedRun,
+    TokenPieces,
     WorkerCrash,
 )
 
@@ -181,16 +186,31 @@ class WorkerEngine:
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray:
         return cast(np.ndarray, self._request(OPS["tokenize"], model=model, text=text))
 
-    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int) -> ReferenceRun:
-        return cast(ReferenceRun, self._request(OPS["reference"], model=model, cache=cache, chunks=chunks, seed=seed))
+    def tokenize_pieces(self, model: ModelLoad, text: str) -> TokenPieces:
+        return cast(TokenPieces, self._request(OPS["tokenize_pieces"], model=model, text=text))
 
-    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows) -> CandidateRun:
-        return cast(CandidateRun, self._request(OPS["evaluate"], model=model, cache=cache, chunks=chunks, ref=ref))
+    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray,
+                  seed: int) -> ReferenceRun:
+        return cast(ReferenceRun, self._request(OPS["reference"], model=model, cache=cache,
+                                                chunks=as_sequences(chunks), seed=seed))
+
+    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray,
+                 ref: ReferenceRows) -> CandidateRun:
+        return cast(CandidateRun, self._request(OPS["evaluate"], model=model, cache=cache,
+                                                chunks=as_sequences(chunks), ref=ref))
 
     def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
-                       chunks: np.ndarray) -> CandidateRun:
+                       chunks: Sequences | np.ndarray) -> CandidateRun:
         return cast(CandidateRun, self._request(OPS["evaluate_exact"], model=model, cache=cache, ref_model=ref_model,
-                                                ref_cache=ref_cache, chunks=chunks))
+                                                ref_cache=ref_cache, chunks=as_sequences(chunks)))
+
+    def generate_reference(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, n_tokens: int,
+                           seed: int) -> GenerationRun:
+        return cast(GenerationRun, self._request(OPS["generate_reference"], model=model, cache=cache,
+                                                 prompts=prompts, n_tokens=n_tokens, seed=seed))
+
+    def generate(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, ref: Generations) -> DivergenceRun:
+        return cast(DivergenceRun, self._request(OPS["generate"], model=model, cache=cache, prompts=prompts, ref=ref))
 
     def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str, tokens: np.ndarray) -> SpeedRun:
         return cast(SpeedRun, self._request(OPS["speed"], model=model, cache=cache, n_ctx=n_ctx, phase=phase,

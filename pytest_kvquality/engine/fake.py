@@ -26,7 +26,7 @@ import numpy as np
 
 from ..cache_config import BITS_PER_ELEMENT, CacheConfig
 from .local import LocalEngine
-from .protocol import BackendInfo, ModelFacts, ModelLoad
+from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
 
 FAKE_VOCAB = 384
 FAKE_BOS = 1
@@ -42,7 +42,16 @@ FAKE_WEIGHT_NOISE = {"Q8_0": 0.02, "Q6_K": 0.04, "Q5_K_M": 0.08, "Q4_K_M": 0.0, 
                      "Q3_K_M": 0.3, "Q2_K": 0.6}
 
 
-def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake", weight_noise: float = 0.0) -> Path:
+#: the fake's chat template: Gemma 3's turn markers, no tool support (templates that have none
+#: get llama.cpp's polyfill, chat.py)
+FAKE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% set r = 'model' %}"
+    "{% else %}{% set r = m['role'] %}{% endif %}<start_of_turn>{{ r }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake", weight_noise: float = 0.0,
+                    chat_template: str | None = FAKE_CHAT_TEMPLATE) -> Path:
     """A small valid GGUF file (one tensor) whose metadata seeds the fake model."""
     import gguf
 
@@ -50,6 +59,8 @@ def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake", weight_noi
     w = gguf.GGUFWriter(str(path), arch)
     w.add_uint32("kvqfake.seed", seed)
     w.add_float32("kvqfake.weight_noise", weight_noise)
+    if chat_template is not None:
+        w.add_string("tokenizer.chat_template", chat_template)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -70,11 +81,19 @@ def _fake_params(path: str) -> tuple[int, float]:
     return int(field.parts[field.data[0]][0]), float(noise.parts[noise.data[0]][0]) if noise else 0.0
 
 
+def _fake_template(path: str) -> str:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+
+
 class FakeModel:
     def __init__(self, path: str, noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
         self.noise_scale = noise_scale
         self.chunk_effect = chunk_effect
         seed, weight_noise = _fake_params(path)
+        self.chat_template = _fake_template(path)
         rng = np.random.default_rng(seed)
         self.path = path
         self.w_prev = (rng.standard_normal((FAKE_VOCAB, FAKE_VOCAB)) * 2.5).astype(np.float32)
@@ -84,11 +103,28 @@ class FakeModel:
             self.w_prev += noise * weight_noise
 
     def describe(self) -> ModelFacts:
-        return ModelFacts(desc="fake", n_vocab=FAKE_VOCAB, n_layer=FAKE_KV[0], n_ctx_train=1 << 20, gpu_layers=0)
+        return ModelFacts(desc="fake", n_vocab=FAKE_VOCAB, n_layer=FAKE_KV[0], n_ctx_train=1 << 20, gpu_layers=0,
+                          chat_template=self.chat_template, bos_token="<bos>", eos_token="<eos>")
 
     def tokenize(self, text: str) -> np.ndarray:
         data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
         return np.concatenate([[FAKE_BOS], data % (FAKE_VOCAB - 2) + 2]).astype(np.int32)
+
+    def tokenize_pieces(self, text: str) -> TokenPieces:
+        """One token per byte (``<bos>`` written in the text is the BOS token), like llama.cpp's
+        special-token parsing: the offsets are exact by construction."""
+        data = text.encode("utf-8")
+        tokens, starts, i = [FAKE_BOS], [0], 0
+        if data.startswith(b"<bos>"):
+            i = 5
+        while i < len(data):
+            tokens.append(data[i] % (FAKE_VOCAB - 2) + 2)
+            starts.append(i)
+            i += 1
+        return TokenPieces(np.array(tokens, np.int32), np.array(starts, np.int64))
+
+    def is_eog(self, token: int) -> bool:
+        return False
 
     def context(self, cache: CacheConfig, n_ctx: int) -> FakeContext:
         return FakeContext(self, cache, n_ctx)
@@ -109,25 +145,35 @@ class FakeContext:
                      "gpu_layers": 0, "kv_bytes_per_token": per_token,
                      "kv_mib_per_32k": per_token * 32768 / 2**20, "kv_mib_per_128k": per_token * 131072 / 2**20}
         self._out: np.ndarray | None = None
+        self._prefix = np.zeros(0, np.int32)
 
-    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
-        first, last = self.n_ctx // 2, self.n_ctx - 1
-        tokens = chunk.copy()
-        tokens[0] = FAKE_BOS
-        pos = np.arange(first, last)
+    def _logits(self, tokens: np.ndarray, pos: np.ndarray, noise_key: bytes) -> np.ndarray:
+        """The logits at positions ``pos``: the previous token's row, the position's, and the
+        cache's noise, seeded by the tokens so far (the same prefix gives the same logits)."""
         logits = self.model.w_prev[tokens[pos]] + self.model.w_pos[pos % 64]
         if self.sigma:
-            digest = hashlib.sha256(tokens.tobytes() + self.cache.label.encode()).digest()
+            digest = hashlib.sha256(noise_key + self.cache.label.encode()).digest()
             rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
             sigma = self.sigma
             if self.model.chunk_effect:  # a chunk-wide noise level: tokens of one chunk move together
                 g = float(np.random.default_rng(int.from_bytes(digest[8:16], "little")).standard_normal())
                 sigma *= math.exp(self.model.chunk_effect * g - self.model.chunk_effect**2 / 2)
             logits = logits + rng.standard_normal(logits.shape).astype(np.float32) * sigma
+        out: np.ndarray = logits
+        return out
+
+    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]:
+        if tokens.size > self.n_ctx:
+            raise RuntimeError(f"a sequence of {tokens.size} tokens does not fit a context of {self.n_ctx}")
+        tokens = tokens.copy()
+        tokens[0] = FAKE_BOS
+        pos = np.flatnonzero(want)
+        key = tokens.tobytes() if tokens.size == self.n_ctx else tokens.tobytes() + want.tobytes()
+        logits = self._logits(tokens, pos, key)
         # two blocks, like a batched decode, through one buffer per context that each decode
         # overwrites, like llama.cpp's: a consumer that keeps a view past this context's next
         # decode reads NaNs or the next block
-        half = (last - first) // 2 or 1
+        half = pos.size // 2 or 1
         if self._out is None or self._out.shape[0] < half + 1:
             self._out = np.empty((half + 1, FAKE_VOCAB), np.float32)
         for block in (logits[:half], logits[half:]):
@@ -136,6 +182,22 @@ class FakeContext:
                 view = self._out[: block.shape[0]]
                 view[:] = block
                 yield view
+
+    def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        if start == 0:
+            self._prefix = np.zeros(0, np.int32)
+        if start != self._prefix.size:
+            raise RuntimeError(f"decode at position {start} after {self._prefix.size} tokens")
+        self._prefix = np.concatenate([self._prefix, tokens.astype(np.int32)])
+        if self._prefix.size > self.n_ctx:
+            raise RuntimeError(f"generation reached position {self._prefix.size}, past the context of {self.n_ctx}")
+        last = np.array([self._prefix.size - 1])
+        row = self._logits(self._prefix, last, b"gen" + self._prefix.tobytes())[0]
+        if self._out is None:
+            self._out = np.empty((1, FAKE_VOCAB), np.float32)
+        self._out[0] = row
+        view: np.ndarray = self._out[0]
+        return view
 
     def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:
         # cost grows with the cache noise, so a benchmark can tell configs apart

@@ -27,7 +27,7 @@ from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
-from .protocol import BackendInfo, ModelFacts, ModelLoad
+from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -115,9 +115,44 @@ class LlamaModel:
     def describe(self) -> ModelFacts:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, 256)
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         return ModelFacts(desc=buf.value.decode(errors="replace"), n_vocab=self.n_vocab,
                           n_layer=int(llama_cpp.llama_model_n_layer(self.model)),
-                          n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self.model)), gpu_layers=self.gpu_layers)
+                          n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self.model)), gpu_layers=self.gpu_layers,
+                          chat_template=template.decode("utf-8", errors="replace") if template else "",
+                          bos_token=self._piece(self.bos).decode("utf-8", errors="replace") if self.bos >= 0 else "",
+                          eos_token=self._piece(eos).decode("utf-8", errors="replace") if eos >= 0 else "")
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def tokenize_pieces(self, text: str) -> TokenPieces:
+        """Special tokens parsed (a chat template writes them as text), BOS added where the model
+        wants one and the text has none; each token's byte offset from its piece."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needs {-n} tokens for {len(data)} bytes")
+        tokens = np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+        lengths = np.array([len(self._piece(int(t))) for t in tokens], np.int64)
+        if int(lengths.sum()) != len(data):
+            raise RuntimeError(f"the tokenizer's pieces give {int(lengths.sum())} bytes for a text of {len(data)}: "
+                               "token offsets cannot be known")
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else np.zeros(0, np.int64)
+        if self.add_bos and (not n or tokens[0] != self.bos):
+            tokens, starts = np.concatenate([[self.bos], tokens]).astype(np.int32), np.concatenate([[0], starts])
+        return TokenPieces(tokens, starts.astype(np.int64))
 
     def tokenize(self, text: str) -> np.ndarray:
         data = text.encode("utf-8")
@@ -196,34 +231,54 @@ class LlamaContext:
             ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
         )
 
-    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
-        """Decode one chunk; yield views of the logits of positions n_ctx/2 .. n_ctx-2.
-
-        Each view is valid until the next step of the iterator.
-        """
-        n_ctx = self.n_ctx
-        first, last = n_ctx // 2, n_ctx - 1  # scored positions: [first, last)
-        tokens = chunk.astype(np.int32, copy=True)
+    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]:
+        """Decode one sequence from an empty cache; yield views of the logits of the positions where
+        ``want`` is true, batch by batch. Each view is valid until the next step of the iterator."""
+        n = tokens.size
+        if n > self.n_ctx:
+            raise RuntimeError(f"a sequence of {n} tokens does not fit a context of {self.n_ctx}")
+        tokens = tokens.astype(np.int32, copy=True)
         if self.model.add_bos:
             tokens[0] = self.model.bos
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        for start in range(0, n_ctx, self.n_batch):
-            size = min(self.n_batch, n_ctx - start)
-            pos = np.arange(start, start + size, dtype=np.int32)
+        for start in range(0, n, self.n_batch):
+            size = min(self.n_batch, n - start)
             self._tok[:size] = tokens[start : start + size]
-            self._pos[:size] = pos
-            want = (pos >= first) & (pos < last)
-            self._out[:size] = want
+            self._pos[:size] = np.arange(start, start + size, dtype=np.int32)
+            self._out[:size] = want[start : start + size]
             self.batch.n_tokens = size
             t = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
-            n_out = int(want.sum())
+            n_out = int(want[start : start + size].sum())
             ptr = llama_cpp.llama_get_logits(self.ctx) if n_out else None  # waits for the GPU
             self.info["decode_seconds"] += time.perf_counter() - t
             if ptr is not None:
                 yield np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+
+    def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Decode ``tokens`` at positions ``start ..`` (0: from an empty cache) and return a view of
+        the last one's logits, valid until the next decode: one step of a greedy generation."""
+        if start == 0:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        if start + tokens.size > self.n_ctx:
+            raise RuntimeError(f"generation reached position {start + tokens.size}, past the context of {self.n_ctx}")
+        for a in range(0, tokens.size, self.n_batch):
+            size = min(self.n_batch, tokens.size - a)
+            self._tok[:size] = tokens[a : a + size]
+            self._pos[:size] = np.arange(start + a, start + a + size, dtype=np.int32)
+            self._out[:size] = 0
+            self._out[size - 1] = a + size == tokens.size
+            self.batch.n_tokens = size
+            t = time.perf_counter()
+            rc = llama_cpp.llama_decode(self.ctx, self.batch)
+            self.info["decode_seconds"] += time.perf_counter() - t
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {start + a}")
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        row: np.ndarray = np.ctypeslib.as_array(ptr, shape=(1, self.model.n_vocab))[0]
+        return row
 
     def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None:
         """Decode tokens from an empty cache, as llama-bench does: a prompt in batches with the

@@ -13,7 +13,9 @@ import numpy as np
 
 from ..cache_config import CacheConfig
 from ..compaction import compact_rows
+from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
+from ..sequences import Sequences, as_sequences
 from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, overlap_default
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
@@ -22,7 +24,9 @@ from .protocol import (
     BackendInfo,
     CandidateRun,
     ContextFacts,
+    DivergenceRun,
     EngineError,
+    GenerationRun,
     LogitsBackend,
     LogitsContext,
     LogitsModel,
@@ -30,6 +34,7 @@ from .protocol import (
     ModelLoad,
     ReferenceRun,
     SpeedRun,
+    TokenPieces,
 )
 
 #: Seconds between progress reports of a long reference build or evaluation.
@@ -38,23 +43,30 @@ PROGRESS_EVERY_S = 5.0
 T = TypeVar("T")
 
 
-def _next_tokens(chunk: np.ndarray, start: int, n: int) -> np.ndarray:
-    """Tokens predicted by scored rows ``start .. start+n`` (offsets from n_ctx/2)."""
-    first = chunk.shape[0] // 2 + 1
-    return chunk[first + start : first + start + n].astype(np.int64)
-
+Source = Callable[[np.ndarray, np.ndarray], Iterator[tuple[np.ndarray, ...]]]
 
 
 def _offloaded(ctx: LogitsContext) -> bool:
     return int(ctx.info.get("gpu_layers", 0)) > 0
 
 
-def _logits_sources(contexts: list[LogitsContext]) -> list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]]:
+def _logits_sources(contexts: list[LogitsContext]) -> list[Source]:
     return [partial(_one_array_batches, ctx) for ctx in contexts]
 
 
-def _one_array_batches(ctx: LogitsContext, chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
-    return ((x,) for x in ctx.scored_logits(chunk))
+def _one_array_batches(ctx: LogitsContext, tokens: np.ndarray, want: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    return ((x,) for x in ctx.scored_logits(tokens, want))
+
+
+def _generation_ctx(prompts: Sequences, n_tokens: int) -> int:
+    """A context that holds the longest prompt and its generation."""
+    return int(prompts.lengths.max(initial=0)) + n_tokens
+
+
+def _empty_rows(k: int, m: int) -> ReferenceRows:
+    z = np.zeros(0, np.float32)
+    return ReferenceRows(np.zeros(0, np.int32), z, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32),
+                         np.zeros((0, m), np.int32), np.zeros((0, m), np.float32), np.zeros(0, np.float64))
 
 
 def _close(contexts: list[LogitsContext]) -> None:
@@ -108,29 +120,32 @@ class LocalEngine:
         self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
     def _scored_batches(
-        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
-        t0: float, lender: Pipeline | None,
+        self, seqs: Sequences, sources: list[Source], t0: float, lender: Pipeline | None,
     ) -> Iterator[ScoredBatch]:
-        """Every decoded batch of every chunk, chunk i from ``sources[i % len(sources)]``; with a
-        ``lender`` and two sources, the last batch of each chunk is lent in place (see ``Pipeline``)."""
+        """Every decoded batch of every sequence, sequence i from ``sources[i % len(sources)]``; with
+        a ``lender`` and two sources, the last batch of each is lent in place (see ``Pipeline``)."""
         lend = lender is not None and len(sources) > 1
-        per_chunk = chunks.shape[1] - 1 - chunks.shape[1] // 2  # scored rows: positions n_ctx/2 .. n_ctx-2
         tokens = 0
-        for i, chunk in enumerate(chunks):
+        for i in range(len(seqs)):
+            nxt = seqs.next_tokens(i)
+            if not nxt.size:  # nothing scored: nothing to decode
+                continue
             source = i % len(sources)
             if lender is not None:
                 lender.reclaim(source)  # its last views must be reduced before it decodes again
             done = 0
-            for arrays in sources[source](chunk):
+            for arrays in sources[source](seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0):
                 n = arrays[0].shape[0]
-                last = done + n == per_chunk
-                yield ScoredBatch(_next_tokens(chunk, done, n), arrays, source if lend and last else None)
+                last = done + n == nxt.size
+                yield ScoredBatch(nxt[done : done + n], arrays, source if lend and last else None)
                 done += n
+            if done != nxt.size:
+                raise EngineError(f"sequence {i}: {nxt.size} positions are scored but {done} logits rows came back")
             tokens += done
-            self._tick(i + 1, len(chunks), tokens, t0)
+            self._tick(i + 1, len(seqs), tokens, t0)
 
     def _reduce_all(
-        self, chunks: np.ndarray, sources: list[Callable[[np.ndarray], Iterator[tuple[np.ndarray, ...]]]],
+        self, seqs: Sequences, sources: list[Source],
         reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], overlap: bool, t0: float,
     ) -> list[T]:
         """Every batch through ``reduce(next_tokens, logits, first_row)``, in order; overlapped with
@@ -138,10 +153,10 @@ class LocalEngine:
         if overlap:
             if self._pipeline is None:
                 self._pipeline = Pipeline(self.rows)
-            return self._pipeline.run(self._scored_batches(chunks, sources, t0, self._pipeline), reduce)
+            return self._pipeline.run(self._scored_batches(seqs, sources, t0, self._pipeline), reduce)
         out: list[T] = []
         row = 0
-        for batch in self._scored_batches(chunks, sources, t0, None):
+        for batch in self._scored_batches(seqs, sources, t0, None):
             out += reduce(batch.next_tokens, batch.logits, row)
             row += batch.next_tokens.shape[0]
         return out
@@ -185,11 +200,12 @@ class LocalEngine:
         return self._model(model).tokenize(text)
 
     def reference(
-        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int
+        self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray, seed: int
     ) -> ReferenceRun:
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
-        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
+        seqs = as_sequences(chunks)
+        contexts, overlap = self._contexts(model, cache, seqs.width)
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[ReferenceRows]:
             (logits,) = arrays
@@ -198,16 +214,17 @@ class LocalEngine:
             return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
 
         try:
-            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
+            parts = self._reduce_all(seqs, _logits_sources(contexts), reduce, overlap, t0)
         finally:
             _close(contexts)
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
 
     def evaluate(
-        self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, ref: ReferenceRows
+        self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray, ref: ReferenceRows
     ) -> CandidateRun:
         t0 = time.perf_counter()
-        contexts, overlap = self._contexts(model, cache, chunks.shape[1])
+        seqs = as_sequences(chunks)
+        contexts, overlap = self._contexts(model, cache, seqs.width)
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             (logits,) = arrays
@@ -215,7 +232,7 @@ class LocalEngine:
             return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
 
         try:
-            parts = self._reduce_all(chunks, _logits_sources(contexts), reduce, overlap, t0)
+            parts = self._reduce_all(seqs, _logits_sources(contexts), reduce, overlap, t0)
         finally:
             _close(contexts)
         stats = TokenStats.concat(parts)
@@ -229,26 +246,92 @@ class LocalEngine:
         cache: CacheConfig,
         ref_model: ModelLoad,
         ref_cache: CacheConfig,
-        chunks: np.ndarray,
+        chunks: Sequences | np.ndarray,
     ) -> CandidateRun:
         t0 = time.perf_counter()
-        n_ctx = chunks.shape[1]
+        seqs = as_sequences(chunks)
+        n_ctx = seqs.width
         ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
         cand_ctx = self._model(model).context(cache, n_ctx)
 
-        def both(chunk: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
-            return zip(ref_ctx.scored_logits(chunk), cand_ctx.scored_logits(chunk), strict=True)
+        def both(tokens: np.ndarray, want: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+            return zip(ref_ctx.scored_logits(tokens, want), cand_ctx.scored_logits(tokens, want), strict=True)
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             base, cand = arrays
             return self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
 
         try:
-            parts = self._reduce_all(chunks, [both], reduce, overlap_default(_offloaded(cand_ctx)), t0)
+            parts = self._reduce_all(seqs, [both], reduce, overlap_default(_offloaded(cand_ctx)), t0)
         finally:
             cand_ctx.close()
             ref_ctx.close()
         return CandidateRun(time.perf_counter() - t0, TokenStats.concat(parts), ContextFacts.from_info(cand_ctx.info))
+
+    def tokenize_pieces(self, model: ModelLoad, text: str) -> TokenPieces:
+        return self._model(model).tokenize_pieces(text)
+
+    def generate_reference(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, n_tokens: int,
+                           seed: int) -> GenerationRun:
+        """Greedy generations of up to ``n_tokens`` per prompt, each step's distribution kept compact."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        m = self._model(model)
+        ctx = m.context(cache, _generation_ctx(prompts, n_tokens))
+        tokens = np.full((len(prompts), n_tokens), -1, np.int32)
+        lengths = np.zeros(len(prompts), np.int32)
+        rows: list[ReferenceRows] = []
+        decoded = 0
+        try:
+            for i in range(len(prompts)):
+                prompt = prompts.sequence(i)
+                logits = ctx.next_logits(prompt, 0)
+                for j in range(n_tokens):
+                    t = int(np.argmax(logits))
+                    rows.append(compact_rows(logits[None, :], np.array([t]), self.top_k, self.tail_samples,
+                                             np.asarray(rng.random(1))))
+                    tokens[i, j], lengths[i] = t, j + 1
+                    if m.is_eog(t) or j + 1 == n_tokens:
+                        break
+                    logits = ctx.next_logits(np.array([t], np.int32), prompt.size + j)
+                    decoded += 1
+                self._tick(i + 1, len(prompts), decoded, t0)
+        finally:
+            ctx.close()
+        gens = Generations(tokens, lengths, ReferenceRows.concat(rows) if rows else _empty_rows(self.top_k,
+                                                                                           self.tail_samples))
+        return GenerationRun(time.perf_counter() - t0, gens, decoded)
+
+    def generate(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, ref: Generations) -> DivergenceRun:
+        """Greedy generations against the reference's, each stopped at its first differing token."""
+        t0 = time.perf_counter()
+        if len(ref.lengths) != len(prompts):
+            raise EngineError(f"{len(prompts)} prompts but {len(ref.lengths)} reference generations")
+        ctx = self._model(model).context(cache, _generation_ctx(prompts, ref.n_tokens))
+        first = np.full(len(prompts), ref.n_tokens, np.int32)
+        kl = np.full(len(prompts), np.nan, np.float32)
+        offsets = ref.offsets()
+        decoded = 0
+        try:
+            for i in range(len(prompts)):
+                prompt = prompts.sequence(i)
+                logits = ctx.next_logits(prompt, 0)
+                for j in range(int(ref.lengths[i])):
+                    want = int(ref.tokens[i, j])
+                    if int(np.argmax(logits)) != want:
+                        row = int(offsets[i]) + j
+                        kl[i] = kl_compact(logits[None, :], ref.rows.slice(row, row + 1), np.array([want])).kld[0]
+                        first[i] = j
+                        break
+                    if j + 1 == ref.lengths[i]:
+                        break  # the whole reference generation reproduced: identical
+                    logits = ctx.next_logits(np.array([want], np.int32), prompt.size + j)
+                    decoded += 1
+                self._tick(i + 1, len(prompts), decoded, t0)
+        finally:
+            ctx.close()
+        return DivergenceRun(time.perf_counter() - t0, Divergence(first, kl, ref.n_tokens), decoded,
+                             ContextFacts.from_info(ctx.info))
 
     def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
               tokens: np.ndarray) -> SpeedRun:

@@ -17,9 +17,22 @@ from typing import Any
 import numpy as np
 
 from ..cache_config import CacheConfig
+from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats
+from ..sequences import Sequences
 from .ipc import Arrays, Header
-from .protocol import BackendInfo, CandidateRun, ContextFacts, ModelFacts, ModelLoad, ReferenceRun, SpeedRun
+from .protocol import (
+    BackendInfo,
+    CandidateRun,
+    ContextFacts,
+    DivergenceRun,
+    GenerationRun,
+    ModelFacts,
+    ModelLoad,
+    ReferenceRun,
+    SpeedRun,
+    TokenPieces,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class TokenizeArgs:
 class ReferenceArgs:
     model: ModelLoad
     cache: CacheConfig
-    chunks: np.ndarray
+    chunks: Sequences
     seed: int
 
 
@@ -50,7 +63,7 @@ class ReferenceArgs:
 class EvaluateArgs:
     model: ModelLoad
     cache: CacheConfig
-    chunks: np.ndarray
+    chunks: Sequences
     ref: ReferenceRows
 
 
@@ -60,7 +73,24 @@ class ExactArgs:
     cache: CacheConfig
     ref_model: ModelLoad
     ref_cache: CacheConfig
-    chunks: np.ndarray
+    chunks: Sequences
+
+
+@dataclass(frozen=True)
+class GenerateReferenceArgs:
+    model: ModelLoad
+    cache: CacheConfig
+    prompts: Sequences
+    n_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    model: ModelLoad
+    cache: CacheConfig
+    prompts: Sequences
+    ref: Generations
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,10 @@ OPS = _table(
     Op("info", NoArgs, BackendInfo, lambda a: "reading backend info"),
     Op("describe", ModelArgs, ModelFacts, lambda a: f"loading {a.model.path}"),
     Op("tokenize", TokenizeArgs, np.ndarray, lambda a: f"tokenizing with {a.model.path}"),
+    Op("tokenize_pieces", TokenizeArgs, TokenPieces, lambda a: f"tokenizing a chat transcript with {a.model.path}"),
+    Op("generate_reference", GenerateReferenceArgs, GenerationRun,
+       lambda a: f"generating with the {a.cache.label} reference cache of {a.model.path}"),
+    Op("generate", GenerateArgs, DivergenceRun, lambda a: f"generating with {a.model.path}, cache {a.cache.label}"),
     Op("reference", ReferenceArgs, ReferenceRun,
        lambda a: f"building the {a.cache.label} reference of {a.model.path}"),
     Op("evaluate", EvaluateArgs, CandidateRun, lambda a: f"evaluating {a.model.path} with cache {a.cache.label}"),
@@ -121,6 +155,9 @@ TEST_OPS = _table(
 _ARRAY_GROUPS: dict[Any, Callable[[dict[str, np.ndarray]], Any]] = {
     ReferenceRows: ReferenceRows.from_arrays,
     TokenStats: lambda arrays: TokenStats(**arrays),
+    Sequences: Sequences.from_arrays,
+    Generations: Generations.from_arrays,
+    Divergence: Divergence.from_arrays,
 }
 
 

@@ -11,7 +11,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..cache_config import CacheConfig
+from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats
+from ..sequences import Sequences
 
 #: Reference compression: exact top-k tokens and m tail samples per scored position.
 DEFAULT_TOP_K = 144
@@ -111,6 +113,10 @@ class ModelFacts:
     n_layer: int
     n_ctx_train: int
     gpu_layers: int
+    #: the GGUF's ``tokenizer.chat_template`` ("" where it has none) and the texts of BOS and EOS
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 @dataclass
@@ -126,6 +132,32 @@ class ReferenceRun(Timed):
 @dataclass
 class CandidateRun(Timed):
     stats: TokenStats
+    context: ContextFacts = field(default_factory=ContextFacts)
+
+
+@dataclass
+class TokenPieces:
+    """A text tokenized with its special tokens parsed, and the byte offset where each token starts
+    (chat transcripts: which tokens the assistant wrote)."""
+
+    tokens: np.ndarray
+    starts: np.ndarray
+
+
+@dataclass
+class GenerationRun(Timed):
+    """The reference's greedy generations and the tokens decoded one by one to make them."""
+
+    generations: Generations
+    decoded: int
+
+
+@dataclass
+class DivergenceRun(Timed):
+    """The candidate's generations against the reference's, and the tokens decoded to see it."""
+
+    divergence: Divergence
+    decoded: int
     context: ContextFacts = field(default_factory=ContextFacts)
 
 
@@ -150,13 +182,20 @@ class Engine(Protocol):
 
     def tokenize(self, model: ModelLoad, text: str) -> np.ndarray: ...
 
-    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray, seed: int) -> ReferenceRun: ...
+    def tokenize_pieces(self, model: ModelLoad, text: str) -> TokenPieces: ...
 
-    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: np.ndarray,
+    def reference(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences, seed: int) -> ReferenceRun: ...
+
+    def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences,
                  ref: ReferenceRows) -> CandidateRun: ...
 
     def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
-                       chunks: np.ndarray) -> CandidateRun: ...
+                       chunks: Sequences) -> CandidateRun: ...
+
+    def generate_reference(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, n_tokens: int,
+                           seed: int) -> GenerationRun: ...
+
+    def generate(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, ref: Generations) -> DivergenceRun: ...
 
     def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str, tokens: np.ndarray) -> SpeedRun: ...
 
@@ -169,7 +208,9 @@ class LogitsContext(Protocol):
     #: what llama.cpp decided (``ContextFacts`` fields), filled in as the context is created and used
     info: dict[str, Any]
 
-    def scored_logits(self, chunk: np.ndarray) -> Iterator[np.ndarray]: ...
+    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]: ...
+
+    def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray: ...
 
     def decode_timed(self, tokens: np.ndarray, one_by_one: bool) -> None: ...
 
@@ -178,6 +219,10 @@ class LogitsContext(Protocol):
 
 class LogitsModel(Protocol):
     def tokenize(self, text: str) -> np.ndarray: ...
+
+    def tokenize_pieces(self, text: str) -> TokenPieces: ...
+
+    def is_eog(self, token: int) -> bool: ...
 
     def describe(self) -> ModelFacts: ...
 
