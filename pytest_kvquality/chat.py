@@ -214,7 +214,7 @@ class ChatTemplate:
                                    for c in m["tool_calls"]]
             if m["role"] == "tool" and not self.caps.tool_responses:
                 body = {"tool_response": {"tool": m.get("name", ""), "content": m["content"]}}
-                m = {"role": "user", "content": json.dumps(body, indent=2, ensure_ascii=False)}
+                m = {"role": "user", "content": json.dumps(body, indent=2, ensure_ascii=False), "_tool": True}
             out.append(m)
         if tools and not self.caps.tools:
             text = ("You can call any of the following tools to satisfy the user's requests: "
@@ -227,7 +227,7 @@ class ChatTemplate:
                 out[0] = {**out[0], "content": first["content"] + "\n\n" + out[0]["content"]}
             else:
                 out.insert(0, {"role": "user", "content": first["content"]})
-        return _merge_same_roles(out, polyfilled=not self.caps.tool_responses), tools
+        return _merge_tool_responses(out), tools
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, prompt: bool,
                where: str) -> str:
@@ -245,18 +245,17 @@ def _into_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-def _merge_same_roles(messages: list[dict[str, Any]], polyfilled: bool) -> list[dict[str, Any]]:
-    """Tool results turned into user turns next to a user turn are joined (templates that alternate
-    roles strictly, like Gemma's, refuse two in a row)."""
-    if not polyfilled:
-        return messages
+def _merge_tool_responses(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A tool result turned into a user turn is joined to a user turn next to it (templates that
+    alternate roles strictly, like Gemma's, refuse two in a row); the user's own turns are left as
+    written."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        if out and m["role"] == "user" and out[-1]["role"] == "user" and "tool_calls" not in m:
-            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        if out and m["role"] == "user" and out[-1]["role"] == "user" and (m.get("_tool") or out[-1].get("_tool")):
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"], "_tool": True}
         else:
             out.append(m)
-    return out
+    return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,21 @@ class GenerationSummary:
     median_censored: bool
     decoded_tokens: int = 0
     seconds: float = 0.0
+    #: of ``seconds``, the time of the one-token decodes (and the comparisons after each)
+    step_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decoded_tokens / self.step_seconds if self.step_seconds > 0 else None
 
     def to_dict(self) -> dict[str, object]:
         return {"n_prompts": self.n_prompts, "n_tokens": self.n_tokens, "agree_tokens": self.agree_tokens,
                 **self.values, "median_censored": self.median_censored, "decoded_tokens": self.decoded_tokens,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
-def summarize_generation(strata: list[Divergence], agree: int, decoded: int = 0,
-                         seconds: float = 0.0) -> tuple[GenerationSummary, dict[str, GateBound]]:
+def summarize_generation(strata: list[Divergence], agree: int, decoded: int = 0, seconds: float = 0.0,
+                         step_seconds: float = 0.0) -> tuple[GenerationSummary, dict[str, GateBound]]:
     """Values over the prompts of ``strata`` (categories) and one-sided 95 % percentile-bootstrap
     bounds, prompts resampled within their category. A bound at the censoring point N is open (a
     median of N says "N or more")."""
@@ -132,7 +138,7 @@ def summarize_generation(strata: list[Divergence], agree: int, decoded: int = 0,
     values = _statistics(pooled, agree)
     summary = GenerationSummary(n, pooled.n_tokens, agree, values,
                                 bool(n) and values["gen_first_divergence_median"] >= pooled.n_tokens,
-                                decoded, seconds)
+                                decoded, seconds, step_seconds)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     draws: dict[str, list[float]] = {m: [] for m in GEN_METRICS}
     sizes = [s.first.size for s in strata]

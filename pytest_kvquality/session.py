@@ -304,13 +304,14 @@ class KVSession:
         n_tokens, agree = self.options.gen_tokens, self.options.gen_agree
         spec, ref_spec = self.load_spec(model), self.load_spec(ref_model)
         per_cat: dict[str, Divergence] = {}
-        decoded, seconds = 0, 0.0
+        decoded, seconds, stepping = 0, 0.0, 0.0
         for cat, plan in plans.items():
             prompts = plan.pick_prompts(n_prompts)
             key = self._reference_key(ref_model, prompts, gen_tokens=n_tokens)
             label = f"{self.options.ref_cache.label} reference generations {ref_model.alias} / {cat}"
 
-            def build(prompts: Sequences = prompts, label: str = label, cat: str = cat) -> tuple[Generations, dict[str, Any]]:
+            def build(prompts: Sequences = prompts, label: str = label,
+                      cat: str = cat) -> tuple[Generations, dict[str, Any]]:
                 self._doing = label
                 self._say(f"generating {label} ({len(prompts)} prompts x {n_tokens} tokens)")
                 run = self.engine.generate_reference(ref_spec, self.options.ref_cache, prompts, n_tokens,
@@ -329,10 +330,12 @@ class KVSession:
             per_cat[cat] = run.divergence
             decoded += run.decoded
             seconds += run.seconds
+            stepping += run.seconds - run.prefill_seconds
         out = {cat: summarize_generation([d], agree) for cat, d in per_cat.items()}
-        out[OVERALL] = summarize_generation(list(per_cat.values()), agree, decoded, seconds)
+        out[OVERALL] = summarize_generation(list(per_cat.values()), agree, decoded, seconds, stepping)
+        rate = f" ({decoded / stepping:,.0f} tok/s one by one, prompts aside)" if stepping > 0 else ""
         self._note(f"{model.alias} {cache.label}: generation divergence over {out[OVERALL][0].n_prompts} prompts, "
-                   f"{decoded} tokens decoded one by one in {seconds:.1f} s")
+                   f"{decoded} tokens decoded one by one in {seconds:.1f} s{rate}")
         return out
 
     def to_report(self) -> Report:

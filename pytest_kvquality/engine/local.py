@@ -281,11 +281,13 @@ class LocalEngine:
         tokens = np.full((len(prompts), n_tokens), -1, np.int32)
         lengths = np.zeros(len(prompts), np.int32)
         rows: list[ReferenceRows] = []
-        decoded = 0
+        decoded, prefill = 0, 0.0
         try:
             for i in range(len(prompts)):
                 prompt = prompts.sequence(i)
+                t_prompt = time.perf_counter()
                 logits = ctx.next_logits(prompt, 0)
+                prefill += time.perf_counter() - t_prompt
                 for j in range(n_tokens):
                     t = int(np.argmax(logits))
                     rows.append(compact_rows(logits[None, :], np.array([t]), self.top_k, self.tail_samples,
@@ -300,7 +302,7 @@ class LocalEngine:
             ctx.close()
         gens = Generations(tokens, lengths, ReferenceRows.concat(rows) if rows else _empty_rows(self.top_k,
                                                                                            self.tail_samples))
-        return GenerationRun(time.perf_counter() - t0, gens, decoded)
+        return GenerationRun(time.perf_counter() - t0, gens, decoded, prefill)
 
     def generate(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, ref: Generations) -> DivergenceRun:
         """Greedy generations against the reference's, each stopped at its first differing token."""
@@ -311,11 +313,13 @@ class LocalEngine:
         first = np.full(len(prompts), ref.n_tokens, np.int32)
         kl = np.full(len(prompts), np.nan, np.float32)
         offsets = ref.offsets()
-        decoded = 0
+        decoded, prefill = 0, 0.0
         try:
             for i in range(len(prompts)):
                 prompt = prompts.sequence(i)
+                t_prompt = time.perf_counter()
                 logits = ctx.next_logits(prompt, 0)
+                prefill += time.perf_counter() - t_prompt
                 for j in range(int(ref.lengths[i])):
                     want = int(ref.tokens[i, j])
                     if int(np.argmax(logits)) != want:
@@ -331,7 +335,7 @@ class LocalEngine:
         finally:
             ctx.close()
         return DivergenceRun(time.perf_counter() - t0, Divergence(first, kl, ref.n_tokens), decoded,
-                             ContextFacts.from_info(ctx.info))
+                             ContextFacts.from_info(ctx.info), prefill)
 
     def speed(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, phase: str,
               tokens: np.ndarray) -> SpeedRun:

@@ -150,6 +150,8 @@ class GenerationRun(Timed):
 
     generations: Generations
     decoded: int
+    #: of ``seconds``, the time spent decoding the prompts (the rest is one token per decode)
+    prefill_seconds: float = 0.0
 
 
 @dataclass
@@ -159,6 +161,7 @@ class DivergenceRun(Timed):
     divergence: Divergence
     decoded: int
     context: ContextFacts = field(default_factory=ContextFacts)
+    prefill_seconds: float = 0.0
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""The bundled Gemma 3 270M on chat transcripts: Gemma's tokenizer and template score exactly the
+assistant's tokens; the built-in agent corpus runs end to end on a slice; a generation-divergence
+gate fails q4_0 and passes q8_0."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import PLUGIN_ARGS
+
+from pytest_kvquality.chat import ChatTemplate, label_positions, render_transcript, template_source, transcript
+from pytest_kvquality.corpus import AGENT_FILE
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.environment import default_cache_dir
+from pytest_kvquality.resolve import builtin_model_path
+
+pytestmark = pytest.mark.real_model
+
+HAND_WRITTEN = {"messages": [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is the capital of Norway?"},
+    {"role": "assistant", "content": "Oslo."},
+    {"role": "user", "content": "Convert 10 EUR to NOK."},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "convert", "arguments": '{"amount": 10, "to": "NOK"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "name": "convert", "content": "117.2"},
+    {"role": "assistant", "content": "10 EUR is 117.2 NOK."},
+]}
+
+
+@pytest.fixture(scope="module")
+def gemma() -> ModelLoad:
+    env = os.environ.get("KVQ_GEMMA_GGUF")
+    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
+    e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
+    yield e
+    e.close()
+
+
+def test_gemma_scores_exactly_the_assistants_tokens(engine: WorkerEngine, gemma: ModelLoad) -> None:
+    """Every scored token, decoded, is the assistant's text: its answers and its tool-call JSON, each
+    closed by ``<end_of_turn>``, in order; the user's, the system's and the tool's words never."""
+    facts = engine.describe(gemma)
+    template = ChatTemplate(template_source("gemma3"), facts.bos_token, facts.eos_token, "gemma3-270m")
+    rendered = render_transcript(transcript(HAND_WRITTEN, "hand.jsonl:1", "d"), template)
+    pieces = engine.tokenize_pieces(gemma, rendered.text)
+    assert pieces.tokens[0] == 2 and pieces.tokens[1] != 2  # one BOS: the template's, parsed as special
+    spans = label_positions(rendered, pieces.tokens, pieces.starts, "assistant")
+    scored_ids = pieces.tokens[np.flatnonzero(spans) + 1]
+    data = rendered.text.encode()
+    ends = [*pieces.starts[1:].tolist(), len(data)]
+    scored_text = b"".join(data[pieces.starts[i]:ends[i]] for i in np.flatnonzero(spans) + 1).decode()
+    call = json.dumps({"tool_calls": [{"name": "convert", "arguments": {"amount": 10, "to": "NOK"}}]}, indent=2)
+    assert scored_text == f"Oslo.<end_of_turn>{call}<end_of_turn>10 EUR is 117.2 NOK.<end_of_turn>"
+    # the same ids as the assistant's texts tokenized alone (no BOS): nothing merged across a turn
+    alone = [engine.tokenize_pieces(gemma, t + "<end_of_turn>").tokens[1:] for t in
+             ("Oslo.", call, "10 EUR is 117.2 NOK.")]
+    assert scored_ids.tolist() == np.concatenate(alone).tolist()
+    assert "<end_of_turn>" in facts.eos_token or facts.eos_token  # Gemma ends a turn with it or <eos>
+
+
+def _runpytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider", "--kv-model=gemma3-270m",
+                                         "--kv-cache=q8_0,q4_0", *args, timeout=900)
+
+
+def test_the_agent_corpus_runs_on_a_slice(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """README: ``pytest --kv-model gemma3-270m --kv-corpus builtin:agent --kv-cache q8_0,q4_0``, on one
+    transcript per category."""
+    result = _runpytest(pytester, "--kv-corpus=builtin:agent", "--kv-chunks=1", f"--kv-json={tmp_path / 'a.json'}",
+                        f"--kv-ref-dir={tmp_path / 'refs'}")
+    result.assert_outcomes(passed=2)
+    records = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert {r["category"] for r in records} == {"chat", "tool_use", "long_session", "overall"}
+    overall = {r["cache"]: r for r in records if r["category"] == "overall"}
+    for cache in ("q8_0", "q4_0"):
+        spans = {s["label"]: s for s in overall[cache]["spans"]}
+        assert set(spans) == {"assistant", "tool_call"}
+        assert spans["assistant"]["n_tokens"] + spans["tool_call"]["n_tokens"] == overall[cache]["n_tokens"]
+    assert overall["q8_0"]["kl_mean"] < overall["q4_0"]["kl_mean"] / 5
+    assert overall["q8_0"]["n_ctx"] > 1000  # the context holds the longest transcript
+
+
+def test_a_generation_gate_fails_q4_0_and_passes_q8_0(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """Greedy generations from the chat transcripts' assistant turns: 32 tokens per prompt, 10 prompts.
+    Measured on the 2-core CPU (2026-12-02): q8_0 reproduced all 16 prompts of 8 transcripts, q4_0 4."""
+    chat = [line for line in AGENT_FILE.read_text().splitlines() if '"category": "chat"' in line][:4]
+    (tmp_path / "chat.jsonl").write_text("\n".join(chat) + "\n")
+    (tmp_path / "gates.yaml").write_text("version: 1\nmodels:\n  gemma3-270m:\n"
+                                         "    q8_0: {overall: {gen_identical: '> 0.5'}}\n"
+                                         "    q4_0: {overall: {gen_identical: '> 0.5'}}\n")
+    result = _runpytest(pytester, f"--kv-corpus={tmp_path / 'chat.jsonl'}",
+                        f"--kv-thresholds={tmp_path / 'gates.yaml'}", "--kv-gen=10", "--kv-gen-tokens=32",
+                        f"--kv-ref-dir={tmp_path / 'refs'}", "-v")
+    result.stdout.fnmatch_lines(["*gemma3-270m::q8_0::overall::gen_identical PASSED*",
+                                 "*gemma3-270m::q4_0::overall::gen_identical FAILED*",
+                                 "*gen_identical = * threshold > 0.5 not met*"])
+    result.stdout.fnmatch_lines(["*generation divergence over 10 prompts, * tokens decoded one by one in * s*"])
