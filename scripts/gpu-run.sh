@@ -3,14 +3,14 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | all (default all; the sweeps, variants, compaction, kernels and
-#          multigpu run only when named)
+#          | variants | compaction | kernels | agent | all (default all; the sweeps, variants, compaction,
+#          kernels, agent and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
 export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GPU_MODEL:?source env.sh}"
 REG="$KVQ_CACHE_DIR/registry.yaml"; mkdir -p "$KVQ_CACHE_DIR"
-printf 'version: 1\nmodels:\n  gemma3-270m:\n    path: %s\n' "$KVQ_GPU_MODEL" > "$REG"
+printf 'version: 1\nmodels:\n  gemma3-270m:\n    path: %s\n    chat_template: gemma3\n' "$KVQ_GPU_MODEL" > "$REG"
 P="python3 -m pytest -p pytest_kvquality.plugin -p no:cacheprovider --kv-registry=$REG"
 stage="${1:-all}"
 T=""; [ -x /usr/bin/time ] && T="/usr/bin/time -v"
@@ -82,6 +82,27 @@ except EngineError as err:
 finally:
     e.close()
 PY
+fi
+# The agent corpus (issue 16): every K = V type of the sweep grid on the chat transcripts, with generation
+# divergence (16 prompts per category, 128 tokens), the same caches on the text corpus, and llama-bench's tg
+# for the decode rate (needs GPU_TOOLS="llama-bench" and GPU_FA_ALL_QUANTS=1 at build time).
+if [ "$stage" = agent ]; then
+  # iq4_nl left out: this build runs its KV ops on the CPU even with GPU_FA_ALL_QUANTS (47 scored tok/s)
+  AGENT_CACHES="${AGENT_CACHES:-f16,q8_0,q5_1,q5_0,q4_1,q4_0,q8_0/q4_0}"
+  mkdir -p /tmp/kvq-none
+  [ "${AGENT_TESTS:-1}" = 1 ] && $P tests/test_real_agent.py tests/test_chat.py tests/test_generation.py -q 2>&1 \
+    | tee "$OUT/agent-tests.log" | tail -4
+  [ "${AGENT_TEXT:-1}" = 1 ] && $T $P --kv-model gemma3-270m -m kvquality --kv-cache $AGENT_CACHES --kv-thresholds=/tmp/kvq-none \
+    --kv-json="$OUT/text-512.json" 2>&1 | tee "$OUT/text-512.log" | grep -v "^\[kvquality\]" | tail -16
+  $T $P --kv-model gemma3-270m -m kvquality --kv-corpus builtin:agent --kv-cache $AGENT_CACHES --kv-gen 16 \
+    --kv-gen-tokens 128 --kv-json="$OUT/agent.json" --kv-markdown="$OUT/agent.md" 2>&1 | tee "$OUT/agent.log" \
+    | grep -v "^\[kvquality\]" | tail -30
+  if [ -x /tmp/kvq/bin/llama-bench ]; then
+    for c in f16 q8_0 q4_0; do
+      /tmp/kvq/bin/llama-bench -m "$KVQ_GPU_MODEL" -p 0 -n 128 -d 0,1024 -ctk $c -ctv $c -fa 1 -ngl 99 -r 5 \
+        -o json > "$OUT/llama-bench-tg-$c.json" 2> "$OUT/llama-bench-tg-$c.log"
+    done
+  fi
 fi
 # The model-selection sweep: every cache type llama.cpp accepts, rotation on and off. n_ctx 512: the
 # full K x V grid with speed, plus weights x cache; n_ctx 8192: K only, V only and K = V. Results

@@ -52,6 +52,12 @@ def coding_chunks(engine: WorkerEngine, gemma: ModelLoad):  # type: ignore[no-un
 
 
 @pytest.fixture(scope="module")
+def coding_reference(engine: WorkerEngine, gemma: ModelLoad, coding_chunks):  # type: ignore[no-untyped-def]
+    """The f16 reference of the coding chunks, built once for the tests that read it."""
+    return engine.reference(gemma, CacheConfig.parse("f16"), coding_chunks, seed=0)
+
+
+@pytest.fixture(scope="module")
 def llama_perplexity_q4_0(tmp_path_factory: pytest.TempPathFactory, gemma: ModelLoad) -> dict[str, float]:
     return llama_perplexity_kld(tmp_path_factory.mktemp("llama-perplexity"), gemma.path,
                                 builtin_corpus().texts["coding"], N_CTX, N_CHUNKS, CacheConfig.parse("q4_0"))
@@ -66,9 +72,10 @@ def test_exact_mode_equals_llama_perplexity(
 
 
 def test_cached_compact_reference_equals_llama_perplexity(
-    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, llama_perplexity_q4_0: dict[str, float]  # type: ignore[no-untyped-def]
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, coding_reference,  # type: ignore[no-untyped-def]
+    llama_perplexity_q4_0: dict[str, float],
 ) -> None:
-    ref = engine.reference(gemma, CacheConfig.parse("f16"), coding_chunks, seed=0)
+    ref = coding_reference
     assert len(ref.rows) == N_CHUNKS * (N_CTX // 2 - 1)
     run = engine.evaluate(gemma, CacheConfig.parse("q4_0"), coding_chunks, ref.rows)
     assert_matches(summarize(run.stats), llama_perplexity_q4_0)
@@ -123,11 +130,11 @@ def test_rotation_off_is_worse_than_rotation_on_for_q4_0(
 
 
 def test_compact_reference_is_within_one_percent_of_exact_with_exact_top1(
-    engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, coding_reference  # type: ignore[no-untyped-def]
 ) -> None:
     """The cached reference (1,940 bytes per token instead of 524 KB) against the exact mode."""
     f16, q8 = CacheConfig.parse("f16"), CacheConfig.parse("q8_0")
-    ref = engine.reference(gemma, f16, coding_chunks, seed=0)
+    ref = coding_reference
     compact = engine.evaluate(gemma, q8, coding_chunks, ref.rows).stats
     exact = engine.evaluate_exact(gemma, q8, gemma, f16, coding_chunks).stats
     assert (compact.same_top == exact.same_top).all()
@@ -242,7 +249,7 @@ def test_the_bundled_model_found_in_a_hub_cache_gives_its_numbers(pytester: pyte
     for name in ("gemma3-270m", "ggml-org/gemma-3-270m-GGUF:Q4_K_M"):
         out = tmp_path / f"run{len(runs)}.json"
         result = pytester.runpytest_subprocess(
-            *PLUGIN_ARGS, f"--kv-model={name}", "-m", "kvquality", "--kv-chunks=1", "--kv-cache=q4_0",
+            *PLUGIN_ARGS, f"--kv-model={name}", "-m", "kvquality", "--kv-chunks=1", "--kv-ctx=128", "--kv-cache=q4_0",
             f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-json={out}", "--kv-gate=mean")
         runs[name] = (result, json.loads(out.read_text())["results"])
     (plain, bundled), (hub, found) = runs.values()
