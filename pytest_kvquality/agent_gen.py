@@ -138,7 +138,8 @@ def _long_session(r: random.Random, i: int) -> dict[str, Any]:
         s.call("get_service_status", {"service": svc}, st)
         lines = _log_lines(r, svc, 8 + r.randrange(0, 6))
         s.call("search_logs", {"service": svc, "query": "ERROR", "limit": len(lines)}, {"lines": lines})
-        worst = max(set(e for e in ERRORS if any(e in line for line in lines)),
+        # ties go to the first in ERRORS order (a set's order would change with the hash seed)
+        worst = max((e for e in ERRORS if any(e in line for line in lines)),
                     key=lambda e: sum(e in line for line in lines))
         count = sum(worst in line for line in lines)
         s.say(f"Step {step + 1}: {svc} reports error rate {st['error_rate']:.2%} and p99 {st['p99_latency_ms']} ms. "

@@ -1,5 +1,8 @@
 """Session state: models, corpus, references and results of one pytest run.
 
+Longer than our ~350-line limit: it orchestrates every kind of evaluation (scored logits, greedy
+generations, speed) over the caches they share (models, plans, references).
+
 Everything expensive is computed once and memoised: a model is resolved and
 tokenized once, each reference is loaded or built once (under a file lock, so
 parallel workers share it), and each (model, cache config) is evaluated once
@@ -12,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,11 +28,7 @@ from .generation import Divergence, Generations, GenerationSummary, summarize_ge
 from .metrics import ReferenceRows, TokenStats
 from .options import KVOptions
 from .plan import DEFAULT_GEN_PROMPTS, CategoryPlan, chat_plans, text_plan
-from .reference import (
-    ReferenceKey,
-    ReferenceStore,
-    tokens_digest,
-)
+from .reference import ReferenceKey, ReferenceStore, Stored, tokens_digest
 from .registry import ModelNotFound, Registry
 from .report import Report, SkipRecord
 from .resolve import ResolvedModel, resolve
@@ -39,6 +38,7 @@ from .thresholds import OVERALL
 from .uncertainty import GateBound
 
 REFERENCE_SEED = 0
+S = TypeVar("S", bound=Stored)
 #: tokens generated one by one in a tg speed round (llama-bench's tg128)
 TG_TOKENS = 128
 
@@ -183,10 +183,20 @@ class KVSession:
             seed=REFERENCE_SEED, swa_full=self.options.swa_full, gen_tokens=gen_tokens,
         )
 
+    def _stored(self, key: ReferenceKey, build: Callable[[], tuple[S, dict[str, Any]]], what: str,
+                decode: Callable[[dict[str, np.ndarray]], S]) -> S:
+        """What a reference file holds: read when sound, else built and written once across parallel
+        workers; ``--kv-regen`` rebuilds each key once per run."""
+        rebuild = self.options.regen and key.digest() not in self._regenerated
+        out = ReferenceStore(self.options.ref_dir).load_or_build(key, build, rebuild=rebuild, on_damaged=self._note,
+                                                                 what=what, decode=decode)
+        if rebuild:
+            self._regenerated.add(key.digest())
+        return out
+
     def reference(self, model: ResolvedModel, category: str, chunks: Sequences) -> ReferenceRows:
         """Load the cached reference, or build and store it (once across parallel workers)."""
         key = self._reference_key(model, chunks)
-        rebuild = self.options.regen and key.digest() not in self._regenerated
         label = f"{self.options.ref_cache.label} reference {model.alias} / {category}"
 
         def build() -> tuple[ReferenceRows, dict[str, Any]]:
@@ -197,12 +207,8 @@ class KVSession:
             return run.rows, {"model": model.alias, "category": category, "seconds": run.seconds,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-        rows = ReferenceStore(self.options.ref_dir).load_or_build(
-            key, build, rebuild=rebuild, on_damaged=self._note,
-            what=f"the {self.options.ref_cache.label} reference for {model.alias} / {category}")
-        if rebuild:  # --kv-regen rebuilds each reference once per run, once it is written
-            self._regenerated.add(key.digest())
-        return rows
+        return self._stored(key, build, f"the {self.options.ref_cache.label} reference for {model.alias} / {category}",
+                            ReferenceRows.from_arrays)
 
     # ------------------------------------------------------------ evaluation
 
@@ -319,12 +325,8 @@ class KVSession:
                 return run.generations, {"model": ref_model.alias, "category": cat, "seconds": run.seconds,
                                          "decoded": run.decoded, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-            gens = ReferenceStore(self.options.ref_dir).load_or_build(
-                key, build, rebuild=self.options.regen and key.digest() not in self._regenerated,
-                on_damaged=self._note, what=f"the reference generations for {ref_model.alias} / {cat}",
-                decode=Generations.from_arrays)
-            if self.options.regen:
-                self._regenerated.add(key.digest())
+            gens = self._stored(key, build, f"the reference generations for {ref_model.alias} / {cat}",
+                                Generations.from_arrays)
             self._doing = f"{model.alias} {cache.label} generations / {cat}"
             run = self.engine.generate(spec, cache, prompts, gens)
             per_cat[cat] = run.divergence

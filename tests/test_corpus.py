@@ -1,15 +1,21 @@
-"""corpus.py and corpus_gen.py: the built-in corpus, user corpora, chunking."""
+"""corpus.py, corpus_gen.py and agent_gen.py: the built-in corpora, user corpora, chunking."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pytest_kvquality import corpus_gen
+from pytest_kvquality import agent_gen, corpus_gen
 from pytest_kvquality.corpus import (
+    AGENT_CORPUS,
+    AGENT_FILE,
     BUILTIN_DIR,
     CorpusError,
     builtin_corpus,
@@ -17,11 +23,31 @@ from pytest_kvquality.corpus import (
     load_corpus,
 )
 
+#: the agent corpus's file, as measured on the H200 (docs/results.md)
+AGENT_SHA256 = "5dd45e830e7df82b8d51585924124c07bdd9b78098360da9a2a96c639fa5a77e"
+
 
 def test_builtin_corpus_is_regenerated_byte_for_byte(tmp_path: Path) -> None:
     corpus_gen.write(tmp_path)
     for name in ("coding", "science", "tool_calling", "long_documents"):
         assert (tmp_path / f"{name}.txt").read_bytes() == (BUILTIN_DIR / f"{name}.txt").read_bytes()
+
+
+def test_agent_corpus_is_regenerated_byte_for_byte(tmp_path: Path) -> None:
+    """The shipped transcripts are agent_gen.py's output (the H200 figures in docs/results.md were
+    measured on these bytes: sha256 below)."""
+    agent_gen.write(tmp_path / "agent.jsonl")
+    assert (tmp_path / "agent.jsonl").read_bytes() == AGENT_FILE.read_bytes()
+    assert hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest() == AGENT_SHA256
+    corpus = load_corpus(AGENT_CORPUS)
+    assert corpus.name == AGENT_CORPUS and corpus.is_chat
+    # the same bytes whatever the hash seed (a tie once went by a set's iteration order)
+    code = "import hashlib, pytest_kvquality.agent_gen as g; print(hashlib.sha256(g.generate().encode()).hexdigest())"
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == AGENT_SHA256
+    assert {c: len(t) for c, t in corpus.chats.items()} == {"chat": 16, "tool_use": 16, "long_session": 10}
 
 
 def test_builtin_corpus_has_four_categories_and_long_documents() -> None:

@@ -94,3 +94,9 @@ def test_kl_max_can_fail_but_never_pass_on_a_bound() -> None:
     assert d.outcome is Outcome.INCONCLUSIVE
     assert "a sample gives no upper bound for the maximum" in describe(gate("< 0.6", "kl_max"), d)
     assert decide(gate("< 0.6", "kl_max"), s, mode="mean").outcome is Outcome.PASS
+
+
+def test_a_generation_gate_on_a_result_without_generations_is_inconclusive_not_a_crash() -> None:
+    """A baseline or merged document from a run without --kv-gen: nothing to read, nothing passes."""
+    d = decide(gate("> 0.5", "gen_identical"), summary(0.1, 0.005))
+    assert d.outcome is Outcome.INCONCLUSIVE and "no generations were run" in d.reason
