@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from .cache_config import CacheConfig
-from .corpus import CorpusError
+from .corpus import CorpusError, corpus_name
 from .engine.protocol import EngineError
 from .gating import Outcome, decide, describe
 from .options import DEFAULT_CACHES, shipped_thresholds_dir
@@ -36,10 +36,12 @@ class ThresholdFile(pytest.File):
         except CorpusError as e:
             raise self.CollectError(f"cannot read the corpus: {e}") from e
         try:
-            corpus = file_corpus(self.path)
-            if corpus is not None and corpus != state.session.corpus.name:
-                why = f"its gates were measured on corpus {corpus}, this run scores {state.session.corpus.name}"
-                if state.options.thresholds_given:  # asked for by name: its gates must not vanish
+            corpus, run_corpus = file_corpus(self.path), corpus_name(state.options.corpus)
+            if corpus is not None and corpus != run_corpus:
+                why = f"its gates were measured on corpus {corpus}, this run scores {run_corpus}"
+                named = {p.resolve() for p in state.options.thresholds if not p.is_dir()}
+                if state.options.thresholds_given and self.path.resolve() in named:  # asked for by name: its
+                    # gates must not vanish; in a folder, the files of other corpora are skipped
                     raise self.CollectError(f"{self.path}: {why} (--kv-corpus {corpus} runs them)")
                 state.session.notes.append(f"{self.path.name}: {why}; not applied")
                 return
@@ -144,8 +146,11 @@ def check_threshold_files(state: KVState) -> None:
     collection, which reports them with file, line and key."""
     where: dict[tuple[str, CacheConfig, str, str], Threshold] = {}
     gated: dict[Path, set[str]] = {}
+    run_corpus = corpus_name(state.options.corpus)
     for path in state.threshold_paths:
         try:
+            if file_corpus(path) not in (None, run_corpus):  # gates of another corpus: not this run's
+                continue
             thresholds = load_thresholds(path, state.known_model, None)
         except ThresholdError:
             continue

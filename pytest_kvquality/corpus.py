@@ -60,9 +60,20 @@ class Corpus:
         return h.hexdigest()
 
 
+BUILTIN_CORPUS = "builtin"
+
+
+def corpus_name(path: str | Path | None) -> str:
+    """The name a corpus goes by (threshold files' ``corpus:``), known without reading it."""
+    if path is None:
+        return BUILTIN_CORPUS
+    p = Path(path)
+    return AGENT_CORPUS if p.name == AGENT_CORPUS else p.name
+
+
 def builtin_corpus() -> Corpus:
     texts = {c: (BUILTIN_DIR / f"{c}.txt").read_text("utf-8") for c in BUILTIN_CATEGORIES}
-    return Corpus("builtin", texts)
+    return Corpus(BUILTIN_CORPUS, texts)
 
 
 def _read_text(path: Path) -> str:
@@ -125,14 +136,14 @@ def load_corpus(path: str | Path) -> Corpus:
         raise CorpusError(f"corpus {p}: a category may not be named {POOLED!r}, the name of the figure pooled "
                           "over all categories; rename the records' 'category'")
     if chats:
-        return Corpus(p.name, {}, chats)
+        return Corpus(corpus_name(p), {}, chats)
     empty = [c for c, t in texts.items() if not t.strip()]
     if empty:
         raise CorpusError(f"corpus {p}: category {empty[0]!r} has no text")
     if POOLED in texts:  # its row and gates would be confused with the pooled figure
         raise CorpusError(f"corpus {p}: a category may not be named {POOLED!r}, the name of the figure pooled "
                           "over all categories; rename the file or the records' 'category'")
-    return Corpus(p.name, texts)
+    return Corpus(corpus_name(p), texts)
 
 
 def _named(corpus: Corpus, name: str) -> Corpus:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import GATES
+from helpers import GATES, LOAD_PLUGIN
 
 
 def test_user_corpus_categories_drive_thresholds(kv_project: pytest.Pytester, fake_model: Path) -> None:
@@ -79,3 +79,26 @@ def test_gates_measured_on_another_corpus_are_not_applied(kv_project: pytest.Pyt
     result.stdout.fnmatch_lines(["*gates.yaml: its gates were measured on corpus builtin, this run scores chat.jsonl "
                                  "(--kv-corpus builtin runs them)*"])
     assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+def test_the_same_gate_for_two_corpora_is_not_a_duplicate(kv_project: pytest.Pytester, fake_model: Path) -> None:
+    """The shipped text and agent files both gate gemma3-270m q8_0 overall kl_mean: only the file of
+    the run's corpus counts, so neither run refuses the other's gate as defined twice."""
+    kv_project.makefile(".jsonl", chat="\n".join(_chat_record(i) for i in range(10)))
+    gates = kv_project.mkdir("gates")
+    (gates / "text.yaml").write_text("version: 1\ncorpus: builtin\nmodels:\n  tiny:\n    q8_0:\n"
+                                     "      overall: {kl_mean: '< 0.5'}\n")
+    (gates / "chat.yaml").write_text("version: 1\ncorpus: chat.jsonl\nmodels:\n  tiny:\n    q8_0:\n"
+                                     "      overall: {kl_mean: '< 0.4'}\n")
+    kv_project.makeini(f"""
+        [pytest]
+        {LOAD_PLUGIN}
+        kv_ref_dir = {kv_project.path / "refs"}
+        kv_ctx = 64
+        kv_thresholds = gates
+    """)
+    for corpus, applied in ((None, "text"), ("chat.jsonl", "chat")):
+        args = [f"--kv-model={fake_model}", "--kv-chunks=8", "-v", "-rA"]
+        result = kv_project.runpytest(*args, *([f"--kv-corpus={corpus}"] if corpus else []))
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"gates/{applied}.yaml::tiny::q8_0::overall::kl_mean PASSED*"])

@@ -230,3 +230,21 @@ def test_kv_mib_per_32k_is_llama_cpps_rule_not_the_per_token_cost_times_32k() ->
     row = SweepRow.of(result)
     assert row.to_json()["kv_mib_per_32k"] == 1057.5  # not 253,440 x 32,768 / 2^20 = 7,920
     assert SweepRow.from_json(row.to_json()).kv_mib_per_32k == 1057.5
+
+
+def test_a_chat_corpus_sweeps_with_its_categories_as_columns(fake_model: Path, sweep_dir: Path) -> None:
+    """The agent metrics in the sweep: a chat corpus's categories are its per-category columns (no
+    context-position profile: a transcript has no chunk positions)."""
+    record = {"category": "support", "messages": [
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": "It shipped on Monday and arrives on Thursday."}]}
+    corpus = sweep_dir / "chat.jsonl"
+    corpus.write_text("\n".join(json.dumps(record | {"category": c}) for c in ("support", "billing") for _ in range(3)))
+    out = sweep_dir / "chat-report"
+    result = sweep(fake_model, out, "--kv-corpus", str(corpus), "--k-types", "q8_0,q4_0", "--v-types", "q8_0,q4_0",
+                   "--rotation", "on")
+    assert not result.failures and len(result.rows) == 4
+    report = (out / "report.md").read_text()
+    assert "| cache | support | billing | overall ± σ |" in report
+    row = json.loads((out / "sweep.json").read_text())["rows"][0]
+    assert set(row["categories"]) >= {"support", "billing"} and row["positions"] == []
