@@ -131,3 +131,39 @@ def test_generation_prompts_end_where_each_assistant_turn_begins(tmp_path: Path)
     assert text.endswith("<end_of_turn>\n<start_of_turn>model\n")
     seq = plan.sequences.sequence(0)
     assert np.array_equal(seq[: plan.prompts.lengths[1]], plan.prompts.sequence(1))
+
+
+def test_a_chat_corpus_costs_no_more_forward_passes_than_its_tokens(tmp_path: Path) -> None:
+    """Each transcript is decoded once, at its own length: no padding to the longest, no re-decode;
+    logits come back for the scored positions only."""
+    from pytest_kvquality.cache_config import CacheConfig
+    from pytest_kvquality.engine.fake import FakeContext
+    from pytest_kvquality.engine.protocol import ModelLoad
+    from pytest_kvquality.testing import FakeEngine
+
+    path = tmp_path / "chat.jsonl"
+    hello = {"category": "weather", "messages": [{"role": "user", "content": "Hi " * 40},
+                                                 {"role": "assistant", "content": "Hello."}]}
+    records = [WEATHER, hello]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    gguf = write_fake_gguf(tmp_path / "m.gguf")
+    engine = FakeEngine()
+    spec = ModelLoad(str(gguf))
+    plan = next(iter(chat_plans(load_corpus(path), engine.describe(spec), "tiny",
+                                lambda t: engine.tokenize_pieces(spec, t), None).values()))
+    decoded, returned = [], []
+    original = FakeContext.scored_logits
+
+    def counting(self: FakeContext, tokens: np.ndarray, want: np.ndarray):  # type: ignore[no-untyped-def]
+        decoded.append(tokens.size)
+        for block in original(self, tokens, want):
+            returned.append(block.shape[0])
+            yield block
+
+    FakeContext.scored_logits = counting  # type: ignore[method-assign]
+    try:
+        ref = engine.reference(spec, CacheConfig.parse("f16"), plan.sequences, 0).rows
+    finally:
+        FakeContext.scored_logits = original  # type: ignore[method-assign]
+    assert sorted(decoded) == sorted(plan.sequences.lengths.tolist()) and len(set(decoded)) == 2
+    assert sum(returned) == plan.sequences.n_rows == len(ref)
