@@ -69,8 +69,8 @@ def write_fake_gguf(path: Path, seed: int = 0, arch: str = "kvqfake", weight_noi
     return path
 
 
-def _fake_params(path: str) -> tuple[int, float]:
-    """Seed and weight noise of a fake model file."""
+def _fake_params(path: str) -> tuple[int, float, str]:
+    """Seed, weight noise and chat template ("" when none) of a fake model file."""
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -78,22 +78,16 @@ def _fake_params(path: str) -> tuple[int, float]:
     if field is None:
         raise ValueError(f"{path} is not a fake model (no kvqfake.seed)")
     noise = reader.fields.get("kvqfake.weight_noise")
-    return int(field.parts[field.data[0]][0]), float(noise.parts[noise.data[0]][0]) if noise else 0.0
-
-
-def _fake_template(path: str) -> str:
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+    template = reader.fields.get("tokenizer.chat_template")
+    return (int(field.parts[field.data[0]][0]), float(noise.parts[noise.data[0]][0]) if noise else 0.0,
+            bytes(template.parts[template.data[0]]).decode() if template is not None else "")
 
 
 class FakeModel:
     def __init__(self, path: str, noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
         self.noise_scale = noise_scale
         self.chunk_effect = chunk_effect
-        seed, weight_noise = _fake_params(path)
-        self.chat_template = _fake_template(path)
+        seed, weight_noise, self.chat_template = _fake_params(path)
         rng = np.random.default_rng(seed)
         self.path = path
         self.w_prev = (rng.standard_normal((FAKE_VOCAB, FAKE_VOCAB)) * 2.5).astype(np.float32)
@@ -222,7 +216,7 @@ class FakeBackend:
         return FakeModel(model.path, self.noise_scale, self.chunk_effect)
 
     def quantize(self, src: str, dst: str, weight_type: str) -> None:
-        seed, _ = _fake_params(src)
+        seed = _fake_params(src)[0]
         write_fake_gguf(Path(dst), seed=seed, weight_noise=FAKE_WEIGHT_NOISE[weight_type])
 
 

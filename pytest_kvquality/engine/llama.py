@@ -139,12 +139,8 @@ class LlamaModel:
         """Special tokens parsed (a chat template writes them as text), BOS added where the model
         wants one and the text has none; each token's byte offset from its piece."""
         data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
-        if n < 0:
-            raise RuntimeError(f"llama_tokenize needs {-n} tokens for {len(data)} bytes")
-        tokens = np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+        tokens = self._tokenize(data, add_special=False, parse_special=True)
+        n = tokens.size
         lengths = np.array([len(self._piece(int(t))) for t in tokens], np.int64)
         if int(lengths.sum()) != len(data):
             raise RuntimeError(f"the tokenizer's pieces give {int(lengths.sum())} bytes for a text of {len(data)}: "
@@ -155,14 +151,17 @@ class LlamaModel:
         return TokenPieces(tokens, starts.astype(np.int64))
 
     def tokenize(self, text: str) -> np.ndarray:
-        data = text.encode("utf-8")
+        return self._tokenize(text.encode("utf-8"), add_special=True, parse_special=False)
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> np.ndarray:
+        """``llama_tokenize``, with a second call when the first buffer was too small."""
         n_max = len(data) + 16
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
         if n < 0:
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
     def placement(self, cache: CacheConfig, n_ctx: int, params: Any) -> dict[str, Any]:

@@ -271,33 +271,46 @@ class LocalEngine:
     def tokenize_pieces(self, model: ModelLoad, text: str) -> TokenPieces:
         return self._model(model).tokenize_pieces(text)
 
+    def _greedy(self, ctx: LogitsContext, prompts: Sequences,
+                step: Callable[[int, int, np.ndarray], int | None], t0: float) -> tuple[int, float]:
+        """Decode each prompt from an empty cache, then one token per decode: ``step(prompt, position,
+        logits)`` reads the logits (a view, valid until the next decode) and returns the token to feed
+        next, or None to end that prompt. Returns the tokens decoded one by one and the seconds spent
+        on the prompts."""
+        decoded, prefill = 0, 0.0
+        for i in range(len(prompts)):
+            prompt = prompts.sequence(i)
+            t_prompt = time.perf_counter()
+            logits = ctx.next_logits(prompt, 0)
+            prefill += time.perf_counter() - t_prompt
+            j = 0
+            while (token := step(i, j, logits)) is not None:
+                logits = ctx.next_logits(np.array([token], np.int32), prompt.size + j)
+                decoded += 1
+                j += 1
+            self._tick(i + 1, len(prompts), decoded, t0)
+        return decoded, prefill
+
     def generate_reference(self, model: ModelLoad, cache: CacheConfig, prompts: Sequences, n_tokens: int,
                            seed: int) -> GenerationRun:
         """Greedy generations of up to ``n_tokens`` per prompt, each step's distribution kept compact."""
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         m = self._model(model)
-        ctx = m.context(cache, _generation_ctx(prompts, n_tokens))
         tokens = np.full((len(prompts), n_tokens), -1, np.int32)
         lengths = np.zeros(len(prompts), np.int32)
         rows: list[ReferenceRows] = []
-        decoded, prefill = 0, 0.0
+
+        def step(i: int, j: int, logits: np.ndarray) -> int | None:
+            t = int(np.argmax(logits))
+            rows.append(compact_rows(logits[None, :], np.array([t]), self.top_k, self.tail_samples,
+                                     np.asarray(rng.random(1))))
+            tokens[i, j], lengths[i] = t, j + 1
+            return None if m.is_eog(t) or j + 1 == n_tokens else t
+
+        ctx = m.context(cache, _generation_ctx(prompts, n_tokens))
         try:
-            for i in range(len(prompts)):
-                prompt = prompts.sequence(i)
-                t_prompt = time.perf_counter()
-                logits = ctx.next_logits(prompt, 0)
-                prefill += time.perf_counter() - t_prompt
-                for j in range(n_tokens):
-                    t = int(np.argmax(logits))
-                    rows.append(compact_rows(logits[None, :], np.array([t]), self.top_k, self.tail_samples,
-                                             np.asarray(rng.random(1))))
-                    tokens[i, j], lengths[i] = t, j + 1
-                    if m.is_eog(t) or j + 1 == n_tokens:
-                        break
-                    logits = ctx.next_logits(np.array([t], np.int32), prompt.size + j)
-                    decoded += 1
-                self._tick(i + 1, len(prompts), decoded, t0)
+            decoded, prefill = self._greedy(ctx, prompts, step, t0)
         finally:
             ctx.close()
         gens = Generations(tokens, lengths, ReferenceRows.concat(rows) if rows else _empty_rows(self.top_k,
@@ -309,29 +322,22 @@ class LocalEngine:
         t0 = time.perf_counter()
         if len(ref.lengths) != len(prompts):
             raise EngineError(f"{len(prompts)} prompts but {len(ref.lengths)} reference generations")
-        ctx = self._model(model).context(cache, _generation_ctx(prompts, ref.n_tokens))
         first = np.full(len(prompts), ref.n_tokens, np.int32)
         kl = np.full(len(prompts), np.nan, np.float32)
         offsets = ref.offsets()
-        decoded, prefill = 0, 0.0
+
+        def step(i: int, j: int, logits: np.ndarray) -> int | None:
+            want = int(ref.tokens[i, j])
+            if int(np.argmax(logits)) != want:
+                row = int(offsets[i]) + j
+                kl[i] = kl_compact(logits[None, :], ref.rows.slice(row, row + 1), np.array([want])).kld[0]
+                first[i] = j
+                return None
+            return None if j + 1 == ref.lengths[i] else want  # all of it reproduced: identical
+
+        ctx = self._model(model).context(cache, _generation_ctx(prompts, ref.n_tokens))
         try:
-            for i in range(len(prompts)):
-                prompt = prompts.sequence(i)
-                t_prompt = time.perf_counter()
-                logits = ctx.next_logits(prompt, 0)
-                prefill += time.perf_counter() - t_prompt
-                for j in range(int(ref.lengths[i])):
-                    want = int(ref.tokens[i, j])
-                    if int(np.argmax(logits)) != want:
-                        row = int(offsets[i]) + j
-                        kl[i] = kl_compact(logits[None, :], ref.rows.slice(row, row + 1), np.array([want])).kld[0]
-                        first[i] = j
-                        break
-                    if j + 1 == ref.lengths[i]:
-                        break  # the whole reference generation reproduced: identical
-                    logits = ctx.next_logits(np.array([want], np.int32), prompt.size + j)
-                    decoded += 1
-                self._tick(i + 1, len(prompts), decoded, t0)
+            decoded, prefill = self._greedy(ctx, prompts, step, t0)
         finally:
             ctx.close()
         return DivergenceRun(time.perf_counter() - t0, Divergence(first, kl, ref.n_tokens), decoded,
