@@ -36,9 +36,9 @@ class ThresholdFile(pytest.File):
         except CorpusError as e:
             raise self.CollectError(f"cannot read the corpus: {e}") from e
         try:
-            corpus, run_corpus = file_corpus(self.path), corpus_name(state.options.corpus)
-            if corpus is not None and corpus != run_corpus:
-                why = f"its gates were measured on corpus {corpus}, this run scores {run_corpus}"
+            corpus = other_corpus(self.path, state)
+            if corpus is not None:
+                why = f"its gates were measured on corpus {corpus}, this run scores {corpus_name(state.options.corpus)}"
                 named = {p.resolve() for p in state.options.thresholds if not p.is_dir()}
                 if state.options.thresholds_given and self.path.resolve() in named:  # asked for by name: its
                     # gates must not vanish; in a folder, the files of other corpora are skipped
@@ -139,6 +139,13 @@ class MeasureCollector(pytest.Collector):
         return []
 
 
+def other_corpus(path: Path, state: KVState) -> str | None:
+    """The corpus a threshold file's gates were measured on, when it is not this run's; None when
+    they apply (the file names none, or this one)."""
+    corpus = file_corpus(path)
+    return corpus if corpus is not None and corpus != corpus_name(state.options.corpus) else None
+
+
 def check_threshold_files(state: KVState) -> None:
     """Before collection (on the xdist controller too): a gate written twice (two files, or one
     config spelled two ways) or a --kv-thresholds path that gates none of the selected models is a
@@ -146,10 +153,9 @@ def check_threshold_files(state: KVState) -> None:
     collection, which reports them with file, line and key."""
     where: dict[tuple[str, CacheConfig, str, str], Threshold] = {}
     gated: dict[Path, set[str]] = {}
-    run_corpus = corpus_name(state.options.corpus)
     for path in state.threshold_paths:
         try:
-            if file_corpus(path) not in (None, run_corpus):  # gates of another corpus: not this run's
+            if other_corpus(path, state) is not None:  # gates of another corpus: not this run's
                 continue
             thresholds = load_thresholds(path, state.known_model, None)
         except ThresholdError:

@@ -24,8 +24,6 @@ class CategoryPlan:
 
     sequences: Sequences
     prompts: Sequences
-    #: where each chat transcript came from (``file:line``); empty for text
-    sources: tuple[str, ...] = ()
 
     @property
     def rows_per_block(self) -> int:
@@ -60,7 +58,7 @@ def chat_plans(corpus: Corpus, facts: ModelFacts, model: str, tokenize: Callable
         raise CorpusError(str(e)) from e
     plans = {}
     for cat, records in corpus.chats.items():
-        seqs, labels, prompts, sources = [], [], [], []
+        seqs, labels, prompts = [], [], []
         for t in records[:max_transcripts]:
             try:
                 rendered = render_transcript(t, template)
@@ -76,9 +74,7 @@ def chat_plans(corpus: Corpus, facts: ModelFacts, model: str, tokenize: Callable
                                   "rendered to nothing)")
             seqs.append(pieces.tokens)
             labels.append(span)
-            sources.append(t.source)
             prompts += [pieces.tokens[:k] for k in generation_prompts(rendered, pieces.starts) if k > 0]
-        plans[cat] = CategoryPlan(Sequences.of(seqs, labels), Sequences.of(prompts, [np.zeros(p.size, np.uint8)
-                                                                                      for p in prompts]),
-                                  tuple(sources))
+        plans[cat] = CategoryPlan(Sequences.of(seqs, labels),
+                                  Sequences.of(prompts, [np.zeros(p.size, np.uint8) for p in prompts]))
     return plans

@@ -135,13 +135,19 @@ def read_arrays(path: Path, key: ReferenceKey) -> tuple[dict[str, np.ndarray], d
     return unpack(layout, payload), header.get("meta", {})
 
 
-def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:
-    """A logits reference file, verified (``read_arrays``)."""
+def read_stored(path: Path, key: ReferenceKey,
+                decode: Callable[[dict[str, np.ndarray]], S]) -> tuple[S, dict[str, Any]]:
+    """A verified file (``read_arrays``) as what it holds; an array ``decode`` misses is damage."""
     arrays, meta = read_arrays(path, key)
     try:
-        return ReferenceRows.from_arrays(arrays), meta
+        return decode(arrays), meta
     except KeyError as e:
         raise ReferenceDamaged(f"{path}: array {e} is missing") from e
+
+
+def read_reference(path: Path, key: ReferenceKey) -> tuple[ReferenceRows, dict[str, Any]]:
+    """A logits reference file, verified."""
+    return read_stored(path, key, ReferenceRows.from_arrays)
 
 
 class ReferenceStore:
@@ -192,11 +198,7 @@ class ReferenceStore:
     def _read(path: Path, key: ReferenceKey, on_damaged: Callable[[str], None],
               decode: Callable[[dict[str, np.ndarray]], S]) -> S | None:
         try:
-            arrays = read_arrays(path, key)[0]
-            try:
-                return decode(arrays)
-            except KeyError as e:
-                raise ReferenceDamaged(f"{path}: array {e} is missing") from e
+            return read_stored(path, key, decode)[0]
         except ReferenceDamaged as e:
             on_damaged(f"reference cache entry damaged, rebuilt: {e}")
             return None
