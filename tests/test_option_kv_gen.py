@@ -76,3 +76,13 @@ def test_a_median_gate_that_n_tokens_can_never_meet_is_a_collection_error(
     result.stdout.fnmatch_lines(["*gates.yaml:5: gen_first_divergence_median > 64 can never be met: generations "
                                  "stop at --kv-gen-tokens 24*"])
     assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+@pytest.mark.parametrize("parallel", [[], ["-n", "2", "--dist", "loadgroup"]], ids=["serial", "xdist"])
+def test_a_failing_generation_gate_fails_the_run(kv_project: pytest.Pytester, fake_model: Path,
+                                                 parallel: list[str]) -> None:
+    """The gate alone turns generation on, in each xdist worker too, and its failure is the exit code."""
+    kv_project.makefile(".yaml", gates=GEN_GATES)
+    result = kv_project.runpytest(f"--kv-model={fake_model}", "--kv-thresholds=gates.yaml", *ARGS, *parallel)
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
