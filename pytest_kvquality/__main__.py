@@ -1,7 +1,7 @@
-"""``python -m pytest_kvquality sweep|report|options-table``: see sweep/cli.py."""
+"""``python -m pytest_kvquality sweep|report|merge|options-table``: see cli.py."""
 
 import sys
 
-from .sweep.cli import main
+from .cli import main
 
 sys.exit(main())

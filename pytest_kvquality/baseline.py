@@ -132,11 +132,14 @@ _ENV_THAT_MATTERS = {
 }
 
 
-def environment_differences(old: dict[str, object], new: dict[str, object]) -> list[str]:
+def environment_differences(old: dict[str, object], new: dict[str, object],
+                            old_name: str = "the baseline") -> list[str]:
+    """What differs between two runs' environments that decides the numbers (``old_name``: what the
+    older one is called in the message)."""
     out = []
     for key, what in _ENV_THAT_MATTERS.items():
         if key in old and key in new and old[key] != new[key]:
-            out.append(f"the {what} differs from the baseline's ({old[key]} -> {new[key]})")
+            out.append(f"the {what} differs from {old_name}'s ({old[key]} -> {new[key]})")
     old_models, new_models = old.get("models") or {}, new.get("models") or {}
     if isinstance(old_models, dict) and isinstance(new_models, dict):
         for model, sha in new_models.items():

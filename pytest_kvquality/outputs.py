@@ -14,7 +14,7 @@ from .baseline import BaselineError, BaselineStorage, Comparison, compare
 from .files import atomic_write
 from .options import KVOptions
 from .render import markdown, skip_lines, table
-from .report import Report
+from .report import Report, RunOutcome
 
 
 @dataclass
@@ -43,6 +43,8 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
                 session.exitstatus = _failed(session.exitstatus)
         if out.comparison is not None and options.compare_fail and out.comparison.failed:
             session.exitstatus = _failed(session.exitstatus)
+    # what the run's exit status is by now (a regression above included), for ``merge``
+    report.run = RunOutcome(int(session.exitstatus), session.testscollected, session.testsfailed)
     measured = bool(report.records or report.speeds or report.skipped)
     if options.save and report.records:
         _write(out, session, "baseline", lambda: storage.save(str(options.save), report), "baseline saved: {}")
@@ -50,7 +52,7 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
         json_path = options.json_path
         _write(out, session, "--kv-json", lambda: report.write_json(json_path), f"results written to {json_path}")
     if measured:
-        text = markdown(report, out.comparison.lines() if out.comparison else None)
+        text = markdown(report, [("Against the baseline", out.comparison.lines())] if out.comparison else ())
         if options.markdown_path:
             md = options.markdown_path
             _write(out, session, "--kv-markdown", lambda: atomic_write(md, text),

@@ -4,6 +4,7 @@ builder, ``markdown.py``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +91,9 @@ def table(report: Report) -> list[TableLine]:
 
 
 
-def markdown(report: Report, comparison_lines: list[str] | None = None) -> str:
-    """A summary for a pull-request comment or $GITHUB_STEP_SUMMARY."""
+def markdown(report: Report, sections: Sequence[tuple[str, list[str]]] = ()) -> str:
+    """A summary for a pull-request comment or $GITHUB_STEP_SUMMARY; ``sections`` (title, lines) are
+    added after the tables (a comparison with the baseline, a merge's findings)."""
     out = ["## KV-cache quality", ""]
     env = report.environment
     out.append(f"llama-cpp-python {env.get('llama_cpp_python', '?')} · "
@@ -118,8 +120,9 @@ def markdown(report: Report, comparison_lines: list[str] | None = None) -> str:
     elif report.verdicts:
         out += [f"All {len(report.verdicts)} gates passed.", ""]
     out += where_loss_hits(report)
-    if comparison_lines:
-        out += ["### Against the baseline", "", *comparison_lines, ""]
+    for title, lines in sections:
+        if lines:
+            out += [f"### {title}", "", *lines, ""]
     for line in skip_lines(report.skipped):
         out.append(f"> ⚠️ {line}")
     for note in report.notes:

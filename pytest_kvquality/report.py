@@ -171,6 +171,24 @@ class SpeedRecord:
         return cls(sp.model, sp.cache.label, sp.phase, sp.n_ctx, sp.n_tokens, sp.tokens_per_s)
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """How the pytest run that wrote a document ended: what ``merge`` needs to see a shard whose gates
+    all passed but whose run failed (a crashed evaluation, an error, no tests collected)."""
+
+    exit_status: int
+    tests_collected: int
+    tests_failed: int
+
+    def problem(self) -> str | None:
+        """Why this run cannot count as passed (None: it passed)."""
+        if self.exit_status == 0:
+            return None
+        if self.exit_status == 5:
+            return "its pytest run collected no tests (exit status 5)"
+        return f"its pytest run exited with status {self.exit_status} ({self.tests_failed} test(s) failed)"
+
+
 @dataclass
 class Report:
     """Everything the run measured; mergeable across xdist workers."""
@@ -181,6 +199,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     speeds: list[SpeedRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
+    #: set when the document is written at the end of a run (None in older documents)
+    run: RunOutcome | None = None
 
     @classmethod
     def of(cls, results: Iterable[ConfigResult], verdicts: Iterable[Verdict], speeds: Iterable[SpeedResult], *,
@@ -222,6 +242,7 @@ class Report:
             "speed": [s.to_json() for s in self.speeds],
             "notes": self.notes,
             "skipped": [dict(s.__dict__) for s in self.skipped],
+            "run": None if self.run is None else dict(self.run.__dict__),
         }
 
     @classmethod
@@ -233,7 +254,8 @@ class Report:
                    [VerdictRecord.from_json(v) for v in doc["thresholds"]],
                    dict(doc["environment"]), list(doc["notes"]),
                    [SpeedRecord(**s) for s in doc.get("speed", [])],
-                   [SkipRecord(**s) for s in doc.get("skipped", [])])
+                   [SkipRecord(**s) for s in doc.get("skipped", [])],
+                   RunOutcome(**doc["run"]) if doc.get("run") else None)
 
     def dumps(self) -> str:
         return json.dumps(self.document())

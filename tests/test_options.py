@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kvquality.cli import build_parser, main
 from pytest_kvquality.options import OPTIONS, KVOptions, options_table
-from pytest_kvquality.sweep.cli import SHARED_OPTIONS, build_parser, main
+from pytest_kvquality.sweep.cli import SHARED_OPTIONS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.cli import main
 from pytest_kvquality.engine.protocol import ContextFacts
-from pytest_kvquality.sweep import SweepError, grid, main, pareto_front, run_sweep
+from pytest_kvquality.sweep import SweepError, grid, pareto_front, run_sweep
 from pytest_kvquality.testing import FakeEngine
 
 

@@ -6,12 +6,12 @@ against its own f16-cache reference). Writes ``report.md``, ``sweep.json`` and, 
 installed, ``pareto.png`` and ``positions.png``.
 
 ``data`` (what was measured, sweep.json), ``run`` (measuring it), ``report`` and ``plots`` (showing
-it), ``cli`` (the command line).
+it), ``cli`` (its arguments; ``pytest_kvquality.cli`` is the command line).
 """
 
-from .cli import build_parser, main, run_sweep
+from .cli import add_sweep_arguments, run_sweep
 from .data import Compounding, Sweep, SweepError, SweepRow, grid, pareto_front
 from .report import markdown, write_report
 
-__all__ = ["Compounding", "Sweep", "SweepError", "SweepRow", "build_parser", "grid", "main", "markdown",
+__all__ = ["Compounding", "Sweep", "SweepError", "SweepRow", "add_sweep_arguments", "grid", "markdown",
            "pareto_front", "run_sweep", "write_report"]
