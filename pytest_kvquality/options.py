@@ -123,6 +123,30 @@ def _chunks(n: int) -> int:
     return n
 
 
+def _rpc_servers(text: str) -> str:
+    from .engine.rpc import parse_servers
+
+    try:
+        return ",".join(server.endpoint for server in parse_servers(text))
+    except ValueError as e:
+        raise pytest.UsageError(f"pytest-kvquality: {e}") from e
+
+
+def _tensor_split(text: str) -> str:
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or any(x < 0 for x in shares) or not sum(shares) > 0:
+        raise pytest.UsageError(f"pytest-kvquality: --kv-tensor-split {text!r}: expected shares such as 3,1 "
+                                "(non-negative numbers, not all zero)")
+    return ",".join(f"{x:g}" for x in shares)
+
+
+#: --kv-split: llama.cpp's split modes
+SPLIT_MODES = ("layer", "row", "tensor", "none")
+
+
 def _at_least(flag: str, low: int) -> Callable[[int], int]:
     def check(n: int) -> int:
         if n < low:
@@ -171,6 +195,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kv-json", "json_path", "path", "write every result as JSON to this path", "PATH"),
     Option("--kv-gpu-layers", "gpu_layers", "int",
            "layers to offload to the GPU (-1 = all, the default when the build has a GPU)", "N"),
+    Option("--kv-rpc", "rpc", "text",
+           "llama.cpp RPC servers that take the model's layers and their KV cache: `ggml-rpc-server`s built "
+           "from the same llama.cpp (docs/scale.md); the protocol is unauthenticated, keep them on a private "
+           "network", "HOST:PORT,…", parse=_rpc_servers),
+    Option("--kv-rpc-timeout", "rpc_timeout", "int",
+           "with `--kv-rpc`: seconds without a word from the model worker before it is stopped and the test "
+           "fails (a server that stopped answering; default 600)", "S", parse=_at_least("--kv-rpc-timeout", 1)),
+    Option("--kv-split", "split_mode", "text",
+           "how a model is spread over several devices, as llama.cpp's `--split-mode` (default `layer`)",
+           choices=SPLIT_MODES),
+    Option("--kv-tensor-split", "tensor_split", "text",
+           "each device's share of the model, as llama.cpp's `--tensor-split` (e.g. `3,1`)", "A,B,…",
+           parse=_tensor_split),
+    Option("--kv-gpus-per-worker", "gpus_per_worker", "int",
+           "GPUs each pytest-xdist worker's model gets (default 1; a model needing two GPUs runs under "
+           "`-n 2` on four)", "N", parse=_at_least("--kv-gpus-per-worker", 1)),
     Option("--kv-registry", "registries", "paths", "model registry YAML (aliases -> paths, sha256)", "PATH"),
     Option("--kv-ref-cache", "ref_cache", "text",
            f"cache config of the reference (default `{DEFAULT_REFERENCE.label}`)", "CFG",
@@ -294,6 +334,11 @@ class KVOptions:
     gen_agree: int = 32
     json_path: Path | None = None
     gpu_layers: int = -1
+    rpc: str = ""
+    rpc_timeout: int = 600
+    split_mode: str = "layer"
+    tensor_split: str = ""
+    gpus_per_worker: int = 1
     registries: list[Path] = field(default_factory=list)
     ref_cache: CacheConfig = DEFAULT_REFERENCE
     ref_model: str | None = None

@@ -68,10 +68,20 @@ def grid(report: Report, model: str) -> tuple[list[str], list[list[str]], list[t
     return head, rows, verdicts
 
 def model_notes(report: Report, model: str) -> str:
-    """What the header line of a model's table adds: a hybrid model's fixed recurrent state."""
+    """What the header line of a model's table adds: a hybrid model's fixed recurrent state, and the
+    devices a model spread over RPC servers or several GPUs used."""
     recs = [r for r in report.records if r.model == model and r.category == OVERALL]
     state = next((r.context.recurrent_state_mib for r in recs if r.context.recurrent_state_mib), None)
-    return f", recurrent state {state:,.2f} MiB (fixed)" if state else ""
+    out = f", recurrent state {state:,.2f} MiB (fixed)" if state else ""
+    spread = next((r.context for r in recs if r.context.rpc_servers or r.context.split_mode), None)
+    if spread is not None:  # where the layers went, when not on one local device
+        if spread.rpc_servers:
+            out += f", RPC servers {', '.join(spread.rpc_servers)}"
+        if spread.split_mode:
+            out += f", split {spread.split_mode}" + (f" {spread.tensor_split}" if spread.tensor_split else "")
+        if spread.kv_layer_devices:
+            out += f", KV cache on {'; '.join(spread.kv_layer_devices)}"
+    return out
 
 def table(report: Report) -> list[TableLine]:
     """The terminal table, grouped by model."""

@@ -118,7 +118,8 @@ class KVSession:
         return m
 
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
-        return ModelLoad(str(model.path), self.options.gpu_layers, self.options.swa_full)
+        o = self.options
+        return ModelLoad(str(model.path), o.gpu_layers, o.swa_full, o.rpc, o.split_mode, o.tensor_split)
 
     def plans(self, model: ResolvedModel) -> dict[str, CategoryPlan]:
         """What each category decodes and scores with this model's tokenizer (once per model)."""

@@ -98,9 +98,22 @@ def configure(config: pytest.Config) -> KVState:
     if options.models_from_command_line:
         _check_models_available(config, options, registry)
     state = KVState(config, options, KVSession(options, _engine_factory(config, options), registry))
+    for warning in rpc_warnings(options.rpc):
+        state.session.notes.append(warning)
+        config.issue_config_time_warning(pytest.PytestConfigWarning(f"pytest-kvquality: {warning}"), stacklevel=2)
     if config.get_verbosity() >= 0:  # -q hides progress
         state.session.progress = _progress_printer(config)
     return state
+
+
+def rpc_warnings(rpc: str) -> list[str]:
+    """A warning per --kv-rpc server outside loopback and the private ranges (the protocol has no
+    authentication); nothing is sent to any server here."""
+    from .engine.rpc import is_private, parse_servers
+
+    public = [s for s in parse_servers(rpc) if not is_private(s.host)]
+    return [f"--kv-rpc server {s.endpoint} is not on loopback or a private network: llama.cpp's RPC protocol is "
+            "unauthenticated, so anyone who can reach it can use it" for s in public]
 
 
 def _check_models_available(config: pytest.Config, options: KVOptions, registry: Registry) -> None:
@@ -123,8 +136,9 @@ def _engine_factory(config: pytest.Config, options: KVOptions) -> Callable[[], E
             return custom
         from .engine.client import WorkerEngine, worker_gpu_env
 
-        env = worker_gpu_env(os.environ, os.environ.get("PYTEST_XDIST_WORKER"))
-        return WorkerEngine(options.cache_dir / "logs", env=env)
+        env = worker_gpu_env(os.environ, os.environ.get("PYTEST_XDIST_WORKER"), per_worker=options.gpus_per_worker)
+        return WorkerEngine(options.cache_dir / "logs", env=env,
+                            reply_timeout=float(options.rpc_timeout) if options.rpc else None)
 
     return make_engine
 

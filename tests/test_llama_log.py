@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_kvquality.llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
+from pytest_kvquality.llama_log import OUT_OF_MEMORY, context_log_facts, kv_layer_devices, kv_placement, model_buffers
 
 SCHED_DEBUG = """
 ## SPLIT #0: CUDA0 # 0 inputs
@@ -33,3 +33,18 @@ llama_context: flash_attn            = enabled
                      "kv_layers": 18, "flash_attn": "enabled"}
     assert OUT_OF_MEMORY.search("ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer")
     assert not OUT_OF_MEMORY.search("llama_init_from_model: failed to initialize the context: bad type")
+
+
+def test_devices_of_weights_kv_layers_and_rpc_ops_are_read_from_the_log() -> None:
+    load = """
+load_tensors: offloaded 10/19 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =   202.39 MiB
+load_tensors: RPC0[127.0.0.1:37461] model buffer size =   202.77 MiB
+"""
+    assert model_buffers(load) == ("CPU_Mapped 202.39 MiB", "RPC0[127.0.0.1:37461] 202.77 MiB")
+    kv = "\n".join([*(f"llama_kv_cache: layer {i:3d}: dev = CPU" for i in (0, 1, 2, 5)),
+                    *(f"llama_kv_cache: layer {i:3d}: dev = RPC0" for i in range(9, 18))])
+    assert kv_layer_devices(kv) == ("CPU: layers 0-2,5", "RPC0: layers 9-17")
+    sched = """node # 36 (FLASH_ATTN):              node_36 (   4K) [RPC0[         ] use=1,c=1:  (reshaped) (view) \
+[RPC0[ ] cache_k_l9 (view) (p (  68K) [RPC0[ ] cache_v_l9 (view) (p (  36K"""
+    assert kv_placement(sched) == {"kv_devices": ["RPC0"], "kv_cpu_ops": []}

@@ -5,6 +5,8 @@ and which GPU each xdist worker's model worker gets."""
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -40,6 +42,9 @@ from .protocol import (
 #: Lines of the llama.cpp log shown when the worker fails.
 LOG_TAIL_LINES = 40
 
+#: ggml_abort's first line: ``/path/ggml-rpc.cpp:566: Remote RPC server crashed or returned malformed response``
+_GGML_ABORT = re.compile(r"^(\S+\.(?:c|cpp|cu|h)):(\d+): (.+)$", re.MULTILINE)
+
 #: One entry per NVIDIA GPU the driver knows, readable without starting CUDA.
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 
@@ -55,16 +60,19 @@ def visible_gpus(environ: Mapping[str, str], gpus_dir: Path = NVIDIA_GPUS_DIR) -
         return []
 
 
-def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None,
-                   gpus_dir: Path = NVIDIA_GPUS_DIR) -> dict[str, str]:
-    """One GPU per pytest-xdist worker: worker ``gw<k>`` sees only the k-th (mod n) visible device.
-    Set in the model worker's environment, before CUDA initialises; without it llama.cpp spreads
-    every worker's model over all the GPUs."""
+def worker_gpu_env(environ: Mapping[str, str], xdist_worker: str | None, gpus_dir: Path = NVIDIA_GPUS_DIR,
+                   per_worker: int = 1) -> dict[str, str]:
+    """``per_worker`` GPUs per pytest-xdist worker: worker ``gw<k>`` sees the k-th group of that many
+    visible devices (groups taken in turn, mod their number). Set in the model worker's environment,
+    before CUDA initialises; without it llama.cpp spreads every worker's model over all the GPUs.
+    With fewer GPUs than one group needs, every worker sees them all; with more workers than groups,
+    workers share a group."""
     env = dict(environ)
     if xdist_worker and xdist_worker.startswith("gw") and xdist_worker[2:].isdigit():
         devices = visible_gpus(environ, gpus_dir)
-        if len(devices) > 1:
-            env["CUDA_VISIBLE_DEVICES"] = devices[int(xdist_worker[2:]) % len(devices)]
+        groups = [devices[i:i + per_worker] for i in range(0, len(devices) - per_worker + 1, per_worker)]
+        if groups and groups[0] != devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[int(xdist_worker[2:]) % len(groups)])
     return env
 
 
@@ -94,10 +102,14 @@ class WorkerEngine:
     #: extra arguments of the worker's command line (``testing.TestingWorkerEngine``: its test operations)
     server_args: tuple[str, ...] = ()
 
-    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None,
+                 reply_timeout: float | None = None) -> None:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvq-worker-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = env
+        #: seconds without a message from the worker before it is stopped (None: wait; set with
+        #: --kv-rpc, where a server that stops answering would block the worker for ever)
+        self.reply_timeout = reply_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._to: BinaryIO | None = None
         self._from: BinaryIO | None = None
@@ -125,7 +137,7 @@ class WorkerEngine:
         os.close(c2w_r)
         os.close(w2c_w)
         self._to = os.fdopen(c2w_w, "wb")
-        self._from = os.fdopen(w2c_r, "rb")
+        self._from = os.fdopen(w2c_r, "rb", buffering=0)  # unbuffered: select() sees every byte not yet read
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         if self._log_path is None or not self._log_path.exists():
@@ -133,22 +145,33 @@ class WorkerEngine:
         text = self._log_path.read_bytes().decode("utf-8", errors="replace")
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
+    def abort_reason(self) -> str | None:
+        """The message of the last ``GGML_ABORT``/``GGML_ASSERT`` in the log (``file.cpp:566: Remote RPC
+        server crashed …``), which the backtrace printed after it pushes out of the tail."""
+        if self._log_path is None or not self._log_path.exists():
+            return None
+        text = self._log_path.read_bytes().decode("utf-8", errors="replace")
+        found = _GGML_ABORT.findall(text)
+        return f"{Path(found[-1][0]).name}:{found[-1][1]}: {found[-1][2].strip()}" if found else None
+
     def _call(self, header: ipc.Header, arrays: ipc.Arrays | None = None, what: str = "") -> ipc.Message:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         assert self._proc is not None and self._to is not None and self._from is not None
         try:
             ipc.send(self._to, header, arrays)
-            reply, out = ipc.recv(self._from)
+            reply, out = self._receive(what or header["op"])
             while "progress" in reply:  # a long request reports as it goes
                 if self.on_progress is not None:
                     self.on_progress(reply["progress"])
-                reply, out = ipc.recv(self._from)
+                reply, out = self._receive(what or header["op"])
         except (ipc.ChannelClosed, BrokenPipeError) as e:
             code = self._proc.wait()
             self._discard()
+            reason = self.abort_reason()
             raise WorkerCrash(
-                f"the model worker {_describe_exit(code)} while {what or header['op']}.\n"
+                f"the model worker {_describe_exit(code)} while {what or header['op']}"
+                + (f": llama.cpp aborted: {reason}" if reason else "") + ".\n"
                 f"Last lines of the llama.cpp log ({self._log_path}):\n{self.log_tail()}"
             ) from e
         except BaseException:  # Ctrl-C mid-request: the worker is still busy with it and the
@@ -160,6 +183,19 @@ class WorkerEngine:
                 f"{self.log_tail(15)}"
             )
         return reply, out
+
+    def _receive(self, doing: str) -> ipc.Message:
+        """The worker's next message; with a reply timeout, a worker silent for that long is stopped."""
+        assert self._from is not None
+        if self.reply_timeout is not None:
+            ready, _, _ = select.select([self._from], [], [], self.reply_timeout)
+            if not ready:
+                self._stop()
+                raise EngineError(
+                    f"no word from the model worker for {self.reply_timeout:g} s while {doing}: an RPC server that "
+                    "stopped answering (or a load or decode slower than --kv-rpc-timeout allows); the worker was "
+                    f"stopped.\nLast lines of the llama.cpp log ({self._log_path}):\n{self.log_tail(15)}")
+        return ipc.recv(self._from)
 
     def _discard(self) -> None:
         for f in (self._to, self._from):

@@ -21,6 +21,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,10 @@ def _fake_params(path: str) -> tuple[int, float, str]:
 
 
 class FakeModel:
-    def __init__(self, path: str, noise_scale: float = 1.0, chunk_effect: float = 0.0) -> None:
+    def __init__(self, path: str, noise_scale: float = 1.0, chunk_effect: float = 0.0,
+                 split_facts: dict[str, Any] | None = None) -> None:
+        #: how the model was spread (RPC servers, split mode), reported as llama.cpp's backend does
+        self.split_facts = split_facts or {}
         self.noise_scale = noise_scale
         self.chunk_effect = chunk_effect
         seed, weight_noise, self.chat_template = _fake_params(path)
@@ -137,7 +141,8 @@ class FakeContext:
         self.info = {"rotation_k": cache.rotation and cache.type_k not in ("f32", "f16", "bf16"),
                      "rotation_v": cache.rotation and cache.type_v not in ("f32", "f16", "bf16"),
                      "gpu_layers": 0, "kv_bytes_per_token": per_token,
-                     "kv_mib_per_32k": per_token * 32768 / 2**20, "kv_mib_per_128k": per_token * 131072 / 2**20}
+                     "kv_mib_per_32k": per_token * 32768 / 2**20, "kv_mib_per_128k": per_token * 131072 / 2**20,
+                     **model.split_facts}
         self._out: np.ndarray | None = None
         self._prefix = np.zeros(0, np.int32)
 
@@ -213,7 +218,7 @@ class FakeBackend:
         return BackendInfo(llama_cpp_python="fake", llama_cpp="fake", gpu_offload=False, system_info="fake")
 
     def load(self, model: ModelLoad) -> FakeModel:
-        return FakeModel(model.path, self.noise_scale, self.chunk_effect)
+        return FakeModel(model.path, self.noise_scale, self.chunk_effect, model.spread_facts())
 
     def quantize(self, src: str, dst: str, weight_type: str) -> None:
         seed = _fake_params(src)[0]

@@ -6,7 +6,8 @@ segfault. Logits are requested for the scored positions only and handed out
 one decoded batch at a time, so memory never holds n_ctx x n_vocab floats.
 
 Longer than our ~350-line limit on purpose: all of llama.cpp's low-level API is here (model,
-context, log capture, placement probe, quantizer), so no other module imports ``llama_cpp``.
+context, log capture, placement probe, quantizer), so no other module imports ``llama_cpp`` but
+``llama_devices`` (ggml's device registry, RPC servers).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from .. import kv_memory
 from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import env_flag
 from ..files import atomic_produce
-from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement
+from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
+from . import llama_devices
 from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
+from .rpc import parse_servers
 
 #: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
@@ -73,26 +76,43 @@ def backend_info() -> BackendInfo:
     return BackendInfo(
         llama_cpp_python=llama_cpp.__version__,
         llama_cpp=f"vendored in llama-cpp-python {llama_cpp.__version__}",
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        gpu_offload=llama_devices.has_local_gpu(),
         system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
 
 
+#: --kv-split to llama.cpp's split modes
+SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+               "row": llama_cpp.LLAMA_SPLIT_MODE_ROW, "tensor": llama_cpp.LLAMA_SPLIT_MODE_TENSOR}
+
+
 class LlamaModel:
     """One loaded GGUF file; contexts with different caches are created from it."""
 
-    def __init__(self, path: str, gpu_layers: int, swa_full: bool = False) -> None:
-        self.path = path
-        self.swa_full = swa_full
+    def __init__(self, load: ModelLoad) -> None:
+        self.path = path = load.path
+        self.swa_full = load.swa_full
         params = llama_cpp.llama_model_default_params()
-        offload = llama_cpp.llama_supports_gpu_offload()
-        params.n_gpu_layers = (999 if gpu_layers < 0 else gpu_layers) if offload else 0
+        rpc_devices = llama_devices.add_rpc_servers(parse_servers(load.rpc))
+        offload = llama_devices.has_local_gpu() or bool(rpc_devices)
+        params.n_gpu_layers = (999 if load.gpu_layers < 0 else load.gpu_layers) if offload else 0
         # weight repacking off: the AMX repack kernels segfault on the CPUs here
         params.use_extra_bufts = False
+        params.split_mode = SPLIT_MODES[load.split_mode]
+        # both arrays are read by the load below and must live as long as its call
+        self._devices = _device_list(rpc_devices)
+        if self._devices is not None:
+            params.devices = ctypes.addressof(self._devices)
+        self._tensor_split = _tensor_split(load.tensor_split)
+        if self._tensor_split is not None:
+            params.tensor_split = ctypes.cast(self._tensor_split, ctypes.POINTER(ctypes.c_float))
         self.gpu_layers = int(params.n_gpu_layers)
+        self.split_facts = load.spread_facts()
         _recent.clear()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        #: where the weights went (MiB per buffer, from llama.cpp's log), e.g. CPU_Mapped, RPC0[host:port]
+        self.weight_devices = model_buffers("".join(_recent))
         if not self.model:
             if OUT_OF_MEMORY.search("".join(_recent)):
                 raise ModelLoadError(f"out of memory: llama.cpp could not allocate the weights of {path} "
@@ -215,6 +235,8 @@ class LlamaContext:
         self.info = context_log_facts(log)
         self.info.update(_memory_facts(model, cache, n_ctx, int(p.n_ubatch), log))
         self.info["gpu_layers"] = model.gpu_layers
+        self.info["weight_devices"] = list(model.weight_devices)
+        self.info.update(model.split_facts)
         self.info.update(placement)
         # where an evaluation's time goes (benchmarks/real_geometry.py): creating the context (and the
         # placement probe), and inside llama.cpp's decode and logits calls; the rest is ours
@@ -303,6 +325,27 @@ class LlamaContext:
             self.ctx = None
 
 
+def _device_list(rpc_devices: list[str]) -> Any:
+    """The devices a model may use: None (llama.cpp's default: every GPU, RPC servers first) unless this
+    process has RPC servers, when only this model's servers and the local accelerators are given, in
+    llama.cpp's default order, so a model without --kv-rpc never lands on a server added for another."""
+    if not llama_devices.rpc_added():
+        return None
+    chosen = llama_devices.device_handles(rpc_devices)
+    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
+
+
+def _tensor_split(text: str) -> Any:
+    """--kv-tensor-split 3,1: the share of the model per device, as llama.cpp's --tensor-split."""
+    if not text:
+        return None
+    shares = [float(x) for x in text.split(",")]
+    n = int(llama_cpp.llama_max_devices())
+    if len(shares) > n:
+        raise ValueError(f"--kv-tensor-split {text!r}: {len(shares)} shares for at most {n} devices")
+    return (ctypes.c_float * n)(*shares, *([0.0] * (n - len(shares))))
+
+
 def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_batch: int) -> Any:
     """llama.cpp's context parameters for one evaluation context (one sequence, scored logits only)."""
     p = llama_cpp.llama_context_default_params()
@@ -374,7 +417,9 @@ def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
     llama_cpp.llama_free(ctx)
     facts = kv_placement("\n".join(lines))
     if facts.get("kv_devices"):
-        facts["kv_cpu_fallback"] = model.gpu_layers > 0 and "CPU" in facts["kv_devices"]
+        # with some layers left on the CPU (--kv-gpu-layers N, RPC splits) their KV ops run there by design
+        whole = model.gpu_layers >= int(llama_cpp.llama_model_n_layer(model.model))
+        facts["kv_cpu_fallback"] = whole and "CPU" in facts["kv_devices"]
     return facts
 
 
@@ -420,7 +465,7 @@ class LlamaBackend:
     def load(self, model: ModelLoad) -> LlamaModel:
         if not os.path.isfile(model.path):
             raise FileNotFoundError(f"model file {model.path} does not exist")
-        return LlamaModel(model.path, model.gpu_layers, swa_full=model.swa_full)
+        return LlamaModel(model)
 
     def quantize(self, src: str, dst: str, weight_type: str) -> None:
         quantize(src, dst, weight_type)

@@ -33,13 +33,27 @@ class WorkerCrash(EngineError):
 
 @dataclass(frozen=True)
 class ModelLoad:
-    """How to load a model: the file, how many layers go to the GPU (-1: all), and whether its
-    contexts keep sliding-window layers at full size (llama.cpp's swa_full; llama-server's default
-    is off, and so is ours)."""
+    """How to load a model: the file, how many layers go to the GPU (-1: all), whether its contexts
+    keep sliding-window layers at full size (llama.cpp's swa_full; llama-server's default is off, and
+    so is ours), and over which devices it is spread."""
 
     path: str
     gpu_layers: int = -1
     swa_full: bool = False
+    #: ``--kv-rpc``: llama.cpp RPC servers (``host:port,…``) that take layers, "" for none
+    rpc: str = ""
+    #: ``--kv-split`` and ``--kv-tensor-split``: how layers (or rows) are spread over the devices
+    split_mode: str = "layer"
+    tensor_split: str = ""
+
+    def spread_facts(self) -> dict[str, Any]:
+        """The context facts saying how the model was spread, where it is not one local device."""
+        facts: dict[str, Any] = {}
+        if self.rpc:
+            facts["rpc_servers"] = self.rpc.split(",")
+        if self.split_mode != "layer" or self.tensor_split:
+            facts.update(split_mode=self.split_mode, tensor_split=self.tensor_split or None)
+        return facts
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,13 @@ class ContextFacts:
     kv_swa_full: bool | None = None
     recurrent_state_mib: float | None = None
     kv_mismatch: str | None = None
+    #: where the weights went (``CPU_Mapped 120.30 MiB``, ``RPC0[127.0.0.1:50052] 118.10 MiB``), which device
+    #: holds each layer's KV cache (``RPC0: layers 9-17``), and the RPC servers and split asked for
+    weight_devices: tuple[str, ...] | None = None
+    kv_layer_devices: tuple[str, ...] | None = None
+    rpc_servers: tuple[str, ...] | None = None
+    split_mode: str | None = None
+    tensor_split: str | None = None
     #: where the scheduler ran the nodes touching the KV cache (the placement probe)
     kv_devices: tuple[str, ...] | None = None
     kv_cpu_ops: tuple[str, ...] | None = None
