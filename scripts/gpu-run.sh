@@ -3,8 +3,8 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | all (default all; the sweeps, variants, compaction,
-#          kernels, agent and multigpu run only when named)
+#          | variants | compaction | kernels | agent | scale | all (default all; the sweeps, variants, compaction,
+#          kernels, agent, scale and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
@@ -41,6 +41,16 @@ if [ "$stage" = compaction ]; then  # where a reference build's time goes: real 
     KVQ_THREADS=$t KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 $P benchmarks/test_throughput.py -k vs_llama \
       --benchmark-json "$OUT/bench-threads-$t.json" > "$OUT/bench-threads-$t.log" 2>&1
   done
+fi
+if [ "$stage" = scale ]; then  # issue 17: RPC against local, where a short run's fixed costs go, scored tok/s
+  # (start the build with GPU_RPC=1 GPU_TOOLS="llama-perplexity llama-bench" for ggml-rpc-server and the oracles)
+  python3 benchmarks/rpc_throughput.py --server /tmp/kvq/bin/ggml-rpc-server --chunks 23 --rounds 3 \
+    --out "$OUT/rpc.json" 2>&1 | tee "$OUT/rpc.log" | tail -4
+  python3 benchmarks/startup.py --perplexity /tmp/kvq/bin/llama-perplexity --out "$OUT/startup.json" \
+    > "$OUT/startup.log" 2>&1; tail -30 "$OUT/startup.log"
+  KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity $P \
+    benchmarks/test_throughput.py -k vs_llama --benchmark-json "$OUT/bench-vs-llama.json" 2>&1 | tail -4
+  KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py -q 2>&1 | tail -4
 fi
 if [ "$stage" = kernels ]; then  # the compiled compaction (default) against numpy (KVQ_COMPILED=0),
   # alternated so drift on the host does not favour one: real rows over 1..16 threads, then build/eval

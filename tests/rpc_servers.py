@@ -39,9 +39,10 @@ def free_port() -> int:
 
 @contextmanager
 def rpc_server(threads: int = 1) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A ggml-rpc-server (CPU device) on a free loopback port, stopped afterwards."""
+    """A ggml-rpc-server with the CPU device (also on a GPU host) on a free loopback port, stopped afterwards."""
     port = free_port()
-    proc = subprocess.Popen([str(rpc_server_binary()), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+    proc = subprocess.Popen([str(rpc_server_binary()), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads),
+                             "-d", "CPU"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

@@ -41,9 +41,14 @@ def server() -> Iterator[int]:
         yield port
 
 
+#: the model worker sees no GPU of its own, so on a GPU host too the local run and the server's layers
+#: use the same CPU kernels
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
-    e = WorkerEngine(tmp_path_factory.mktemp("rpc-logs"))
+    e = WorkerEngine(tmp_path_factory.mktemp("rpc-logs"), env=NO_GPU)
     yield e
     e.close()
 
@@ -101,7 +106,7 @@ def test_a_server_that_dies_or_hangs_mid_evaluation_fails_the_evaluation(
 ) -> None:
     with rpc_server(threads=2) as (port, _):
         proxy = Proxy(port, mode, after=2)  # the chunk's second decode: the first went through
-        engine = WorkerEngine(tmp_path, reply_timeout=10.0)
+        engine = WorkerEngine(tmp_path, env=NO_GPU, reply_timeout=10.0)
         try:
             t = time.monotonic()
             remote = ModelLoad(model_path, RPC_LAYERS, rpc=f"127.0.0.1:{proxy.port}")
