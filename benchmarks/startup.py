@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +35,14 @@ from pytest_kvquality.engine.protocol import ModelLoad  # noqa: E402
 from pytest_kvquality.environment import default_cache_dir  # noqa: E402
 from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
 
-CHUNKS = 20
+CHUNKS = int(os.environ.get("KVQ_STARTUP_CHUNKS", "20"))
 
 
-def wall(cmd: list[str], env: dict[str, str] | None = None, rounds: int = 3) -> float:
+def wall(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, rounds: int = 3) -> float:
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
         times.append(time.perf_counter() - t)
         if done.returncode not in (0, 1):
             raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -49,29 +51,37 @@ def wall(cmd: list[str], env: dict[str, str] | None = None, rounds: int = 3) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--perplexity", help="llama-perplexity of the same build")
+    p.add_argument("--perplexity", type=lambda s: str(Path(s).resolve()), help="llama-perplexity of the same build")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     model = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
     work = Path(os.environ.get("KVQ_CACHE_DIR", "/tmp/kvq-cache")) / "startup"
-    corpus, no_gates = work / "corpus", work / "no-thresholds"
-    corpus.mkdir(parents=True, exist_ok=True)
-    no_gates.mkdir(exist_ok=True)
+    corpus, no_gates, project = work / "corpus", work / "no-thresholds", work / "project"
+    for d in (corpus, no_gates, project):  # an empty project: a user's tests would be collected, not ours
+        d.mkdir(parents=True, exist_ok=True)
     text = builtin_corpus().texts["science"]
     (corpus / "science.txt").write_text(text)
     registry = work / "registry.yaml"
     registry.write_text(f"version: 1\nmodels:\n  gemma3-270m:\n    path: {model}\n")
-    pytest_cmd = [sys.executable, "-m", "pytest", "-p", "pytest_kvquality.plugin", "-p", "no:cacheprovider", "-q",
-                  f"--kv-registry={registry}"]
+    installed = any(ep.value == "pytest_kvquality.plugin" for ep in entry_points(group="pytest11"))
+    load = [] if installed else ["-p", "pytest_kvquality.plugin"]  # the GPU host runs an uninstalled checkout
+    pytest_cmd = [sys.executable, "-m", "pytest", *load, "-p", "no:cacheprovider", "-q", f"--kv-registry={registry}"]
     run = [*pytest_cmd, "--kv-model", "gemma3-270m", "-m", "kvquality", f"--kv-corpus={corpus}", "--kv-chunks",
            str(CHUNKS), "--kv-cache", "q4_0", f"--kv-thresholds={no_gates}"]
     out: dict[str, object] = {"model": model, "chunks": CHUNKS, "scored_tokens": CHUNKS * 255}
-    wall(run, rounds=1)  # builds and caches the f16 reference
-    out["pytest_whole_s"] = wall(run, rounds=args.rounds)
-    out["pytest_whole_no_probe_s"] = wall(run, {**os.environ, "KVQ_PLACEMENT_PROBE": "0"}, rounds=args.rounds)
-    out["pytest_version_s"] = wall([*pytest_cmd, "--version"], rounds=args.rounds)
-    out["pytest_collect_s"] = wall([*run, "--collect-only"], rounds=args.rounds)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    wall(run, project, env, rounds=1)  # builds and caches the f16 reference (and the placement probe's findings)
+    out["pytest_whole_s"] = wall(run, project, env, rounds=args.rounds)
+    # as before issue 17: the worker started on first use, the placement probe run in every process
+    before = []
+    for _ in range(args.rounds):
+        shutil.rmtree(work.parent / "placement", ignore_errors=True)
+        before.append(wall(run, project, {**env, "KVQ_PRESTART": "0"}, rounds=1))
+    out["pytest_whole_before_s"] = statistics.median(before)
+    out["pytest_whole_no_probe_s"] = wall(run, project, {**env, "KVQ_PLACEMENT_PROBE": "0"}, rounds=args.rounds)
+    out["pytest_version_s"] = wall([*pytest_cmd, "--version"], project, env, rounds=args.rounds)
+    out["pytest_collect_s"] = wall([*run, "--collect-only"], project, env, rounds=args.rounds)
 
     parts: dict[str, float] = {}
     t = time.perf_counter()
@@ -106,7 +116,7 @@ def main() -> None:
                   "--kl-divergence-base", str(base)]
         subprocess.run([*common, "-f", str(txt)], check=True, capture_output=True)
         out["llama_perplexity_whole_s"] = wall([*common, "--kl-divergence", "-ctk", "q4_0", "-ctv", "q4_0"],
-                                               rounds=args.rounds)
+                                               work, rounds=args.rounds)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

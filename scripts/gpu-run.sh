@@ -3,8 +3,8 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | all (default all; the sweeps, variants, compaction,
-#          kernels, agent, scale and multigpu run only when named)
+#          | variants | compaction | kernels | agent | scale | startup | all (default all; the sweeps, variants, compaction,
+#          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
 OUT="${OUT:-/tmp/kvq-out}"; mkdir -p "$OUT"
@@ -50,7 +50,14 @@ if [ "$stage" = scale ]; then  # issue 17: RPC against local, where a short run'
     > "$OUT/startup.log" 2>&1; tail -30 "$OUT/startup.log"
   KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity $P \
     benchmarks/test_throughput.py -k vs_llama --benchmark-json "$OUT/bench-vs-llama.json" 2>&1 | tail -4
-  KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py -q 2>&1 | tail -4
+  KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py tests/test_placement_cache.py \
+    -q 2>&1 | tail -4
+fi
+if [ "$stage" = startup ]; then  # the start-up breakdown alone (before/after: KVQ_PRESTART=0, no placement cache)
+  python3 benchmarks/startup.py --perplexity /tmp/kvq/bin/llama-perplexity --rounds 5 --out "$OUT/startup.json" \
+    > "$OUT/startup.log" 2>&1; tail -30 "$OUT/startup.log"
+  KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py tests/test_placement_cache.py \
+    -q 2>&1 | tail -4
 fi
 if [ "$stage" = kernels ]; then  # the compiled compaction (default) against numpy (KVQ_COMPILED=0),
   # alternated so drift on the host does not favour one: real rows over 1..16 threads, then build/eval

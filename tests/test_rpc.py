@@ -81,13 +81,16 @@ def test_servers_that_cannot_serve_fail_with_the_reason_within_the_timeout() -> 
 
 
 def test_a_silent_model_worker_is_stopped_after_the_reply_timeout(tmp_path: Path) -> None:
-    engine = TestingWorkerEngine(tmp_path, reply_timeout=1.0)
+    engine = TestingWorkerEngine(tmp_path)
     try:
+        engine.sleep_for_test(0.1)  # started without the timeout: on a GPU host CUDA's start-up alone takes ~1 s
+        engine.reply_timeout = 1.0
         engine.sleep_for_test(0.1)  # a quick reply is fine
         t = time.monotonic()
         with pytest.raises(EngineError, match="no word from the model worker for 1 s while"):
             engine.sleep_for_test(30)
         assert time.monotonic() - t < 10
+        engine.reply_timeout = None
         engine.sleep_for_test(0.1)  # a fresh worker serves the next call
     finally:
         engine.close()

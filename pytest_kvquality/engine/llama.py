@@ -25,10 +25,11 @@ import numpy as np
 
 from .. import kv_memory
 from ..cache_config import GGML_TYPE_IDS, CacheConfig
-from ..environment import env_flag
+from ..environment import default_cache_dir, env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
 from . import llama_devices
+from .placement_cache import PlacementCache
 from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
 from .rpc import parse_servers
 
@@ -92,6 +93,7 @@ class LlamaModel:
 
     def __init__(self, load: ModelLoad) -> None:
         self.path = path = load.path
+        self.load = load
         self.swa_full = load.swa_full
         params = llama_cpp.llama_model_default_params()
         rpc_devices = llama_devices.add_rpc_servers(parse_servers(load.rpc))
@@ -185,12 +187,28 @@ class LlamaModel:
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
     def placement(self, cache: CacheConfig, n_ctx: int, params: Any) -> dict[str, Any]:
-        """Where the KV ops of this cache config run (probed once per config and n_ctx)."""
+        """Where the KV ops of this cache config run: probed once per build, devices, model file,
+        config and geometry, then read from the placement cache (``placement_cache``)."""
         if not _wants_probe(self):
             return {}
         if (cache, n_ctx) not in self._placements:
-            self._placements[(cache, n_ctx)] = kv_placement_probe(self, params)
+            store = PlacementCache(default_cache_dir() / "placement")
+            key = self._placement_key(cache, n_ctx, params)
+            facts = store.get(key)
+            if facts is None:
+                facts = kv_placement_probe(self, params)
+                if facts:
+                    store.put(key, facts)
+            self._placements[(cache, n_ctx)] = facts
         return dict(self._placements[(cache, n_ctx)])
+
+    def _placement_key(self, cache: CacheConfig, n_ctx: int, params: Any) -> dict[str, Any]:
+        st = os.stat(self.path)
+        return {"llama_cpp_python": llama_cpp.__version__, "system": llama_cpp.llama_print_system_info().decode(),
+                "devices": [f"{d.name}|{d.description}|{d.registry}" for d in llama_devices.devices()],
+                "model": [os.path.realpath(self.path), st.st_size, st.st_mtime_ns], "load": repr(self.load),
+                "cache": cache.label, "n_ctx": n_ctx, "n_batch": int(params.n_batch), "n_ubatch": int(params.n_ubatch),
+                "swa_full": bool(params.swa_full), "env": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def context(self, cache: CacheConfig, n_ctx: int) -> LlamaContext:
         return LlamaContext(self, cache, n_ctx)
