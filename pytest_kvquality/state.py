@@ -13,7 +13,6 @@ import pytest
 
 from .cache_config import CacheConfig, CacheConfigError
 from .engine.protocol import Engine
-from .environment import env_flag
 from .options import DEFAULT_CACHES, KVOptions, check_rootdir
 from .outputs import RunOutputs, finish
 from .registry import ModelNotFound, Registry, RegistryError
@@ -104,25 +103,7 @@ def configure(config: pytest.Config) -> KVState:
         config.issue_config_time_warning(pytest.PytestConfigWarning(f"pytest-kvquality: {warning}"), stacklevel=2)
     if config.get_verbosity() >= 0:  # -q hides progress
         state.session.progress = _progress_printer(config)
-    if options.models and not _xdist_controller(config):
-        _prestart(state)
     return state
-
-
-def _xdist_controller(config: pytest.Config) -> bool:
-    """The xdist controller only hands out items: its workers evaluate."""
-    return getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
-
-
-def _prestart(state: KVState) -> None:
-    """Start the model worker while pytest collects (``WorkerEngine.prestart``); a custom engine (the
-    fake) starts as it likes. Collecting only, nothing would use it: not started then. ``KVQ_PRESTART=0``
-    starts it on first use instead (for measuring what this buys)."""
-    if state.config.getoption("collectonly", False) or env_flag("KVQ_PRESTART", True) is False:
-        return
-    engine = state.session.engine
-    if hasattr(engine, "prestart"):
-        engine.prestart()
 
 
 def rpc_warnings(rpc: str) -> list[str]:

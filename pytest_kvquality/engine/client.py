@@ -139,12 +139,6 @@ class WorkerEngine:
         self._to = os.fdopen(c2w_w, "wb")
         self._from = os.fdopen(w2c_r, "rb", buffering=0)  # unbuffered: select() sees every byte not yet read
 
-    def prestart(self) -> None:
-        """Start the worker now, without waiting for it: it imports llama.cpp and initialises its
-        backends (CUDA: ~1.2 s on the H200 host) while pytest collects; the first request finds it ready."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._start()
-
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         if self._log_path is None or not self._log_path.exists():
             return "(no worker log)"
