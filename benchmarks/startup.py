@@ -53,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--perplexity", type=lambda s: str(Path(s).resolve()), help="llama-perplexity of the same build")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="the whole-process figures only")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     model = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
@@ -80,6 +81,10 @@ def main() -> None:
         before.append(wall(run, project, env, rounds=1))
     out["pytest_whole_probing_s"] = statistics.median(before)
     out["pytest_whole_no_probe_s"] = wall(run, project, {**env, "KVQ_PLACEMENT_PROBE": "0"}, rounds=args.rounds)
+    if args.quick:
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        return
     out["pytest_version_s"] = wall([*pytest_cmd, "--version"], project, env, rounds=args.rounds)
     out["pytest_collect_s"] = wall([*run, "--collect-only"], project, env, rounds=args.rounds)
 

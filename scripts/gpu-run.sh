@@ -53,6 +53,9 @@ if [ "$stage" = scale ]; then  # issue 17: RPC against local, where a short run'
   KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py tests/test_placement_cache.py \
     -q 2>&1 | tail -4
 fi
+if [ "$stage" = startup-quick ]; then  # the whole-process figures only
+  python3 benchmarks/startup.py --quick --rounds 3 --out "$OUT/startup-quick.json" 2>&1 | tail -12
+fi
 if [ "$stage" = startup ]; then  # the start-up breakdown alone (before/after: KVQ_PRESTART=0, no placement cache)
   python3 benchmarks/startup.py --perplexity /tmp/kvq/bin/llama-perplexity --rounds 5 --out "$OUT/startup.json" \
     > "$OUT/startup.log" 2>&1; tail -30 "$OUT/startup.log"
