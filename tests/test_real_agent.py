@@ -69,27 +69,27 @@ def test_gemma_scores_exactly_the_assistants_tokens(engine: WorkerEngine, gemma:
     assert "<end_of_turn>" in facts.eos_token or facts.eos_token  # Gemma ends a turn with it or <eos>
 
 
-def _runpytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+def _runpytest(pytester: pytest.Pytester, *args: str, caches: str = "q8_0,q4_0") -> pytest.RunResult:
     return pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider", "--kv-model=gemma3-270m",
-                                         "--kv-cache=q8_0,q4_0", *args, timeout=900)
+                                         f"--kv-cache={caches}", *args, timeout=900)
 
 
 def test_the_agent_corpus_runs_on_a_slice(pytester: pytest.Pytester, tmp_path: Path) -> None:
     """README: ``pytest --kv-model gemma3-270m --kv-corpus builtin:agent --kv-cache q8_0,q4_0``, on one
-    transcript per category."""
+    transcript per category and one config (q8_0 against q4_0 on chat text: the generation gate below)."""
     (tmp_path / "no-gates").mkdir()  # the shipped agent gates need 8 transcripts per category: measure only
     result = _runpytest(pytester, "--kv-corpus=builtin:agent", "--kv-chunks=1", f"--kv-json={tmp_path / 'a.json'}",
-                        f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-thresholds={tmp_path / 'no-gates'}")
-    result.assert_outcomes(passed=2)
+                        f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-thresholds={tmp_path / 'no-gates'}",
+                        caches="q4_0")
+    result.assert_outcomes(passed=1)
     records = json.loads((tmp_path / "a.json").read_text())["results"]
     assert {r["category"] for r in records} == {"chat", "tool_use", "long_session", "overall"}
-    overall = {r["cache"]: r for r in records if r["category"] == "overall"}
-    for cache in ("q8_0", "q4_0"):
-        spans = {s["label"]: s for s in overall[cache]["spans"]}
-        assert set(spans) == {"assistant", "tool_call"}
-        assert spans["assistant"]["n_tokens"] + spans["tool_call"]["n_tokens"] == overall[cache]["n_tokens"]
-    assert overall["q8_0"]["kl_mean"] < overall["q4_0"]["kl_mean"] / 5
-    assert overall["q8_0"]["n_ctx"] > 1000  # the context holds the longest transcript
+    (overall,) = [r for r in records if r["category"] == "overall"]
+    spans = {s["label"]: s for s in overall["spans"]}
+    assert set(spans) == {"assistant", "tool_call"}
+    assert spans["assistant"]["n_tokens"] + spans["tool_call"]["n_tokens"] == overall["n_tokens"]
+    assert 0 < overall["kl_mean"] < 1
+    assert overall["n_ctx"] > 1000  # the context holds the longest transcript
 
 
 def test_a_generation_gate_fails_q4_0_and_passes_q8_0(pytester: pytest.Pytester, tmp_path: Path) -> None:
