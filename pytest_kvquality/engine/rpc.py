@@ -39,17 +39,20 @@ class RpcServer:
 
     @property
     def endpoint(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def parse_servers(text: str) -> tuple[RpcServer, ...]:
-    """``host:port[,host:port…]`` (IPv6 as ``[::1]:50052``); ValueError naming the bad part."""
+    """``host:port[,host:port…]``; ValueError naming the bad part. IPv4 only: llama.cpp's RPC client
+    splits an endpoint at its first colon and connects over IPv4 (``ggml-rpc/transport.cpp``)."""
     servers = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        host, sep, port = part.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        host, sep, port = part.partition(":")
+        if "[" in part or ":" in port:
+            raise ValueError(f"--kv-rpc {part!r}: llama.cpp's RPC client speaks IPv4 only; give an IPv4 address "
+                             "or a host name")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"--kv-rpc {part!r}: expected HOST:PORT, e.g. 192.168.1.20:50052")
         servers.append(RpcServer(host, int(port)))
@@ -72,8 +75,13 @@ def is_private(host: str) -> bool:
 def check_server(server: RpcServer, timeout: float = CONNECT_TIMEOUT_S) -> tuple[int, int, int]:
     """The server's protocol version from a HELLO exchange; RpcError saying what is wrong."""
     where = f"RPC server {server.endpoint}"
+    try:  # over IPv4, as llama.cpp will connect
+        ip = str(socket.getaddrinfo(server.host, server.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    except OSError as e:
+        raise RpcError(f"{where}: the host has no IPv4 address ({e}); llama.cpp's RPC client speaks IPv4 "
+                       "only") from None
     try:
-        with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        with socket.create_connection((ip, server.port), timeout=timeout) as sock:
             sock.settimeout(timeout)
             sock.sendall(struct.pack("<BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE))
             reply = _recv_exact(sock, 8 + _HELLO_REPLY, where)
