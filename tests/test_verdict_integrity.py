@@ -305,6 +305,9 @@ def test_a_read_only_reference_cache_is_read_without_its_lock(
 
         filelock.BaseFileLock.acquire = refuse
 
+        def pytest_unconfigure(config):  # the run is in-process: later tests must get their locks back
+            filelock.BaseFileLock.acquire = original
+
         def pytest_kvquality_make_engine(config):
             return FakeEngine()
     """)
