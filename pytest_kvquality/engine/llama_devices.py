@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from llama_cpp._ggml import libggml
 
@@ -16,25 +17,23 @@ from .rpc import RpcError, RpcServer, check_server
 _DEV_GPU, _DEV_IGPU = 1, 2
 
 _lib = libggml
-_lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-_lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-_lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-_lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-_lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-_lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_dev_type.restype = ctypes.c_int
-_lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-_lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_reg_name.restype = ctypes.c_char_p
-_lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-_lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-_lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-_lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-_lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_register.restype = None
+_c, _p, _z = ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
+#: the ggml calls used here: argument types and result type
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "ggml_backend_dev_count": ([], _z),
+    "ggml_backend_dev_get": ([_z], _p),
+    "ggml_backend_dev_name": ([_p], _c),
+    "ggml_backend_dev_description": ([_p], _c),
+    "ggml_backend_dev_type": ([_p], ctypes.c_int),
+    "ggml_backend_dev_backend_reg": ([_p], _p),
+    "ggml_backend_reg_name": ([_p], _c),
+    "ggml_backend_reg_by_name": ([_c], _p),
+    "ggml_backend_reg_get_proc_address": ([_p, _c], _p),
+    "ggml_backend_register": ([_p], None),
+}
+for _name, (_args, _result) in _SIGNATURES.items():
+    getattr(_lib, _name).argtypes = _args
+    getattr(_lib, _name).restype = _result
 
 _ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 #: endpoints added to ggml's registry in this process (adding is for the process's lifetime)
@@ -43,27 +42,33 @@ _added: dict[str, list[str]] = {}
 
 @dataclass(frozen=True)
 class Device:
+    """One device of ggml's registry: its handle, names, registry (``RPC`` for a server's) and type."""
+
+    handle: int
     name: str
     description: str
     registry: str
-    accelerator: bool
+    kind: int
+
+    @property
+    def rpc(self) -> bool:
+        return self.registry == "RPC"
 
 
 def devices() -> list[Device]:
     out = []
     for i in range(_lib.ggml_backend_dev_count()):
         dev = _lib.ggml_backend_dev_get(i)
-        reg = _lib.ggml_backend_dev_backend_reg(dev)
-        accelerator = _lib.ggml_backend_dev_type(dev) in (_DEV_GPU, _DEV_IGPU)
-        out.append(Device(_lib.ggml_backend_dev_name(dev).decode(), _lib.ggml_backend_dev_description(dev).decode(),
-                          _lib.ggml_backend_reg_name(reg).decode(), accelerator))
+        registry = _lib.ggml_backend_reg_name(_lib.ggml_backend_dev_backend_reg(dev)).decode()
+        out.append(Device(dev, _lib.ggml_backend_dev_name(dev).decode(),
+                          _lib.ggml_backend_dev_description(dev).decode(), registry, _lib.ggml_backend_dev_type(dev)))
     return out
 
 
 def has_local_gpu() -> bool:
     """A GPU of this machine (an RPC server's device counts as a GPU to llama.cpp, but not here: the
     results' "GPU" and the placement probe are about this machine's)."""
-    return any(d.accelerator and d.registry != "RPC" for d in devices())
+    return any(d.kind in (_DEV_GPU, _DEV_IGPU) and not d.rpc for d in devices())
 
 
 def rpc_added() -> bool:
@@ -74,17 +79,10 @@ def rpc_added() -> bool:
 def device_handles(rpc_names: list[str]) -> list[int]:
     """Handles of the named RPC devices, then of the local GPUs (integrated ones when there are none),
     in llama.cpp's default order."""
-    rpc, gpus, igpus = [], [], []
-    for i in range(_lib.ggml_backend_dev_count()):
-        dev = _lib.ggml_backend_dev_get(i)
-        kind = _lib.ggml_backend_dev_type(dev)
-        if _lib.ggml_backend_reg_name(_lib.ggml_backend_dev_backend_reg(dev)).decode() == "RPC":
-            if _lib.ggml_backend_dev_name(dev).decode() in rpc_names:
-                rpc.append(dev)
-        elif kind == _DEV_GPU:
-            gpus.append(dev)
-        elif kind == _DEV_IGPU:
-            igpus.append(dev)
+    devs = devices()
+    rpc = [d.handle for d in devs if d.rpc and d.name in rpc_names]
+    gpus = [d.handle for d in devs if d.kind == _DEV_GPU and not d.rpc]
+    igpus = [d.handle for d in devs if d.kind == _DEV_IGPU and not d.rpc]
     return [*rpc, *(gpus or igpus)]
 
 
