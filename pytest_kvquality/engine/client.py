@@ -139,19 +139,19 @@ class WorkerEngine:
         self._to = os.fdopen(c2w_w, "wb")
         self._from = os.fdopen(w2c_r, "rb", buffering=0)  # unbuffered: select() sees every byte not yet read
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+    def _log_text(self) -> str | None:
         if self._log_path is None or not self._log_path.exists():
-            return "(no worker log)"
-        text = self._log_path.read_bytes().decode("utf-8", errors="replace")
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+            return None
+        return self._log_path.read_bytes().decode("utf-8", errors="replace")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        text = self._log_text()
+        return "(no worker log)" if text is None else "\n".join(text.rstrip().splitlines()[-lines:])
 
     def abort_reason(self) -> str | None:
         """The message of the last ``GGML_ABORT``/``GGML_ASSERT`` in the log (``file.cpp:566: Remote RPC
         server crashed …``), which the backtrace printed after it pushes out of the tail."""
-        if self._log_path is None or not self._log_path.exists():
-            return None
-        text = self._log_path.read_bytes().decode("utf-8", errors="replace")
-        found = _GGML_ABORT.findall(text)
+        found = _GGML_ABORT.findall(self._log_text() or "")
         return f"{Path(found[-1][0]).name}:{found[-1][1]}: {found[-1][2].strip()}" if found else None
 
     def _call(self, header: ipc.Header, arrays: ipc.Arrays | None = None, what: str = "") -> ipc.Message:
