@@ -5,7 +5,6 @@ report from its sweep.json), ``merge`` (a CI matrix's ``--kv-json`` documents as
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _merge(args: argparse.Namespace) -> int:
     """Merge, print, write what was asked; an output that cannot be written fails the merge."""
     from .merge import MergeError, junit_xml, load_shards, merge_shards, merged_markdown, save_baseline, terminal_lines
+    from .outputs import StepSummaryError, append_step_summary
 
     try:
         merged = merge_shards(load_shards(args.documents), allow_skipped=args.allow_skipped)
@@ -100,12 +100,10 @@ def _merge(args: argparse.Namespace) -> int:
             print(f"baseline saved: {save_baseline(merged, args.save, args.storage)}")
         except MergeError as e:
             errors.append(str(e))
-    if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
-        try:
-            with open(summary, "a", encoding="utf-8") as f:
-                f.write(text + "\n")
-        except OSError as e:
-            print(f"warning: could not append to $GITHUB_STEP_SUMMARY ({summary}): {e}", file=sys.stderr)
+    try:
+        append_step_summary(text)
+    except StepSummaryError as e:
+        print(f"warning: {e}", file=sys.stderr)
     for error in errors:
         print(f"merge: error: {error}", file=sys.stderr)
     return 0 if merged.passed and not errors else 1

@@ -57,15 +57,31 @@ def finish(report: Report, options: KVOptions, session: pytest.Session) -> RunOu
             md = options.markdown_path
             _write(out, session, "--kv-markdown", lambda: atomic_write(md, text),
                    f"Markdown summary written to {md}")
-        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if step_summary:
-            try:
-                with open(step_summary, "a", encoding="utf-8") as f:
-                    f.write(text + "\n")
+        try:
+            if append_step_summary(text):
                 out.written.append("Markdown summary appended to $GITHUB_STEP_SUMMARY")
-            except OSError as e:  # the CI runner's file, not an output the run was asked for: a warning
-                out.warnings.append(f"could not append to $GITHUB_STEP_SUMMARY ({step_summary}): {e}")
+        except StepSummaryError as e:
+            out.warnings.append(str(e))
     return out
+
+
+class StepSummaryError(RuntimeError):
+    """$GITHUB_STEP_SUMMARY could not be appended to: the CI runner's file, not an output the run was
+    asked for, so a warning, never a failure."""
+
+
+def append_step_summary(text: str) -> bool:
+    """Append ``text`` to the file $GITHUB_STEP_SUMMARY names (a run's summary, or a merge's); False
+    when it is not set."""
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not step_summary:
+        return False
+    try:
+        with open(step_summary, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise StepSummaryError(f"could not append to $GITHUB_STEP_SUMMARY ({step_summary}): {e}") from e
+    return True
 
 
 def _write(out: RunOutputs, session: pytest.Session, what: str, write: Callable[[], object], done: str) -> None:

@@ -151,3 +151,16 @@ def test_a_merged_baseline_is_compared_against(kv_project: pytest.Pytester, fake
                                   "--kv-compare-fail", "kl_mean:1%")
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines(["compared with baseline 0001_main", "  tiny [[]q8_0/q4_0[]] n_ctx 64 overall: *"])
+
+
+def test_the_summary_goes_to_the_step_summary_and_a_file_that_cannot_take_it_is_a_warning(
+    kv_project: pytest.Pytester, fake_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = shard(kv_project, fake_model, "q8_0", "a.json")
+    step = kv_project.path / "step.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    assert main(["merge", str(a)]) == 0
+    assert "## KV-cache quality" in step.read_text() and "### Merge" in step.read_text()
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", "/dev/full")
+    assert main(["merge", str(a)]) == 0  # the runner's file, not an output asked for
+    assert "warning: could not append to $GITHUB_STEP_SUMMARY (/dev/full)" in capsys.readouterr().err
