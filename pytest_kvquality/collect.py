@@ -15,6 +15,7 @@ from .corpus import CorpusError, corpus_name
 from .engine.protocol import EngineError
 from .gating import Outcome, decide, describe
 from .options import DEFAULT_CACHES, shipped_thresholds_dir
+from .report import VerdictRecord
 from .results import Verdict
 from .state import STATE, KVState, configure, get_state
 from .thresholds import Threshold, ThresholdError, file_corpus, load_thresholds
@@ -89,15 +90,9 @@ class ThresholdItem(KVItemBase):
         result = state.run(t.model, t.cache)
         summary = result[t.category]
         decision = decide(t, summary, state.options.gate)
-        state.session.record_verdict(Verdict(t, decision, summary.n_tokens, state.options.gate))
-        # JUnit XML <properties> of this test case (docs/ci.md, "JUnit")
-        self.user_properties += [
-            ("kv_metric", t.metric), ("kv_value", decision.value), ("kv_uncertainty", decision.uncertainty),
-            ("kv_lower_bound", decision.low), ("kv_upper_bound", decision.high),
-            ("kv_threshold", t.rule), ("kv_verdict", decision.outcome.value), ("kv_gate", state.options.gate),
-            ("kv_n_tokens", summary.n_tokens), ("kv_n_ctx", result.n_ctx), ("kv_model", t.model),
-            ("kv_cache", t.cache.label), ("kv_category", t.category),
-        ]
+        verdict = Verdict(t, decision, summary.n_tokens, state.options.gate)
+        state.session.record_verdict(verdict)
+        self.user_properties += VerdictRecord.of(verdict).junit_properties(result.n_ctx)
         if decision.outcome is Outcome.PASS:
             return
         where = (f"(model {t.model}, cache {t.cache.label}, category {t.category}, {summary.n_tokens} tokens, "

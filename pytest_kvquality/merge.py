@@ -170,30 +170,20 @@ def merge_lines(merged: MergedRun) -> list[str]:
 def junit_xml(merged: MergedRun) -> str:
     """One test case per gate (failed or inconclusive ones with a failure element) and one per
     problem, with the plugin's ``kv_*`` properties, for CI viewers that read JUnit."""
-    suite = ET.Element("testsuite", name="kvquality-merge")
-    cases = 0
-    failures = 0
-    for v in merged.report.verdicts:
+    verdicts, problems = merged.report.verdicts, merged.problems
+    suite = ET.Element("testsuite", name="kvquality-merge", tests=str(len(verdicts) + len(problems)),
+                       failures=str(len(merged.failed_gates) + len(problems)), errors="0")
+    for v in verdicts:
         case = ET.SubElement(suite, "testcase", classname="kvquality", name=v.test_id)
         props = ET.SubElement(case, "properties")
-        for key, value in (("kv_metric", v.metric), ("kv_value", v.value), ("kv_uncertainty", v.uncertainty),
-                           ("kv_lower_bound", v.low), ("kv_upper_bound", v.high), ("kv_threshold", v.rule),
-                           ("kv_verdict", v.outcome), ("kv_gate", v.gate), ("kv_n_tokens", v.n_tokens),
-                           ("kv_model", v.model), ("kv_cache", v.cache), ("kv_category", v.category)):
+        for key, value in v.junit_properties():
             ET.SubElement(props, "property", name=key, value=str(value))
         if v.outcome != "pass":
-            failures += 1
             ET.SubElement(case, "failure", message=f"{v.outcome}: {v.metric} {v.value:.6g} against {v.rule}").text = (
                 v.reason or v.method)
-        cases += 1
-    for i, problem in enumerate(merged.problems):
+    for i, problem in enumerate(problems):
         case = ET.SubElement(suite, "testcase", classname="kvquality.merge", name=f"merge-check-{i + 1}")
         ET.SubElement(case, "failure", message=problem)
-        cases += 1
-        failures += 1
-    suite.set("tests", str(cases))
-    suite.set("failures", str(failures))
-    suite.set("errors", "0")
     root = ET.Element("testsuites")
     root.append(suite)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -130,6 +130,15 @@ class VerdictRecord:
                 d[k] = None
         return d
 
+    def junit_properties(self, n_ctx: int | None = None) -> list[tuple[str, object]]:
+        """The JUnit ``<properties>`` of this gate's test case (docs/ci.md, "JUnit"): the plugin's, and
+        the merge's, which has no n_ctx to give."""
+        return [("kv_metric", self.metric), ("kv_value", self.value), ("kv_uncertainty", self.uncertainty),
+                ("kv_lower_bound", self.low), ("kv_upper_bound", self.high), ("kv_threshold", self.rule),
+                ("kv_verdict", self.outcome), ("kv_gate", self.gate), ("kv_n_tokens", self.n_tokens),
+                *([("kv_n_ctx", n_ctx)] if n_ctx is not None else []), ("kv_model", self.model),
+                ("kv_cache", self.cache), ("kv_category", self.category)]
+
     @classmethod
     def of(cls, v: Verdict) -> VerdictRecord:
         t, d = v.threshold, v.decision
