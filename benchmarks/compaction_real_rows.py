@@ -20,12 +20,14 @@ llama_backend.init_backend()
 import numpy as np  # noqa: E402
 
 from pytest_kvquality.cache_config import CacheConfig  # noqa: E402
-from pytest_kvquality.compaction import compact_rows, kernel_name  # noqa: E402
+from pytest_kvquality.compaction import compact_rows  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
 from pytest_kvquality.engine.pipeline import RowParallel  # noqa: E402
 from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K  # noqa: E402
 from pytest_kvquality.environment import default_cache_dir  # noqa: E402
-from pytest_kvquality.metrics import LOG_P_CUTOFF, kl_compact, log_normalizer  # noqa: E402
+from pytest_kvquality.kernels import kernel_name  # noqa: E402
+from pytest_kvquality.metrics import LOG_P_CUTOFF, kl_compact  # noqa: E402
+from pytest_kvquality.normalizer import log_normalizer  # noqa: E402
 from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
 
 ROWS_PER_CHUNK = 255

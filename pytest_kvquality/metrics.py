@@ -1,7 +1,9 @@
 """KL-divergence statistics with the exact definitions of ``llama-perplexity --kl-divergence``.
 
-Pure numpy, no model: every function here is testable on hand-made logits. How a reference is
-compressed (top k plus tail samples, in C where a compiler is found) is ``compaction.py``.
+No model: every function here is testable on hand-made logits. Each row's argmax and
+log-normalizer, the one pass over the vocabulary, is ``normalizer.py`` (compiled where a compiler
+is found, numpy otherwise, the same bits); how a reference is compressed (top k plus tail samples)
+is ``compaction.py``.
 
 The per-token reduction mirrors ``log_softmax(...)`` in llama.cpp's
 ``tools/perplexity/perplexity.cpp`` and the summary mirrors the end of its
@@ -15,12 +17,13 @@ this one file, to be read side by side with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from .normalizer import ROW_BLOCK, log_normalizer, normalize_rows
 
 if TYPE_CHECKING:
     from .uncertainty import GateBound
@@ -33,9 +36,6 @@ PAD_LOGP = np.float32(-100.0)
 
 #: One-sided 95 % normal quantile, P(Z > z) = 0.05: the level of every gate bound.
 Z_95 = 1.6448536269514722
-
-#: Rows reduced at once: keeps temporaries in cache instead of n_rows x n_vocab.
-ROW_BLOCK = 8
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -117,32 +117,6 @@ class ReferenceRows:
         )
 
 
-def log_normalizer(logits: F32, each_block: Callable[[F32, F32], None] | None = None) -> tuple[I32, F32]:
-    """Argmax and ``max + log(sum(exp(x - max)))`` per row, as llama.cpp computes them.
-
-    The exponentials are summed in double precision, the log is rounded to float. ``each_block``
-    gets every ``ROW_BLOCK`` rows with their normalizers right after they are computed, while the
-    rows are still in cache.
-    """
-    n = logits.shape[0]
-    imax = np.empty(n, np.int32)
-    norm = np.empty(n, np.float32)
-    buf = np.empty((min(ROW_BLOCK, n), logits.shape[1]), np.float32)
-    for s in range(0, n, ROW_BLOCK):
-        block = logits[s : s + ROW_BLOCK]
-        b = buf[: block.shape[0]]
-        am = block.argmax(axis=1)
-        mx = block[np.arange(block.shape[0]), am]
-        np.subtract(block, mx[:, None], out=b)
-        np.exp(b, out=b)
-        lse = np.log(b.sum(axis=1, dtype=np.float64)).astype(np.float32)
-        imax[s : s + block.shape[0]] = am
-        norm[s : s + block.shape[0]] = mx + lse
-        if each_block is not None:
-            each_block(block, norm[s : s + block.shape[0]])
-    return imax, norm
-
-
 def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDArray[Any]) -> F32:
     """Reference log-probability of the actual next token, floored as llama.cpp stores it.
 
@@ -159,10 +133,9 @@ def base_next_logp(base_logits: F32, imax: I32, norm: F32, next_tokens: npt.NDAr
 
 
 def _token_terms(
-    logits: F32, imax: I32, norm: F32, next_tokens: I32, nll_base: F32, ref_argmax: I32
+    next_logit: F32, imax: I32, norm: F32, nll_base: F32, ref_argmax: I32
 ) -> tuple[F32, F32, npt.NDArray[np.bool_]]:
-    rows = np.arange(logits.shape[0])
-    nll = (norm - logits[rows, next_tokens]).astype(np.float32)
+    nll = (norm - next_logit).astype(np.float32)
     p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
     return nll, p_diff, imax == ref_argmax
 
@@ -181,27 +154,32 @@ def kl_exact(cand_logits: F32, base_logits: F32, next_tokens: I32) -> TokenStats
         p = np.where(keep, np.exp(base_logp), np.float32(0))
         kld[s:e] = np.einsum("ij,ij->i", p.astype(np.float64), (base_logp - cand_logp))
     nll_base = -base_next_logp(base_logits, bmax, bnorm, next_tokens)
-    nll, p_diff, same = _token_terms(cand_logits, imax, norm, next_tokens, nll_base, bmax)
+    next_logit = cand_logits[np.arange(n), next_tokens]
+    nll, p_diff, same = _token_terms(next_logit, imax, norm, nll_base, bmax)
     return TokenStats(kld, p_diff, nll, nll_base, same)
 
 
 def kl_compact(cand_logits: F32, ref: ReferenceRows, next_tokens: npt.NDArray[Any]) -> TokenStats:
-    """Per-token statistics against a compact reference: one log-sum-exp, an argmax, gathers.
+    """Per-token statistics against a compact reference: one pass over each row's vocabulary
+    (argmax, log-sum-exp and the gathers below, compiled where a compiler is found), then a few
+    vector operations on the gathered values.
 
     KL = the top tokens' terms (exact) + tail mass x the mean of log(p/q) over the tail
     samples (drawn in proportion to p, so an unbiased estimate of the tail's terms).
     """
-    imax, norm = log_normalizer(cand_logits)
-    rows = np.arange(cand_logits.shape[0])[:, None]
+    k, m = ref.top_ids.shape[1], ref.tail_ids.shape[1]
+    ids = np.concatenate([ref.top_ids, ref.tail_ids, np.asarray(next_tokens, np.int32)[:, None]], axis=1)
+    rows = normalize_rows(cand_logits, ids)
+    norm = rows.norm
     top_logp = ref.top_logp.astype(np.float64)
-    cand_top = (cand_logits[rows, ref.top_ids] - norm[:, None]).astype(np.float64)
+    cand_top = (rows.gathered[:, :k] - norm[:, None]).astype(np.float64)
     p_top = np.where(ref.top_logp > LOG_P_CUTOFF, np.exp(top_logp), 0.0)
     kld = (p_top * (top_logp - cand_top)).sum(axis=1)
-    if ref.tail_ids.shape[1]:
-        cand_tail = (cand_logits[rows, ref.tail_ids] - norm[:, None]).astype(np.float64)
+    if m:
+        cand_tail = (rows.gathered[:, k : k + m] - norm[:, None]).astype(np.float64)
         kld += ref.tail_mass * (ref.tail_logp - cand_tail).mean(axis=1)
     nll_base = (-ref.next_logp).astype(np.float32)
-    nll, p_diff, same = _token_terms(cand_logits, imax, norm, next_tokens, nll_base, ref.argmax)
+    nll, p_diff, same = _token_terms(rows.gathered[:, -1], rows.imax, norm, nll_base, ref.argmax)
     return TokenStats(kld.astype(np.float32), p_diff, nll, nll_base, same)
 
 

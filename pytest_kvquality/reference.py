@@ -28,6 +28,7 @@ from filelock import FileLock
 from .array_codec import pack, payload_size, unpack
 from .files import atomic_write
 from .metrics import ReferenceRows
+from .normalizer import NORMALIZER
 
 MAGIC = b"KVQREF\x00\x02"
 FORMAT_VERSION = 2
@@ -62,6 +63,9 @@ class ReferenceKey:
     swa_full: bool = False
     #: greedy generations of this many tokens per prompt instead of scored logits (0: logits)
     gen_tokens: int = 0
+    #: how rows were normalized (``normalizer.NORMALIZER``): rows normalized with another
+    #: exponential differ in the last bits and are not reused
+    normalizer: str = NORMALIZER
 
     def as_dict(self) -> dict[str, Any]:
         d = {**self.__dict__, "format": FORMAT_VERSION}

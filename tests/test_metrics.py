@@ -7,18 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from pytest_kvquality.compaction import compact_reference, compaction_kernels, compiler
+from pytest_kvquality.compaction import compact_reference
+from pytest_kvquality.kernels import compiled_kernels, compiler
 from pytest_kvquality.metrics import (
     TokenStats,
     kl_compact,
     kl_exact,
-    log_normalizer,
     mean_and_uncertainty,
     median,
     percentile,
     quantile_bounds,
     summarize,
 )
+from pytest_kvquality.normalizer import log_normalizer
 
 
 def logits_of(probs: list[float]) -> np.ndarray:
@@ -116,7 +117,7 @@ def compaction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "C" and not HAS_CC:
         pytest.skip("no C compiler: the compaction runs in numpy only")
     monkeypatch.setenv("KVQ_COMPILED", "1" if request.param == "C" else "0")
-    assert (compaction_kernels() is not None) == (request.param == "C")
+    assert (compiled_kernels() is not None) == (request.param == "C")
     return str(request.param)
 
 

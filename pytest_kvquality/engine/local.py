@@ -189,7 +189,7 @@ class LocalEngine:
         return self._models[model]
 
     def info(self) -> BackendInfo:
-        from ..compaction import kernel_name
+        from ..kernels import kernel_name
 
         return dataclasses.replace(self.backend.info(), compaction=kernel_name())
 

@@ -1,5 +1,5 @@
-"""The compiled reference compaction: the same bits as numpy, and every way it can fail ends in
-numpy with a message, never in a wrong or lost reference."""
+"""The compiled kernels (reference compaction, log-normalizer): the same bits as numpy, and every way
+they can fail ends in numpy with a message, never in a wrong number or a lost reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_kvquality import compaction as kernels
+from pytest_kvquality import kernels
 from pytest_kvquality.compaction import compact_rows
 from pytest_kvquality.metrics import ReferenceRows
 
@@ -37,7 +37,7 @@ def numpy_result(base: np.ndarray, nxt: np.ndarray, k: int, m: int, u0: np.ndarr
     return compact_rows(base, nxt, k, m, u0, kernels=None)
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: numpy does the work")
 @pytest.mark.parametrize(
     ("n", "vocab", "spread", "k", "m"),
     [
@@ -68,7 +68,7 @@ def test_without_a_c_compiler_numpy_does_the_work_and_says_so(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang to be found
     monkeypatch.setenv("CC", "no-such-compiler")
-    assert kernels.compaction_kernels() is None
+    assert kernels.compiled_kernels() is None
     assert "no C compiler found" in capsys.readouterr().err
     assert kernels.kernel_name() == "numpy"
     case = small_case()
@@ -79,32 +79,32 @@ def test_a_failing_compiler_is_reported_and_numpy_takes_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broken = tmp_path / "broken-cc"
-    broken.write_text("#!/bin/sh\necho 'compaction.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    broken.write_text("#!/bin/sh\necho 'kernels.c:1: error: this compiler is broken' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    assert kernels.compaction_kernels() is None
+    assert kernels.compiled_kernels() is None
     err = capsys.readouterr().err
-    assert "building compaction.c with" in err and "this compiler is broken" in err and "uses numpy" in err
+    assert "building kernels.c with" in err and "this compiler is broken" in err and "numpy does" in err
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left behind
     case = small_case()
     assert_same_bits(compact_rows(*case), numpy_result(*case))
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: numpy does the work")
 def test_an_unwritable_cache_is_reported_and_numpy_takes_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("KVQ_CACHE_DIR", str(blocker))
-    assert kernels.compaction_kernels() is None
+    assert kernels.compiled_kernels() is None
     err = capsys.readouterr().err
-    assert f"cannot write the compiled kernel to {blocker}" in err and "uses numpy" in err
+    assert f"cannot write the compiled kernel to {blocker}" in err and "numpy does" in err
     case = small_case()
     assert_same_bits(compact_rows(*case), numpy_result(*case))
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: numpy does the work")
 def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     cc = kernels.compiler()
     assert cc is not None
@@ -112,7 +112,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"\x7fELF, truncated by a full disk")
     # a fresh process, as the model worker is (a process that loaded the library keeps its mapping)
-    probe = "from pytest_kvquality import compaction; print(compaction.kernel_name())"
+    probe = "from pytest_kvquality import kernels; print(kernels.kernel_name())"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "KVQ_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
@@ -121,24 +121,24 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     assert damaged.stat().st_size > 1000
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler: the compaction runs in numpy only")
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler: numpy does the work")
 def test_a_library_that_disagrees_with_numpy_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As a compiler that turns on fast-math by itself might build it: one tail sample off by one."""
-    finish = kernels.CompactionKernels.finish
+    finish = kernels.Kernels.finish
 
-    def off_by_one(self: kernels.CompactionKernels, *args: object, **kw: object) -> None:
+    def off_by_one(self: kernels.Kernels, *args: object, **kw: object) -> None:
         finish(self, *args, **kw)  # type: ignore[arg-type]
         out = args[-1]
         out[2][0, 0] += 1  # type: ignore[index]
 
-    monkeypatch.setattr(kernels.CompactionKernels, "finish", off_by_one)
-    assert kernels.compaction_kernels() is None
-    assert "disagrees with the numpy compaction (tail_ids)" in capsys.readouterr().err
+    monkeypatch.setattr(kernels.Kernels, "finish", off_by_one)
+    assert kernels.compiled_kernels() is None
+    assert "disagrees with numpy (tail_ids)" in capsys.readouterr().err
 
 
 def test_kvq_compiled_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVQ_COMPILED", "0")
-    assert kernels.compaction_kernels() is None and kernels.kernel_name() == "numpy"
+    assert kernels.compiled_kernels() is None and kernels.kernel_name() == "numpy"
     assert not (Path(os.environ["KVQ_CACHE_DIR"]) / "kernels").exists()  # nothing built

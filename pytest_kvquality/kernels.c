@@ -1,12 +1,86 @@
-/* The reference compaction's two passes over the vocabulary, in C (see compaction.py).
+/* The passes over the vocabulary, in C (see kernels.py): the log-normalizer of every scored row
+ * with its gathers (kvq_rows, normalizer.py), and the reference compaction's two (compaction.py).
  *
- * The same float32 / float64 / int64 arithmetic as the numpy path in metrics.py, in the same
- * order, built without fast-math or FP contraction: the results are the same bits, and a test
- * holds them to it. The one transcendental, exp of the tail's log-probabilities, stays in numpy.
+ * The same float32 / float64 / int64 arithmetic as the numpy paths, in the same order, built
+ * without fast-math or FP contraction: the results are the same bits, and tests hold them to it.
+ * The exponential of the log-normalizer is defined here and in normalizer.py with the same
+ * IEEE operations (no libm), and its terms are summed as integers, exact in any order: so the
+ * loop can use the widest vectors the CPU has and still give numpy's bits.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+/* exp(d) for d in [-64, 0], Cephes' expf: 2^k * (1 + r + r^2 P(r)), r = d - k ln 2 in two parts,
+ * k = d / ln 2 rounded half to even by adding and taking away 1.5 * 2^23 (what rintf does, in two
+ * plain additions that vectorize). Mirrored operation by operation by normalizer.exp_defined. */
+static inline float kvq_exp(float d) {
+    const float k = (d * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = d - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r;
+    p = p + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;  /* 2^k: k >= -93, a normal float */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* round-half-even of 0 <= t < 2^52 as an integer: the add rounds, the bits are the integer */
+static inline int64_t kvq_rint_small(double t) {
+    const double u = t + 4503599627370496.0;
+    int64_t bits;
+    memcpy(&bits, &u, sizeof bits);
+    return bits - 0x4330000000000000LL;
+}
+
+/* Per row r of x (n x v): imax[r] = numpy's argmax (first NaN, else first maximum);
+ * sum[r] = sum over the row of rint(exp(x - x[imax]) * 2^shift), or -1 when x[imax] is not finite;
+ * gathered[r, :] = x[r, ids[r, :]] (w ids per row), read while the row is in cache. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void kvq_rows(const float *x, int64_t n, int64_t v, int64_t shift, const int32_t *ids, int64_t w,
+              int32_t *imax, int64_t *sum, float *gathered) {
+    const double scale = ldexp(1.0, (int)shift);
+    for (int64_t r = 0; r < n; r++) {
+        const float *row = x + r * v;
+        /* the maximum and a NaN count: order-free reductions, vectorized (which of two equal
+         * values is kept does not matter: the index is the row's first) */
+        float m = row[0];
+        int64_t nans = 0;
+#pragma omp simd reduction(max:m) reduction(+:nans)
+        for (int64_t j = 0; j < v; j++) {
+            const float y = row[j];
+            m = y > m ? y : m;
+            nans += y != y;
+        }
+        int64_t at = 0;
+        if (nans) { while (row[at] == row[at]) at++; }
+        else { while (!(row[at] == m)) at++; }
+        imax[r] = (int32_t)at;
+        const float top = row[at];
+        if (isfinite(top)) {
+            int64_t acc = 0;
+#pragma omp simd reduction(+:acc)
+            for (int64_t j = 0; j < v; j++) {
+                float d = row[j] - top;
+                d = d > -64.0f ? d : -64.0f;
+                acc += kvq_rint_small((double)kvq_exp(d) * scale);
+            }
+            sum[r] = acc;
+        } else {
+            sum[r] = -1;
+        }
+        for (int64_t i = 0; i < w; i++) gathered[r * w + i] = row[ids[r * w + i]];
+    }
+}
 
 #define SCAN_WIDTH 64
 
