@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
-from pytest_kvquality.compaction import compact_reference, compact_rows, kernel_name
+from pytest_kvquality.compaction import compact_reference, compact_rows
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.local import _compact_block, _kl_compact_block
@@ -27,6 +27,7 @@ from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES as M
 from pytest_kvquality.engine.protocol import DEFAULT_TOP_K as K
 from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
+from pytest_kvquality.kernels import kernel_name
 from pytest_kvquality.metrics import kl_compact, kl_exact
 from pytest_kvquality.reference import ReferenceKey, write_reference
 from pytest_kvquality.resolve import builtin_model_path
@@ -154,7 +155,11 @@ def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_pa
     benchmark.extra_info.update({"scored_tokens": scored, "ours_tok_per_s": ours,
                                  "reference_build_s": ref_wall, "reference_build_rounds_s": ref_walls,
                                  "reference_vs_eval": ref_wall / benchmark.stats.stats.mean,
-                                 "eval_engine_s": run.seconds, "compaction": engine.info().compaction})
+                                 "eval_engine_s": run.seconds, "compaction": engine.info().compaction,
+                                 # where the last round's time went: inside llama.cpp's decode and logits
+                                 # calls (the forward pass and the logits' copy to the host), the rest ours
+                                 "decode_s": run.context.decode_seconds,
+                                 "context_s": run.context.context_seconds})
     exe = _llama_perplexity()
     if exe is None:
         pytest.skip("llama-perplexity not built (scripts/install-llama.sh); only our figure recorded")

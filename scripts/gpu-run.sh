@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | all (default all; the sweeps, variants, compaction,
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
@@ -52,6 +52,24 @@ if [ "$stage" = scale ]; then  # issue 17: RPC against local, where a short run'
     benchmarks/test_throughput.py -k vs_llama --benchmark-json "$OUT/bench-vs-llama.json" 2>&1 | tail -4
   KVQ_RPC_SERVER=/tmp/kvq/bin/ggml-rpc-server $P tests/test_real_rpc.py tests/test_rpc.py tests/test_placement_cache.py \
     -q 2>&1 | tail -4
+fi
+if [ "$stage" = evalkernel ]; then  # issue 17: the evaluation's pass over the vocabulary compiled (this tree) against
+  # the code before it (a copy of that tree in .old-src, numpy's exp), alternated; then the reduction of one chunk over
+  # 1..16 threads for both, and the numpy mirror of the new pass (KVQ_COMPILED=0)
+  here="$PWD"
+  for r in 1 2; do
+    for side in new old; do
+      d="$here"; [ "$side" = old ] && d="$here/.old-src"
+      (cd "$d" && KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity $P \
+        benchmarks/test_throughput.py -k vs_llama --benchmark-json "$OUT/vs-llama-$side-$r.json" 2>&1 | tail -2)
+    done
+  done
+  for side in new old numpy; do
+    d="$here"; [ "$side" = old ] && d="$here/.old-src"; c=1; [ "$side" = numpy ] && c=0
+    (cd "$d" && KVQ_COMPILED=$c $P benchmarks/test_throughput.py -k "scaling or kl_math_against" \
+      --benchmark-json "$OUT/scaling-$side.json" 2>&1 | grep -E "^test_|passed|failed")
+  done
+  $P tests/test_normalizer.py tests/test_kernels.py tests/test_metrics.py -q 2>&1 | tail -2
 fi
 if [ "$stage" = startup-quick ]; then  # the whole-process figures only
   python3 benchmarks/startup.py --quick --rounds 3 --out "$OUT/startup-quick.json" 2>&1 | tail -12
