@@ -38,9 +38,9 @@ _MIB_ROUNDING, _FLOAT32_EPS = 0.005 + 1e-6, 1.2e-7
 
 #: a layer that holds its own cache ("filtered", "does not have KV cache" and "sharing with layer" hold none)
 _LAYER = re.compile(r"^llama_kv_cache: layer +(\d+): dev = ")
-_CACHE = re.compile(r"^llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*K \(\S+\): +([\d.]+) MiB, "
-                    r"V \(\S+\): +([\d.]+) MiB")
-_RECURRENT = re.compile(r"^llama_memory_recurrent: size = +([\d.]+) MiB")
+_CACHE = re.compile(r"^llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers(?:, +\d+/(\d+) seqs)?.*"
+                    r"K \(\S+\): +([\d.]+) MiB, V \(\S+\): +([\d.]+) MiB")
+_RECURRENT = re.compile(r"^llama_memory_recurrent: size = +([\d.]+) MiB(?: \( *\d+ cells, +\d+ layers, +(\d+) seqs)?")
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,12 @@ class CacheBlock:
     """One attention cache llama.cpp created: its layers, cells and printed sizes."""
 
     swa: bool
-    cells: int
+    cells: int  # per stream
     layers: tuple[int, ...]
-    k_mib: float
+    k_mib: float  # all streams
     v_mib: float
+    #: KV streams (one per sequence when several chunks are decoded at once, llama.cpp's n_stream)
+    streams: int = 1
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,11 @@ def parse_allocation(log: str) -> Allocation:
         elif m := _LAYER.match(line):
             layers.append(int(m.group(1)))
         elif m := _CACHE.match(line):
-            blocks.append(CacheBlock(swa, int(m.group(2)), tuple(layers), float(m.group(4)), float(m.group(5))))
+            blocks.append(CacheBlock(swa, int(m.group(2)), tuple(layers), float(m.group(5)), float(m.group(6)),
+                                     int(m.group(4) or 1)))
             layers, swa = [], False
-        elif m := _RECURRENT.match(line):
-            recurrent = float(m.group(1))
+        elif m := _RECURRENT.match(line):  # per sequence: one state each
+            recurrent = float(m.group(1)) / max(1, int(m.group(2) or 1))
     return Allocation(tuple(blocks), recurrent)
 
 
@@ -164,7 +167,8 @@ def swa_cells(n_ctx: int, n_swa: int, n_ubatch: int, swa_full: bool) -> int:
 
 def kv_memory(alloc: Allocation, geometry: Geometry, cache: CacheConfig, n_ctx: int, *, n_ubatch: int,
               swa_full: bool, flash_attn: bool) -> KVMemory:
-    """Bytes per cell of each cache llama.cpp created, checked against its printed sizes."""
+    """Bytes per cell of each cache llama.cpp created, checked against its printed sizes; with several
+    KV streams (chunks decoded at once), the figures are one stream's: what one sequence needs."""
     swa_layers = {il for b in alloc.blocks if b.swa for il in b.layers}
     v_pad = None if flash_attn else geometry.v_max(swa_layers)
     per_cell: list[tuple[bool, float]] = []
@@ -174,10 +178,11 @@ def kv_memory(alloc: Allocation, geometry: Geometry, cache: CacheConfig, n_ctx: 
         k = sum(row_bytes(cache.type_k, geometry.shape(il, b.swa).k) for il in b.layers)
         v = sum(row_bytes(cache.type_v, v_pad or geometry.shape(il, b.swa).v) for il in b.layers)
         for half, exact, printed in (("K", k, b.k_mib), ("V", v, b.v_mib)):
-            if abs(exact * b.cells / 2**20 - printed) > _MIB_ROUNDING + _FLOAT32_EPS * printed:
+            if abs(exact * b.cells * b.streams / 2**20 - printed) > _MIB_ROUNDING + _FLOAT32_EPS * printed:
+                streams = f" x {b.streams} streams" if b.streams > 1 else ""
                 problems.append(f"{'SWA' if b.swa else 'non-SWA'} {half}: llama.cpp allocated {printed:.2f} MiB for "
-                                f"{len(b.layers)} layers x {b.cells} cells, the hyperparameters give "
-                                f"{exact * b.cells / 2**20:.4f} MiB")
+                                f"{len(b.layers)} layers x {b.cells} cells{streams}, the hyperparameters give "
+                                f"{exact * b.cells * b.streams / 2**20:.4f} MiB")
         per_cell.append((b.swa, k + v))
         total += (k + v) * b.cells
     n_swa_cells = next((b.cells for b in alloc.blocks if b.swa), None)

@@ -72,12 +72,14 @@ def context_log_facts(log: str) -> dict[str, Any]:
         m = re.search(rf"attn_rot_{half} = (\d)", log)
         if m:
             facts[f"rotation_{half}"] = m.group(1) == "1"
-    # one line per cache (two for sliding-window models: full and SWA layers)
-    sizes = re.findall(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", log)
+    # one line per cache (two for sliding-window models: full and SWA layers); with several KV streams
+    # (chunks decoded at once, one sequence each) the size is all of them: one sequence's is reported
+    sizes = re.findall(r"llama_kv_cache: size = \s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers"
+                       r"(?:,\s*\d+/(\d+) seqs)?", log)
     if sizes:
-        facts["kv_cache_mib"] = round(sum(float(mib) for mib, _, _ in sizes), 2)
-        facts["kv_cells"] = max(int(cells) for _, cells, _ in sizes)
-        facts["kv_layers"] = sum(int(layers) for _, _, layers in sizes)
+        facts["kv_cache_mib"] = round(sum(float(mib) / int(streams or 1) for mib, _, _, streams in sizes), 2)
+        facts["kv_cells"] = max(int(cells) for _, cells, _, _ in sizes)
+        facts["kv_layers"] = sum(int(layers) for _, _, layers, _ in sizes)
     if devices := kv_layer_devices(log):
         facts["kv_layer_devices"] = list(devices)
     m = re.search(r"flash_attn\s*=\s*(\w+)", log)

@@ -220,6 +220,13 @@ OPTIONS: tuple[Option, ...] = (
            "must match, it is checked): measures weights and cache losses together", "NAME"),
     Option("--kv-exact", "exact", "flag",
            "evaluate the reference alongside the candidate with full logits (no cached reference)"),
+    Option("--kv-batch", "n_batch", "int",
+           "tokens per decode, as llama-perplexity's `-b` (default 2048): n_batch / n_ctx chunks are decoded "
+           "at once, each in its own sequence, as llama-perplexity does; the geometry changes the last bits of "
+           "the logits, so references are kept per geometry", "N", parse=_at_least("--kv-batch", 1)),
+    Option("--kv-ubatch", "n_ubatch", "int",
+           "tokens per micro-batch, as llama-perplexity's `-ub` (default 512); a scored micro-batch's logits "
+           "are held on the host (n_ubatch x n_vocab x 4 bytes)", "N", parse=_at_least("--kv-ubatch", 1)),
     Option("--kv-swa-full", "swa_full", "flag",
            "keep sliding-window layers' KV cache at full n_ctx (llama.cpp's `--swa-full`); default off, as "
            "llama-server runs, so the reported memory is what a deployment allocates"),
@@ -345,6 +352,8 @@ class KVOptions:
     #: leave out corpus categories too short for n_ctx instead of failing (the sweep's long contexts)
     skip_short_categories: bool = False
     exact: bool = False
+    n_batch: int = 2048
+    n_ubatch: int = 512
     swa_full: bool = False
     download: bool = False
     require: bool = False

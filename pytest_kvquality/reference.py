@@ -43,6 +43,14 @@ class Stored(Protocol):
 S = TypeVar("S", bound=Stored)
 
 
+def decode_label(n_batch: int, n_ubatch: int, n_ctx: int) -> str:
+    """The decode geometry in a reference key: sequences per decode and micro-batch, e.g. ``4x512/ub512``."""
+    from .engine.protocol import decode_geometry
+
+    n_seq, ubatch = decode_geometry(n_batch, n_ubatch, n_ctx)
+    return f"{n_seq}x{n_ctx}/ub{ubatch}"
+
+
 class ReferenceDamaged(ValueError):
     """A cache entry exists but cannot be trusted; the message says why."""
 
@@ -66,9 +74,13 @@ class ReferenceKey:
     #: how rows were normalized (``normalizer.NORMALIZER``): rows normalized with another
     #: exponential differ in the last bits and are not reused
     normalizer: str = NORMALIZER
+    #: the decode geometry (``decode_label``): batches of other shapes round the logits differently
+    decode: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         d = {**self.__dict__, "format": FORMAT_VERSION}
+        if not self.decode:
+            d.pop("decode")
         if not self.gen_tokens:  # logits references keep the digests they had before generations
             d.pop("gen_tokens")
         return d

@@ -28,7 +28,7 @@ from .generation import Divergence, Generations, GenerationSummary, summarize_ge
 from .metrics import ReferenceRows, TokenStats
 from .options import KVOptions
 from .plan import DEFAULT_GEN_PROMPTS, CategoryPlan, chat_plans, text_plan
-from .reference import ReferenceKey, ReferenceStore, Stored, tokens_digest
+from .reference import ReferenceKey, ReferenceStore, Stored, decode_label, tokens_digest
 from .registry import ModelNotFound, Registry
 from .report import Report, SkipRecord
 from .resolve import ResolvedModel, resolve
@@ -119,7 +119,8 @@ class KVSession:
 
     def load_spec(self, model: ResolvedModel) -> ModelLoad:
         o = self.options
-        return ModelLoad(str(model.path), o.gpu_layers, o.swa_full, o.rpc, o.split_mode, o.tensor_split)
+        return ModelLoad(str(model.path), o.gpu_layers, o.swa_full, o.rpc, o.split_mode, o.tensor_split,
+                         o.n_batch, o.n_ubatch)
 
     def plans(self, model: ResolvedModel) -> dict[str, CategoryPlan]:
         """What each category decodes and scores with this model's tokenizer (once per model)."""
@@ -182,6 +183,7 @@ class KVSession:
             ref_cache=self.options.ref_cache.label, llama_cpp=info.llama_cpp_python,
             top_k=self.engine.top_k, tail_samples=self.engine.tail_samples,
             seed=REFERENCE_SEED, swa_full=self.options.swa_full, gen_tokens=gen_tokens,
+            decode=decode_label(self.options.n_batch, self.options.n_ubatch, seqs.width) if not gen_tokens else "",
         )
 
     def _stored(self, key: ReferenceKey, build: Callable[[], tuple[S, dict[str, Any]]], what: str,

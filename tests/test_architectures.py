@@ -24,7 +24,7 @@ from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
-from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.engine.protocol import ModelLoad, decode_geometry
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.metrics import summarize
@@ -38,8 +38,8 @@ ARCHS = sorted(synthetic.TINY)
 E2E_ARCHS = ["gemma4", "llama", "qwen35moe"]
 N_CTX = 256
 N_CHUNKS = 2
-#: the micro-batch our contexts get with a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)
-OUR_UBATCH = 256
+#: the micro-batch of our scoring contexts at N_CTX: llama-perplexity's defaults (n_batch 2048, n_ubatch 512)
+OUR_UBATCH = decode_geometry(2048, 512, N_CTX)[1]
 
 
 @pytest.fixture(scope="module")

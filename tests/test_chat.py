@@ -154,11 +154,11 @@ def test_a_chat_corpus_costs_no_more_forward_passes_than_its_tokens(tmp_path: Pa
     decoded, returned = [], []
     original = FakeContext.scored_logits
 
-    def counting(self: FakeContext, tokens: np.ndarray, want: np.ndarray):  # type: ignore[no-untyped-def]
-        decoded.append(tokens.size)
-        for block in original(self, tokens, want):
-            returned.append(block.shape[0])
-            yield block
+    def counting(self: FakeContext, group: list[tuple[np.ndarray, np.ndarray]]):  # type: ignore[no-untyped-def]
+        decoded.extend(tokens.size for tokens, _ in group)
+        for view in original(self, group):
+            returned.append(view.logits.shape[0])
+            yield view
 
     FakeContext.scored_logits = counting  # type: ignore[method-assign]
     try:

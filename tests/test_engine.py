@@ -25,6 +25,18 @@ def every_output(engine: FakeEngine, model: ModelLoad, category: str, n_chunks: 
     return [ref.arrays(), run.stats.arrays(), exact.stats.arrays()]
 
 
+def test_chunks_decoded_together_come_back_in_order(fake_model: Path) -> None:
+    """The fake's logits do not depend on the decode geometry (llama.cpp's do, in the last bits): one
+    chunk per decode, two, or all at once (n_batch / n_ctx of them, as llama-perplexity) give the
+    same rows in the same order."""
+    outputs = [every_output(FakeEngine(threads=2), ModelLoad(str(fake_model), 0, n_batch=n_batch), "science", 5)
+               for n_batch in (128, 256, 2048)]
+    for other in outputs[1:]:
+        for mine, theirs in zip(outputs[0], other, strict=True):
+            for name in mine:
+                assert np.array_equal(mine[name], theirs[name]), name
+
+
 def test_threads_do_not_change_a_single_bit(fake_model: Path) -> None:
     model = ModelLoad(str(fake_model), 0)
     results = [every_output(FakeEngine(threads=threads), model, "science", 3) for threads in (1, 3)]
@@ -57,9 +69,8 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     its lent batch was reduced, the reduction would read the next chunk's logits (or NaNs)."""
     import pytest_kvquality.engine.local as engine_mod
 
-    model = ModelLoad(str(fake_model), 0)
     monkeypatch.setenv("KVQ_OVERLAP", "0")
-    plain = every_output(FakeEngine(threads=2), model, "coding", 5)
+    plain = every_output(FakeEngine(threads=2), ModelLoad(str(fake_model), 0), "coding", 5)
     slow_kl, slow_compact = engine_mod._kl_compact_block, engine_mod._compact_block
 
     def slowly(fn: Any) -> Any:
@@ -71,22 +82,24 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     monkeypatch.setattr(engine_mod, "_kl_compact_block", slowly(slow_kl))
     monkeypatch.setattr(engine_mod, "_compact_block", slowly(slow_compact))
     monkeypatch.setenv("KVQ_OVERLAP", "1")
-    for alternate, in_place in (("1", True), ("0", False)):
+    # n_batch 128: one chunk per decode, in two blocks (one copied, one lent: 10 of each over two runs);
+    # 256: two chunks per decode, both lent, and the fifth alone (2 + 2 + 1 lent, 1 copied per run)
+    for n_batch, alternate, counts in ((128, "1", (10, 10)), (128, "0", (0, 20)), (256, "1", (10, 2))):
         monkeypatch.setenv("KVQ_ALTERNATE", alternate)
+        model = ModelLoad(str(fake_model), 0, n_batch=n_batch)
         engine = FakeEngine(threads=2)
         chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["coding"]), 128, 5, "coding")
         ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0).rows
         run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
         pipeline = engine._pipeline
         assert pipeline is not None
-        # the fake decodes each chunk in two batches: one copied, one lent (10 of each over 2 runs)
-        assert (pipeline.in_place, pipeline.copied) == ((10, 10) if in_place else (0, 20)), alternate
-        assert run.context.logits_contexts == (2 if in_place else 1)
+        assert (pipeline.in_place, pipeline.copied) == counts, (n_batch, alternate)
+        assert run.context.logits_contexts == (2 if alternate == "1" else 1)
         engine.close()
         for name, values in ref.arrays().items():
-            assert np.array_equal(values, plain[0][name]), (alternate, name)
+            assert np.array_equal(values, plain[0][name]), (n_batch, alternate, name)
         for name, values in run.stats.arrays().items():
-            assert np.array_equal(values, plain[1][name]), (alternate, name)
+            assert np.array_equal(values, plain[1][name]), (n_batch, alternate, name)
 
 
 def test_a_second_context_that_cannot_be_created_costs_speed_not_numbers(
@@ -100,10 +113,11 @@ def test_a_second_context_that_cannot_be_created_costs_speed_not_numbers(
     created: list[FakeContext] = []
     real_context = FakeModel.context
 
-    def only_one(self: FakeModel, cache: CacheConfig, n_ctx: int) -> FakeContext:
+    def only_one(self: FakeModel, cache: CacheConfig, n_ctx: int, n_seq: int = 1,
+                 n_ubatch: int | None = None) -> FakeContext:
         if created:
             raise RuntimeError("out of memory: llama.cpp could not allocate a context")
-        created.append(real_context(self, cache, n_ctx))
+        created.append(real_context(self, cache, n_ctx, n_seq, n_ubatch))
         return created[-1]
 
     monkeypatch.setattr(FakeModel, "context", only_one)

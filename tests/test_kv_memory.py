@@ -10,6 +10,7 @@ from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.gguf_meta import read_metadata
 from pytest_kvquality.kv_memory import Geometry, kv_memory, parse_allocation, swa_cells
+from pytest_kvquality.llama_log import context_log_facts
 
 #: what llama.cpp b-0.3.36 logs creating a context for the tiny gemma4 at n_ctx 1024 (swa_full off),
 #: with the per-layer debug lines the backend keeps
@@ -89,3 +90,32 @@ def test_the_real_models_geometry_gives_the_published_allocations() -> None:
         return g.kv_bytes(CacheConfig.parse("f16"), 4096, n_ubatch=512, swa_full=True) / 4096
     assert full_size_per_token(synthetic.REAL["qwen3.6-35b-a3b"]) == 20480
     assert full_size_per_token(synthetic.REAL["gemma4-31b"]) == 901120
+
+
+def test_several_kv_streams_are_one_sequence_each() -> None:
+    """Chunks decoded four at a time (llama-perplexity's n_seq): llama.cpp allocates one KV stream per
+    sequence and prints their sum next to one stream's cells; what a sequence needs is one stream."""
+    four = (GEMMA4_LOG.replace("1/1 seqs), K (f16):    0.12 MiB, V (f16):    0.12 MiB",
+                               "4/4 seqs), K (f16):    0.50 MiB, V (f16):    0.50 MiB")
+            .replace("size =    0.25 MiB", "size =    1.00 MiB")
+            .replace("0.62 MiB (   512 cells,   5 layers,  1/1 seqs), K (f16):    0.31 MiB, V (f16):    0.31",
+                     "2.50 MiB (   512 cells,   5 layers,  4/4 seqs), K (f16):    1.25 MiB, V (f16):    1.25"))
+    alloc = parse_allocation(four)
+    assert [(b.cells, b.streams) for b in alloc.blocks] == [(1024, 4), (512, 4)]
+    # one sequence's 0.875 MiB (llama.cpp prints one stream's 0.87 after rounding 0.625 to 0.62)
+    assert context_log_facts(four)["kv_cache_mib"] == pytest.approx(context_log_facts(GEMMA4_LOG)["kv_cache_mib"],
+                                                                    abs=0.011)
+    recurrent = QWEN35_LOG.replace("size =    0.02 MiB (     1 cells,   4 layers,  1 seqs",
+                                   "size =    0.08 MiB (     4 cells,   4 layers,  4 seqs")
+    assert parse_allocation(recurrent).recurrent_mib == 0.02
+
+
+@pytest.mark.real_model  # reads the bundled model's tokenizer
+def test_kv_streams_give_the_bytes_of_one_sequence(tmp_path: Path) -> None:
+    g = tiny_geometry("gemma4", tmp_path)
+    f16 = CacheConfig.parse("f16")
+    one = kv_memory(parse_allocation(GEMMA4_LOG), g, f16, 1024, n_ubatch=256, swa_full=False, flash_attn=True)
+    four_log = GEMMA4_LOG.replace("1/1 seqs", "4/4 seqs")  # the printed sizes left at one stream's: wrong
+    wrong = kv_memory(parse_allocation(four_log), g, f16, 1024, n_ubatch=256, swa_full=False, flash_attn=True)
+    assert one.mismatch is None and wrong.mismatch is not None and "x 4 streams" in wrong.mismatch
+    assert wrong.bytes_per_token == one.bytes_per_token

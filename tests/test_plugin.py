@@ -100,6 +100,7 @@ def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path
     (["--kv-cache", "q3_k"], "unknown KV cache type 'q3_k'"),
     (["--kv-registry", "missing.yaml"], "model registry missing.yaml cannot be read"),
     (["--kv-ctx", "7"], "--kv-ctx must be an even number >= 8"),
+    (["--kv-batch", "0"], "--kv-batch"),
 ])
 def test_bad_options_are_usage_errors(kv_project: pytest.Pytester, args: list[str], message: str) -> None:
     result = kv_project.runpytest("--kv-model", "gemma3-270m", *args)
@@ -152,11 +153,12 @@ def test_a_second_context_that_cannot_be_created_is_said(kv_project: pytest.Pyte
     class OneContextFits(testing.FakeModel):
         open = 0
 
-        def context(self, cache: CacheConfig, n_ctx: int) -> testing.FakeContext:
+        def context(self, cache: CacheConfig, n_ctx: int, n_seq: int = 1,
+                    n_ubatch: int | None = None) -> testing.FakeContext:
             if OneContextFits.open:
                 raise RuntimeError("out of memory: llama.cpp could not allocate a context")
             OneContextFits.open += 1
-            return OneContext(self, cache, n_ctx)
+            return OneContext(self, cache, n_ctx, n_seq)
 
     class OneContext(testing.FakeContext):
         def close(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle import assert_matches, llama_perplexity_kld
+from oracle import assert_matches, assert_same_logits, llama_perplexity_kld
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
@@ -69,6 +69,8 @@ def test_exact_mode_equals_llama_perplexity(
     run = engine.evaluate_exact(gemma, CacheConfig.parse("q4_0"), gemma, CacheConfig.parse("f16"),
                                 coding_chunks)
     assert_matches(summarize(run.stats), llama_perplexity_q4_0)
+    assert_same_logits(summarize(run.stats), llama_perplexity_q4_0)
+    assert run.context.decode_sequences == 4 and run.context.n_ubatch == 512  # llama-perplexity's defaults
 
 
 def test_cached_compact_reference_equals_llama_perplexity(

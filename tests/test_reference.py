@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from pytest_kvquality.compaction import compact_reference
 from pytest_kvquality.reference import (
     ReferenceDamaged,
     ReferenceKey,
+    decode_label,
     read_reference,
     write_reference,
 )
@@ -88,3 +90,14 @@ def test_a_reference_built_with_full_size_sliding_window_caches_is_not_reused_wi
     """swa_full changes the logits in their last bits (cell order): a different reference file."""
     off = ReferenceKey("a" * 64, "b" * 64, 64, "f16", "0.3.36", 16, 8, 0)
     assert off.digest() != ReferenceKey("a" * 64, "b" * 64, 64, "f16", "0.3.36", 16, 8, 0, swa_full=True).digest()
+
+
+def test_a_reference_decoded_in_another_geometry_or_normalized_otherwise_is_not_reused() -> None:
+    """Chunks decoded four at a time round the logits differently from one at a time, and rows
+    normalized with another exponential differ in the last bits: each is its own reference file."""
+    key = ReferenceKey("a" * 64, "b" * 64, 512, "f16", "0.3.36", 16, 8, 0, decode=decode_label(2048, 512, 512))
+    assert key.decode == "4x512/ub512" and decode_label(512, 512, 512) == "1x512/ub512"
+    assert key.digest() != dataclasses.replace(key, decode=decode_label(512, 512, 512)).digest()
+    assert key.digest() != dataclasses.replace(key, decode=decode_label(2048, 256, 512)).digest()
+    assert key.digest() != dataclasses.replace(key, normalizer="numpy-exp").digest()
+    assert decode_label(2048, 512, 32768) == "1x32768/ub512"  # a long context: one chunk, llama-perplexity's ubatch

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cache_config import BITS_PER_ELEMENT, CacheConfig
 from .local import LocalEngine
-from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
+from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces
 
 FAKE_VOCAB = 384
 FAKE_BOS = 1
@@ -124,16 +124,16 @@ class FakeModel:
     def is_eog(self, token: int) -> bool:
         return False
 
-    def context(self, cache: CacheConfig, n_ctx: int) -> FakeContext:
-        return FakeContext(self, cache, n_ctx)
+    def context(self, cache: CacheConfig, n_ctx: int, n_seq: int = 1, n_ubatch: int | None = None) -> FakeContext:
+        return FakeContext(self, cache, n_ctx, n_seq)
 
     def close(self) -> None:
         pass
 
 
 class FakeContext:
-    def __init__(self, model: FakeModel, cache: CacheConfig, n_ctx: int) -> None:
-        self.model, self.cache, self.n_ctx = model, cache, n_ctx
+    def __init__(self, model: FakeModel, cache: CacheConfig, n_ctx: int, n_seq: int = 1) -> None:
+        self.model, self.cache, self.n_ctx, self.n_seq = model, cache, n_ctx, n_seq
         self.sigma = (NOISE[cache.type_k] + NOISE[cache.type_v]) * model.noise_scale
         if not cache.rotation and cache.quantized:
             self.sigma *= 1.3
@@ -161,26 +161,42 @@ class FakeContext:
         out: np.ndarray = logits
         return out
 
-    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]:
-        if tokens.size > self.n_ctx:
-            raise RuntimeError(f"a sequence of {tokens.size} tokens does not fit a context of {self.n_ctx}")
-        tokens = tokens.copy()
-        tokens[0] = FAKE_BOS
-        pos = np.flatnonzero(want)
-        key = tokens.tobytes() if tokens.size == self.n_ctx else tokens.tobytes() + want.tobytes()
-        logits = self._logits(tokens, pos, key)
-        # two blocks, like a batched decode, through one buffer per context that each decode
-        # overwrites, like llama.cpp's: a consumer that keeps a view past this context's next
-        # decode reads NaNs or the next block
-        half = pos.size // 2 or 1
-        if self._out is None or self._out.shape[0] < half + 1:
-            self._out = np.empty((half + 1, FAKE_VOCAB), np.float32)
-        for block in (logits[:half], logits[half:]):
-            if block.shape[0]:
-                self._out[:] = np.nan
-                view = self._out[: block.shape[0]]
-                view[:] = block
-                yield view
+    def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
+        if not 1 <= len(group) <= self.n_seq or len({t.size for t, _ in group}) != 1:
+            raise RuntimeError(f"a group of {len(group)} sequences of lengths {[t.size for t, _ in group]}: "
+                               f"this context decodes 1 to {self.n_seq} of equal length")
+        rows = []
+        for tokens, want in group:
+            if tokens.size > self.n_ctx:
+                raise RuntimeError(f"a sequence of {tokens.size} tokens does not fit a context of {self.n_ctx}")
+            tokens = tokens.copy()
+            tokens[0] = FAKE_BOS
+            pos = np.flatnonzero(want)
+            key = tokens.tobytes() if tokens.size == self.n_ctx else tokens.tobytes() + want.tobytes()
+            rows.append(self._logits(tokens, pos, key))
+        # through one buffer per context that each decode overwrites, like llama.cpp's: a consumer that
+        # keeps a view past this context's next decode reads NaNs or the next block. Several sequences:
+        # one decode, each sequence's rows in turn; one: two decodes, like a long chunk's micro-batches
+        if len(group) > 1:
+            blocks = [[(s, r) for s, r in enumerate(rows)]]
+        else:
+            half = rows[0].shape[0] // 2 or 1
+            blocks = [[(0, rows[0][:half])], [(0, rows[0][half:])]]
+        need = max(sum(r.shape[0] for _, r in block) for block in blocks)
+        if self._out is None or self._out.shape[0] < need + 1:
+            self._out = np.empty((need + 1, FAKE_VOCAB), np.float32)
+        for b, block in enumerate(blocks):
+            self._out[:] = np.nan
+            first = 0
+            views = []
+            for s, r in block:
+                view = self._out[first : first + r.shape[0]]
+                view[:] = r
+                views.append((s, view))
+                first += r.shape[0]
+            for s, view in views:
+                if view.shape[0]:
+                    yield ScoredView(s, view, b == len(blocks) - 1)
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
         if start == 0:

@@ -30,10 +30,11 @@ from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
 from . import llama_devices
 from .placement_cache import PlacementCache
-from .protocol import BackendInfo, ModelFacts, ModelLoad, TokenPieces
+from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces
 from .rpc import parse_servers
 
-#: Upper bound on the logits buffer of one batch (scored rows x n_vocab x 4 bytes).
+#: Upper bound on the logits buffer of a generation or speed context's batch (rows x n_vocab x 4 bytes);
+#: scoring contexts hold what llama-perplexity's geometry asks for (``LlamaContext``).
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
 
 
@@ -210,8 +211,8 @@ class LlamaModel:
                 "cache": cache.label, "n_ctx": n_ctx, "n_batch": int(params.n_batch), "n_ubatch": int(params.n_ubatch),
                 "swa_full": bool(params.swa_full), "env": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def context(self, cache: CacheConfig, n_ctx: int) -> LlamaContext:
-        return LlamaContext(self, cache, n_ctx)
+    def context(self, cache: CacheConfig, n_ctx: int, n_seq: int = 1, n_ubatch: int | None = None) -> LlamaContext:
+        return LlamaContext(self, cache, n_ctx, n_seq, n_ubatch)
 
     def close(self) -> None:
         if self.model:
@@ -220,14 +221,27 @@ class LlamaModel:
 
 
 class LlamaContext:
-    """A context with one cache configuration; yields scored logits chunk by chunk."""
+    """A context with one cache configuration; yields scored logits as llama-perplexity decodes them.
 
-    def __init__(self, model: LlamaModel, cache: CacheConfig, n_ctx: int) -> None:
+    Scoring contexts (``n_ubatch`` given) take the geometry of ``engine.protocol.decode_geometry``:
+    ``n_seq`` chunks in one decode, each in its own sequence and KV stream, so llama.cpp splits the
+    batch into micro-batches exactly as it does for llama-perplexity; a lone sequence is decoded one
+    micro-batch per call (the same micro-batches as one large call, with at most one micro-batch of
+    logits on the host). Generation and speed contexts (``n_ubatch`` None) decode one sequence in
+    batches of ``LOGITS_BUDGET_BYTES`` worth of rows.
+    """
+
+    def __init__(self, model: LlamaModel, cache: CacheConfig, n_ctx: int, n_seq: int = 1,
+                 n_ubatch: int | None = None) -> None:
         self.model = model
         self.n_ctx = n_ctx
-        rows = max(32, LOGITS_BUDGET_BYTES // (4 * model.n_vocab))
-        self.n_batch = min(n_ctx, max(rows, 256))
-        p = _context_params(model, cache, n_ctx, self.n_batch)
+        self.n_seq = n_seq
+        if n_ubatch is None:
+            rows = max(32, LOGITS_BUDGET_BYTES // (4 * model.n_vocab))
+            self.n_batch = n_ubatch = min(n_ctx, max(rows, 256))
+        else:  # several sequences: one call holds them all; one: a call per micro-batch
+            self.n_batch = n_seq * n_ctx if n_seq > 1 else n_ubatch
+        p = _context_params(model, cache, n_ctx, n_seq, self.n_batch, n_ubatch)
         # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when the KV cache is created
         if cache.rotation:
             os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
@@ -243,10 +257,11 @@ class LlamaContext:
         if not self.ctx:
             log = "".join(_recent)
             what = (f"cache {cache.label} (type_k={cache.type_k}, type_v={cache.type_v}, "
-                    f"flash_attn={cache.flash_attn}), n_ctx {n_ctx}, model {model.path}")
+                    f"flash_attn={cache.flash_attn}), n_ctx {n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+                    + f", model {model.path}")
             if OUT_OF_MEMORY.search(log):
-                hint = "lower --kv-ctx" + (" or offload fewer layers (--kv-gpu-layers)" if model.gpu_layers > 0
-                                           else "")
+                hint = "lower --kv-ctx" + (" or --kv-batch" if n_seq > 1 else "") + (
+                    " or offload fewer layers (--kv-gpu-layers)" if model.gpu_layers > 0 else "")
                 raise ContextError(f"out of memory: llama.cpp could not allocate a context for {what}; {hint}")
             raise ContextError(f"llama.cpp could not create a context for {what}")
         log = "".join(_recent)
@@ -254,6 +269,8 @@ class LlamaContext:
         self.info.update(_memory_facts(model, cache, n_ctx, int(p.n_ubatch), log))
         self.info["gpu_layers"] = model.gpu_layers
         self.info["weight_devices"] = list(model.weight_devices)
+        self.info["decode_sequences"] = n_seq
+        self.info["n_ubatch"] = int(p.n_ubatch)
         self.info.update(model.split_facts)
         self.info.update(placement)
         # where an evaluation's time goes (benchmarks/real_geometry.py): creating the context (and the
@@ -270,31 +287,60 @@ class LlamaContext:
             ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
         )
 
-    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]:
-        """Decode one sequence from an empty cache; yield views of the logits of the positions where
-        ``want`` is true, batch by batch. Each view is valid until the next step of the iterator."""
-        n = tokens.size
-        if n > self.n_ctx:
-            raise RuntimeError(f"a sequence of {n} tokens does not fit a context of {self.n_ctx}")
+    def _decode(self, size: int, at: int) -> np.ndarray | None:
+        """Decode the first ``size`` tokens of the batch; a view of the logits rows asked for, valid
+        until the next decode (None: none asked for)."""
+        self.batch.n_tokens = size
+        t = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {at}")
+        n_out = int(self._out[:size].sum())
+        ptr = llama_cpp.llama_get_logits(self.ctx) if n_out else None  # waits for the GPU
+        self.info["decode_seconds"] += time.perf_counter() - t
+        return None if ptr is None else np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+
+    def _bos(self, tokens: np.ndarray) -> np.ndarray:
         tokens = tokens.astype(np.int32, copy=True)
         if self.model.add_bos:
             tokens[0] = self.model.bos
+        return tokens
+
+    def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
+        """Decode the group from an empty cache (``LogitsContext.scored_logits``)."""
+        if not 1 <= len(group) <= self.n_seq or len({t.size for t, _ in group}) != 1:
+            raise RuntimeError(f"a group of {len(group)} sequences of lengths {[t.size for t, _ in group]}: "
+                               f"this context decodes 1 to {self.n_seq} of equal length")
+        n = group[0][0].size
+        if n > self.n_ctx:
+            raise RuntimeError(f"a sequence of {n} tokens does not fit a context of {self.n_ctx}")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        if self.n_seq > 1:  # one call, sequence s at batch rows s*n.., llama.cpp splits it as llama-perplexity's
+            for s, (tokens, want) in enumerate(group):
+                rows = slice(s * n, (s + 1) * n)
+                self._tok[rows] = self._bos(tokens)
+                self._pos[rows] = np.arange(n, dtype=np.int32)
+                self._out[rows] = want
+                for i in range(s * n, (s + 1) * n):
+                    self.batch.seq_id[i][0] = s
+            view = self._decode(n * len(group), 0)
+            first = 0
+            for s, (_, want) in enumerate(group):
+                k = int(want.sum())
+                if k and view is not None:
+                    yield ScoredView(s, view[first : first + k], True)
+                first += k
+            return
+        (tokens, want), = group
+        tokens = self._bos(tokens)
         for start in range(0, n, self.n_batch):
             size = min(self.n_batch, n - start)
             self._tok[:size] = tokens[start : start + size]
             self._pos[:size] = np.arange(start, start + size, dtype=np.int32)
             self._out[:size] = want[start : start + size]
-            self.batch.n_tokens = size
-            t = time.perf_counter()
-            rc = llama_cpp.llama_decode(self.ctx, self.batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
-            n_out = int(want[start : start + size].sum())
-            ptr = llama_cpp.llama_get_logits(self.ctx) if n_out else None  # waits for the GPU
-            self.info["decode_seconds"] += time.perf_counter() - t
-            if ptr is not None:
-                yield np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+            view = self._decode(size, start)
+            if view is not None:
+                yield ScoredView(0, view, start + size >= n)
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Decode ``tokens`` at positions ``start ..`` (0: from an empty cache) and return a view of
@@ -364,13 +410,16 @@ def _tensor_split(text: str) -> Any:
     return (ctypes.c_float * n)(*shares, *([0.0] * (n - len(shares))))
 
 
-def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_batch: int) -> Any:
-    """llama.cpp's context parameters for one evaluation context (one sequence, scored logits only)."""
+def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_seq: int, n_batch: int,
+                    n_ubatch: int) -> Any:
+    """llama.cpp's context parameters: ``n_seq`` sequences of ``n_ctx``, each in its own KV stream
+    (not unified, as llama-perplexity runs), scored logits only."""
     p = llama_cpp.llama_context_default_params()
-    p.n_ctx = n_ctx
+    p.n_ctx = n_seq * n_ctx
     p.n_batch = n_batch
-    p.n_ubatch = min(n_batch, 512)
-    p.n_seq_max = 1
+    p.n_ubatch = min(n_batch, n_ubatch)
+    p.n_seq_max = n_seq
+    p.kv_unified = False
     p.swa_full = model.swa_full
     # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
     # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)

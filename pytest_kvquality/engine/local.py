@@ -35,6 +35,7 @@ from .protocol import (
     ReferenceRun,
     SpeedRun,
     TokenPieces,
+    decode_geometry,
 )
 
 #: Seconds between progress reports of a long reference build or evaluation.
@@ -43,7 +44,9 @@ PROGRESS_EVERY_S = 5.0
 T = TypeVar("T")
 
 
-Source = Callable[[np.ndarray, np.ndarray], Iterator[tuple[np.ndarray, ...]]]
+#: a group of sequences (tokens, scored positions) -> (member, logits arrays, lasting) per decoded block
+Group = list[tuple[np.ndarray, np.ndarray]]
+Source = Callable[[Group], Iterator[tuple[int, tuple[np.ndarray, ...], bool]]]
 
 
 def _offloaded(ctx: LogitsContext) -> bool:
@@ -54,8 +57,23 @@ def _logits_sources(contexts: list[LogitsContext]) -> list[Source]:
     return [partial(_one_array_batches, ctx) for ctx in contexts]
 
 
-def _one_array_batches(ctx: LogitsContext, tokens: np.ndarray, want: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
-    return ((x,) for x in ctx.scored_logits(tokens, want))
+def _one_array_batches(ctx: LogitsContext, group: Group) -> Iterator[tuple[int, tuple[np.ndarray, ...], bool]]:
+    return ((v.member, (v.logits,), v.lasting) for v in ctx.scored_logits(group))
+
+
+def _groups(seqs: Sequences, n_seq: int) -> Iterator[list[int]]:
+    """The sequences with scored positions, in order, in groups of up to ``n_seq`` of equal length
+    (decoded at once, as llama-perplexity decodes its chunks)."""
+    group: list[int] = []
+    for i in range(len(seqs)):
+        if not seqs.next_tokens(i).size:  # nothing scored: nothing to decode
+            continue
+        if group and (len(group) == n_seq or seqs.lengths[i] != seqs.lengths[group[0]]):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
 
 
 def _generation_ctx(prompts: Sequences, n_tokens: int) -> int:
@@ -120,32 +138,38 @@ class LocalEngine:
         self.on_progress({"chunks": done, "total": total, "tokens": tokens, "seconds": now - t0})
 
     def _scored_batches(
-        self, seqs: Sequences, sources: list[Source], t0: float, lender: Pipeline | None,
+        self, seqs: Sequences, sources: list[Source], n_seq: int, t0: float, lender: Pipeline | None,
     ) -> Iterator[ScoredBatch]:
-        """Every decoded batch of every sequence, sequence i from ``sources[i % len(sources)]``; with
-        a ``lender`` and two sources, the last batch of each is lent in place (see ``Pipeline``)."""
+        """Every decoded batch of every sequence, in row order, group g of ``_groups`` from
+        ``sources[g % len(sources)]``; with a ``lender`` and two sources, the blocks that stay valid
+        until their context decodes again are lent in place (see ``Pipeline``)."""
         lend = lender is not None and len(sources) > 1
         tokens = 0
-        for i in range(len(seqs)):
-            nxt = seqs.next_tokens(i)
-            if not nxt.size:  # nothing scored: nothing to decode
-                continue
-            source = i % len(sources)
+        for g, group in enumerate(_groups(seqs, n_seq)):
+            source = g % len(sources)
             if lender is not None:
-                lender.reclaim(source)  # its last views must be reduced before it decodes again
-            done = 0
-            for arrays in sources[source](seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0):
-                n = arrays[0].shape[0]
-                last = done + n == nxt.size
-                yield ScoredBatch(nxt[done : done + n], arrays, source if lend and last else None)
-                done += n
-            if done != nxt.size:
-                raise EngineError(f"sequence {i}: {nxt.size} positions are scored but {done} logits rows came back")
-            tokens += done
-            self._tick(i + 1, len(seqs), tokens, t0)
+                lender.reclaim(source)  # its lent views must be reduced before it decodes again
+            nxt = [seqs.next_tokens(i) for i in group]
+            done = [0] * len(group)
+            at = 0
+            members = [(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group]
+            for member, arrays, lasting in sources[source](members):
+                if member < at or any(done[m] != nxt[m].size for m in range(at, member)):
+                    raise EngineError(f"sequence {group[member]}: its logits came back out of order")
+                at, n = member, arrays[0].shape[0]
+                yield ScoredBatch(nxt[member][done[member] : done[member] + n], arrays,
+                                  source if lend and lasting else None)
+                done[member] += n
+                if done[member] == nxt[member].size:  # a sequence done: progress
+                    tokens += done[member]
+                    self._tick(group[member] + 1, len(seqs), tokens, t0)
+            for m, i in enumerate(group):
+                if done[m] != nxt[m].size:
+                    raise EngineError(f"sequence {i}: {nxt[m].size} positions are scored but {done[m]} logits rows "
+                                      "came back")
 
     def _reduce_all(
-        self, seqs: Sequences, sources: list[Source],
+        self, seqs: Sequences, sources: list[Source], n_seq: int,
         reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]], overlap: bool, t0: float,
     ) -> list[T]:
         """Every batch through ``reduce(next_tokens, logits, first_row)``, in order; overlapped with
@@ -153,24 +177,29 @@ class LocalEngine:
         if overlap:
             if self._pipeline is None:
                 self._pipeline = Pipeline(self.rows)
-            return self._pipeline.run(self._scored_batches(seqs, sources, t0, self._pipeline), reduce)
+            return self._pipeline.run(self._scored_batches(seqs, sources, n_seq, t0, self._pipeline), reduce)
         out: list[T] = []
         row = 0
-        for batch in self._scored_batches(seqs, sources, t0, None):
+        for batch in self._scored_batches(seqs, sources, n_seq, t0, None):
             out += reduce(batch.next_tokens, batch.logits, row)
             row += batch.next_tokens.shape[0]
         return out
 
+    def _scoring_context(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> LogitsContext:
+        """A context decoding chunks in llama-perplexity's geometry (``decode_geometry``)."""
+        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
+        return self._model(model).context(cache, n_ctx, n_seq, n_ubatch)
+
     def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> tuple[list[LogitsContext], bool]:
         """The context(s) that decode the chunks, and whether to overlap. Overlapping, a second
-        context takes every other chunk, so the last batch of each is reduced without a copy while
-        the other decodes; if it cannot be created (memory), one context and copies do the work."""
-        first = self._model(model).context(cache, n_ctx)
+        context takes every other group of chunks, so the last blocks of each are reduced without a
+        copy while the other decodes; if it cannot be created (memory), one context and copies do the work."""
+        first = self._scoring_context(model, cache, n_ctx)
         overlap = overlap_default(_offloaded(first))
         contexts = [first]
         if overlap and chunks_alternate():
             try:
-                contexts.append(self._model(model).context(cache, n_ctx))
+                contexts.append(self._scoring_context(model, cache, n_ctx))
             except RuntimeError as e:  # out of memory: the copies are slower, never wrong
                 first.info["second_context_error"] = str(e)
         first.info["logits_contexts"] = len(contexts)
@@ -214,7 +243,7 @@ class LocalEngine:
             return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
 
         try:
-            parts = self._reduce_all(seqs, _logits_sources(contexts), reduce, overlap, t0)
+            parts = self._reduce_all(seqs, _logits_sources(contexts), contexts[0].n_seq, reduce, overlap, t0)
         finally:
             _close(contexts)
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
@@ -232,7 +261,7 @@ class LocalEngine:
             return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
 
         try:
-            parts = self._reduce_all(seqs, _logits_sources(contexts), reduce, overlap, t0)
+            parts = self._reduce_all(seqs, _logits_sources(contexts), contexts[0].n_seq, reduce, overlap, t0)
         finally:
             _close(contexts)
         stats = TokenStats.concat(parts)
@@ -251,18 +280,20 @@ class LocalEngine:
         t0 = time.perf_counter()
         seqs = as_sequences(chunks)
         n_ctx = seqs.width
-        ref_ctx = self._model(ref_model).context(ref_cache, n_ctx)
-        cand_ctx = self._model(model).context(cache, n_ctx)
+        ref_ctx = self._scoring_context(ref_model, ref_cache, n_ctx)
+        cand_ctx = self._scoring_context(model, cache, n_ctx)
 
-        def both(tokens: np.ndarray, want: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
-            return zip(ref_ctx.scored_logits(tokens, want), cand_ctx.scored_logits(tokens, want), strict=True)
+        def both(group: Group) -> Iterator[tuple[int, tuple[np.ndarray, ...], bool]]:
+            for a, b in zip(ref_ctx.scored_logits(group), cand_ctx.scored_logits(group), strict=True):
+                yield a.member, (a.logits, b.logits), a.lasting and b.lasting
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             base, cand = arrays
             return self.rows.map(cand.shape[0], partial(_kl_exact_block, cand, base, nxt))
 
         try:
-            parts = self._reduce_all(seqs, [both], reduce, overlap_default(_offloaded(cand_ctx)), t0)
+            parts = self._reduce_all(seqs, [both], min(ref_ctx.n_seq, cand_ctx.n_seq), reduce,
+                                     overlap_default(_offloaded(cand_ctx)), t0)
         finally:
             cand_ctx.close()
             ref_ctx.close()

@@ -81,7 +81,7 @@ class Pipeline:
         self._reducer = ThreadPoolExecutor(1)
         self._copier = ThreadPoolExecutor(rows.threads)
         self._slots: list[list[np.ndarray]] = [[], []]
-        self._held: dict[int, Future[Any]] = {}
+        self._held: dict[int, list[Future[Any]]] = {}
         #: batches copied into a slot and batches reduced where llama.cpp left them (for tests, benchmarks)
         self.copied = 0
         self.in_place = 0
@@ -102,8 +102,8 @@ class Pipeline:
     def reclaim(self, holder: int) -> None:
         """Wait until nothing still reads the views context ``holder`` lent (before it decodes again)."""
         held = self._held.pop(holder, None)
-        if held is not None:
-            wait([held])
+        if held:
+            wait(held)
 
     def run(self, batches: Iterator[ScoredBatch],
             reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
@@ -123,7 +123,7 @@ class Pipeline:
                     copied += 1
                 else:
                     future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, row)
-                    self._held[batch.held_by] = future
+                    self._held.setdefault(batch.held_by, []).append(future)
                     self.in_place += 1
                 pending.append(future)
                 row += batch.next_tokens.shape[0]

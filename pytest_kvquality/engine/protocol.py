@@ -45,6 +45,10 @@ class ModelLoad:
     #: ``--kv-split`` and ``--kv-tensor-split``: how layers (or rows) are spread over the devices
     split_mode: str = "layer"
     tensor_split: str = ""
+    #: ``--kv-batch`` and ``--kv-ubatch``: the decode geometry of evaluations and references
+    #: (llama-perplexity's defaults; see ``decode_geometry``)
+    n_batch: int = 2048
+    n_ubatch: int = 512
 
     def spread_facts(self) -> dict[str, Any]:
         """The context facts saying how the model was spread, where it is not one local device."""
@@ -54,6 +58,14 @@ class ModelLoad:
         if self.split_mode != "layer" or self.tensor_split:
             facts.update(split_mode=self.split_mode, tensor_split=self.tensor_split or None)
         return facts
+
+
+def decode_geometry(n_batch: int, n_ubatch: int, n_ctx: int) -> tuple[int, int]:
+    """Chunks decoded at once and the micro-batch, as llama-perplexity derives them: n_seq =
+    max(1, n_batch / n_ctx) sequences, each in its own KV stream; the micro-batch no larger than
+    what one decode holds."""
+    n_seq = max(1, n_batch // n_ctx)
+    return n_seq, min(n_ubatch, n_batch, n_seq * n_ctx)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,9 @@ class ContextFacts:
     kv_devices: tuple[str, ...] | None = None
     kv_cpu_ops: tuple[str, ...] | None = None
     kv_cpu_fallback: bool | None = None
+    #: the decode geometry: sequences decoded at once and the micro-batch (``decode_geometry``)
+    decode_sequences: int | None = None
+    n_ubatch: int | None = None
     #: contexts that took chunks in turn, and why a second one could not be created
     logits_contexts: int | None = None
     second_context_error: str | None = None
@@ -228,11 +243,28 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ScoredView:
+    """The logits of some scored positions of one sequence of a decoded group, in position order."""
+
+    #: which sequence of the group
+    member: int
+    logits: np.ndarray
+    #: valid until this context decodes again (the group's last decode); else only until the next
+    #: step of the iterator
+    lasting: bool
+
+
 class LogitsContext(Protocol):
     #: what llama.cpp decided (``ContextFacts`` fields), filled in as the context is created and used
     info: dict[str, Any]
+    #: sequences decoded at once (llama-perplexity's n_seq; 1 for generation and speed contexts)
+    n_seq: int
 
-    def scored_logits(self, tokens: np.ndarray, want: np.ndarray) -> Iterator[np.ndarray]: ...
+    def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
+        """Decode up to ``n_seq`` sequences of equal length (tokens, which positions are scored) from
+        an empty cache, each in its own sequence; yield the scored positions' logits."""
+        ...
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray: ...
 
@@ -250,7 +282,10 @@ class LogitsModel(Protocol):
 
     def describe(self) -> ModelFacts: ...
 
-    def context(self, cache: CacheConfig, n_ctx: int) -> LogitsContext: ...
+    def context(self, cache: CacheConfig, n_ctx: int, n_seq: int = 1, n_ubatch: int | None = None) -> LogitsContext:
+        """A context for ``n_seq`` sequences of up to ``n_ctx`` tokens; ``n_ubatch`` None: the
+        micro-batch of generation and speed contexts (``engine.llama``)."""
+        ...
 
     def close(self) -> None: ...
 
