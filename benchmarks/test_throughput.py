@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GEMMA_VOCAB = 262_144
 ROWS = 255  # scored rows of one n_ctx=512 chunk
 N_CHUNKS = int(os.environ.get("KVQ_BENCH_CHUNKS", "4"))
+#: --kv-batch of the real-model benchmark (default llama-perplexity's 2048: 4 chunks of 512 per decode)
+N_BATCH = int(os.environ.get("KVQ_BENCH_BATCH", "2048"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def _llama_perplexity() -> Path | None:
 def gemma_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerEngine, ModelLoad, np.ndarray]]:
     env = os.environ.get("KVQ_GEMMA_GGUF")  # e.g. the staged model on the GPU host
     path = Path(env) if env else builtin_model_path(default_cache_dir())[0]
-    model = ModelLoad(str(path), -1)
+    model = ModelLoad(str(path), -1, n_batch=N_BATCH)
     engine = WorkerEngine(tmp_path_factory.mktemp("logs"))
     tokens = engine.tokenize(model, builtin_corpus().texts["coding"])
     yield engine, model, chunk_tokens(tokens, 512, N_CHUNKS, "coding")
@@ -133,7 +135,8 @@ def gemma_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Work
 def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Scored tok/s of a q4_0 evaluation with the reference cached, against llama-perplexity's KL mode.
 
-    Both sides: bundled Gemma 3 270M, coding text, n_ctx 512, the same chunks, batch 256,
+    Both sides: bundled Gemma 3 270M, coding text, n_ctx 512, the same chunks, the same batch
+    geometry (``KVQ_BENCH_BATCH``, default llama-perplexity's 2048 with micro-batches of 512),
     weight repacking off. The ratio (ours / llama-perplexity) is the figure of merit.
     """
     engine, model, chunks = gemma_setup
@@ -158,14 +161,15 @@ def test_candidate_evaluation_vs_llama_perplexity(benchmark, gemma_setup, tmp_pa
                                  "eval_engine_s": run.seconds, "compaction": engine.info().compaction,
                                  # where the last round's time went: inside llama.cpp's decode and logits
                                  # calls (the forward pass and the logits' copy to the host), the rest ours
-                                 "decode_s": run.context.decode_seconds,
+                                 "decode_s": run.context.decode_seconds, "n_batch": N_BATCH,
+                                 "decode_sequences": run.context.decode_sequences,
                                  "context_s": run.context.context_seconds})
     exe = _llama_perplexity()
     if exe is None:
         pytest.skip("llama-perplexity not built (scripts/install-llama.sh); only our figure recorded")
     text = tmp_path / "coding.txt"
     text.write_text(builtin_corpus().texts["coding"])
-    common = [str(exe), "-m", model.path, "-c", "512", "-b", "256", "-ub", "256", "--chunks",
+    common = [str(exe), "-m", model.path, "-c", "512", "-b", str(N_BATCH), "-ub", str(min(N_BATCH, 512)), "--chunks",
               str(N_CHUNKS), "-fa", "on", "-nr", "--kl-divergence-base", str(tmp_path / "base.bin")]
     subprocess.run([*common, "-f", str(text)], check=True, capture_output=True)
     t0 = time.perf_counter()

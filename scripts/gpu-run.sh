@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | all (default all; the sweeps, variants, compaction,
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
@@ -70,6 +70,28 @@ if [ "$stage" = evalkernel ]; then  # issue 17: the evaluation's pass over the v
       --benchmark-json "$OUT/scaling-$side.json" 2>&1 | grep -E "^test_|passed|failed")
   done
   $P tests/test_normalizer.py tests/test_kernels.py tests/test_metrics.py -q 2>&1 | tail -2
+fi
+if [ "$stage" = geometry ] || [ "$stage" = geometry-throughput ]; then  # issue 17: llama-perplexity's batch
+  # geometry. Scored tok/s of the default (4 chunks per decode), of --kv-batch 512 (one chunk per decode, one
+  # micro-batch of 512) and of the code before (.old-src: two 256-token halves per chunk), alternated
+  here="$PWD"; mkdir -p /tmp/geo
+  for r in 1 2; do
+    for v in new-2048 new-512 old; do
+      d="$here"; b=2048; [ "$v" = new-512 ] && b=512; [ "$v" = old ] && d="$here/.old-src"
+      (cd "$d" && KVQ_BENCH_BATCH=$b KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity \
+        $P benchmarks/test_throughput.py -k vs_llama --benchmark-json "/tmp/geo/tp-$v-$r.json" 2>&1 | tail -1)
+    done
+  done
+  tar czf "$OUT/geometry-throughput.tar.gz" -C /tmp/geo .
+fi
+if [ "$stage" = geometry ] || [ "$stage" = geometry-agreement ]; then  # our numbers against llama-perplexity's
+  # at three geometries (its default first), the n_ctx 32,768 memory target, a short run's whole process
+  mkdir -p /tmp/geo2
+  KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity python3 benchmarks/agreement.py --chunks 16 --cache q4_0,q8_0 \
+    --batch 2048,512,256 --out /tmp/geo2/agreement.json 2>&1 | grep "^b "
+  $P benchmarks/test_memory.py --benchmark-json /tmp/geo2/memory.json 2>&1 | tail -2
+  python3 benchmarks/startup.py --quick --rounds 3 --out /tmp/geo2/startup-quick.json 2>&1 | tail -4
+  tar czf "$OUT/geometry-agreement.tar.gz" -C /tmp/geo2 .
 fi
 if [ "$stage" = startup-quick ]; then  # the whole-process figures only
   python3 benchmarks/startup.py --quick --rounds 3 --out "$OUT/startup-quick.json" 2>&1 | tail -12

@@ -40,6 +40,8 @@ N_CTX = 256
 N_CHUNKS = 2
 #: the micro-batch of our scoring contexts at N_CTX: llama-perplexity's defaults (n_batch 2048, n_ubatch 512)
 OUR_UBATCH = decode_geometry(2048, 512, N_CTX)[1]
+#: the micro-batch of speed and generation contexts with a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)
+SPEED_UBATCH = 256
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,10 @@ def test_kv_memory_is_what_llama_cpp_allocates(engine: WorkerEngine, models: dic
             ctx = engine.speed(model, cache, n_ctx, "pp", tokens).context
             assert ctx.kv_mismatch is None, ctx.kv_mismatch
             assert ctx.kv_bytes_per_token is not None
-            assert ctx.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, cache, n_ctx), (label, n_ctx)
+            # a speed context's micro-batch: LOGITS_BUDGET_BYTES of rows, 256 at Gemma's vocabulary
+            assert ctx.n_ubatch == SPEED_UBATCH
+            assert ctx.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, cache, n_ctx, n_ubatch=SPEED_UBATCH), (
+                label, n_ctx)
             # llama.cpp's own figure, printed with two decimals per cache
             assert ctx.kv_cache_mib == pytest.approx(ctx.kv_cache_mib_expected, abs=0.011), (label, n_ctx)
             # 32k and 128k as a deployment allocates them (llama-server's ubatch of 512)
@@ -139,15 +144,17 @@ def test_sliding_window_layers_hold_window_plus_ubatch_cells_and_quality_does_no
         engine: WorkerEngine, models: dict[str, Path]) -> None:
     """llama-server's default (swa_full off) is ours; --kv-swa-full turns full-size SWA caches on."""
     g = synthetic.TINY["gemma4"]
-    off, on = ModelLoad(str(models["gemma4"]), 0), ModelLoad(str(models["gemma4"]), 0, swa_full=True)
-    n_ctx = 1024  # window 64 + ubatch 256 -> 512 cells, half of n_ctx
+    # micro-batches of 256: window 64 + ubatch 256 -> 512 cells, half of n_ctx (two chunks per decode)
+    off = ModelLoad(str(models["gemma4"]), 0, n_ubatch=256)
+    on = ModelLoad(str(models["gemma4"]), 0, swa_full=True, n_ubatch=256)
+    n_ctx = 1024
     chunks = coding_chunks(engine, off, n_ctx, 1)
     f16, q4 = CacheConfig.parse("f16"), CacheConfig.parse("q4_0")
     run_off = engine.evaluate_exact(off, q4, off, f16, chunks)
     run_on = engine.evaluate_exact(on, q4, on, f16, chunks)
     assert run_off.context.kv_swa_cells == 512 and run_on.context.kv_swa_cells == n_ctx
-    assert run_off.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx)
-    assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True)
+    assert run_off.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, n_ubatch=256)
+    assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True, n_ubatch=256)
     assert run_off.context.kv_bytes_per_token < 0.7 * run_on.context.kv_bytes_per_token
     # the same attention either way: the cells differ in order only (measured: KLD between the two
     # f16 runs ~3e-7 on the CPU and 2.9e-6 on the H200, against 0.005-0.014 for q4_0)

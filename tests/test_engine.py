@@ -83,8 +83,9 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     monkeypatch.setattr(engine_mod, "_compact_block", slowly(slow_compact))
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     # n_batch 128: one chunk per decode, in two blocks (one copied, one lent: 10 of each over two runs);
-    # 256: two chunks per decode, both lent, and the fifth alone (2 + 2 + 1 lent, 1 copied per run)
-    for n_batch, alternate, counts in ((128, "1", (10, 10)), (128, "0", (0, 20)), (256, "1", (10, 2))):
+    # 256: two chunks per decode, each in two interleaved blocks, all lent, and the fifth alone
+    # (4 + 4 + 1 lent, 1 copied per run)
+    for n_batch, alternate, counts in ((128, "1", (10, 10)), (128, "0", (0, 20)), (256, "1", (18, 2))):
         monkeypatch.setenv("KVQ_ALTERNATE", alternate)
         model = ModelLoad(str(fake_model), 0, n_batch=n_batch)
         engine = FakeEngine(threads=2)

@@ -177,8 +177,11 @@ class FakeContext:
         # through one buffer per context that each decode overwrites, like llama.cpp's: a consumer that
         # keeps a view past this context's next decode reads NaNs or the next block. Several sequences:
         # one decode, each sequence's rows in turn; one: two decodes, like a long chunk's micro-batches
-        if len(group) > 1:
-            blocks = [[(s, r) for s, r in enumerate(rows)]]
+        if len(group) > 1:  # one decode; each sequence's rows in two parts, interleaved as llama.cpp's
+            # micro-batches of several sequences come back
+            halves = [(r[: r.shape[0] // 2], r[r.shape[0] // 2 :]) for r in rows]
+            blocks = [[(s, h[part]) for s, h in enumerate(halves)] for part in (0, 1)]
+            blocks = [[pair for block in blocks for pair in block]]
         else:
             half = rows[0].shape[0] // 2 or 1
             blocks = [[(0, rows[0][:half])], [(0, rows[0][half:])]]

@@ -16,7 +16,7 @@ from ..compaction import compact_rows
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
 from ..sequences import Sequences, as_sequences
-from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, overlap_default
+from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, in_row_order, overlap_default
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
@@ -140,10 +140,13 @@ class LocalEngine:
     def _scored_batches(
         self, seqs: Sequences, sources: list[Source], n_seq: int, t0: float, lender: Pipeline | None,
     ) -> Iterator[ScoredBatch]:
-        """Every decoded batch of every sequence, in row order, group g of ``_groups`` from
+        """Every decoded block of every sequence with the row it starts at (the sequences of a group
+        come back interleaved, as llama.cpp computes them), group g of ``_groups`` from
         ``sources[g % len(sources)]``; with a ``lender`` and two sources, the blocks that stay valid
         until their context decodes again are lent in place (see ``Pipeline``)."""
         lend = lender is not None and len(sources) > 1
+        sizes = [seqs.next_tokens(i).size for i in range(len(seqs))]
+        first_rows = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         tokens = 0
         for g, group in enumerate(_groups(seqs, n_seq)):
             source = g % len(sources)
@@ -151,14 +154,13 @@ class LocalEngine:
                 lender.reclaim(source)  # its lent views must be reduced before it decodes again
             nxt = [seqs.next_tokens(i) for i in group]
             done = [0] * len(group)
-            at = 0
             members = [(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group]
             for member, arrays, lasting in sources[source](members):
-                if member < at or any(done[m] != nxt[m].size for m in range(at, member)):
-                    raise EngineError(f"sequence {group[member]}: its logits came back out of order")
-                at, n = member, arrays[0].shape[0]
+                n = arrays[0].shape[0]
+                if done[member] + n > nxt[member].size:
+                    raise EngineError(f"sequence {group[member]}: more logits rows came back than positions are scored")
                 yield ScoredBatch(nxt[member][done[member] : done[member] + n], arrays,
-                                  source if lend and lasting else None)
+                                  source if lend and lasting else None, int(first_rows[group[member]]) + done[member])
                 done[member] += n
                 if done[member] == nxt[member].size:  # a sequence done: progress
                     tokens += done[member]
@@ -178,12 +180,9 @@ class LocalEngine:
             if self._pipeline is None:
                 self._pipeline = Pipeline(self.rows)
             return self._pipeline.run(self._scored_batches(seqs, sources, n_seq, t0, self._pipeline), reduce)
-        out: list[T] = []
-        row = 0
-        for batch in self._scored_batches(seqs, sources, n_seq, t0, None):
-            out += reduce(batch.next_tokens, batch.logits, row)
-            row += batch.next_tokens.shape[0]
-        return out
+        done = [(batch.first_row, reduce(batch.next_tokens, batch.logits, batch.first_row))
+                for batch in self._scored_batches(seqs, sources, n_seq, t0, None)]
+        return in_row_order(done)
 
     def _scoring_context(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> LogitsContext:
         """A context decoding chunks in llama-perplexity's geometry (``decode_geometry``)."""
@@ -197,7 +196,11 @@ class LocalEngine:
         first = self._scoring_context(model, cache, n_ctx)
         overlap = overlap_default(_offloaded(first))
         contexts = [first]
-        if overlap and chunks_alternate():
+        # a second context pays when each group is one decode whose blocks can all be lent; a long
+        # chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx 32,768) and
+        # the second context's logits buffers cost memory
+        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
+        if overlap and chunks_alternate() and (n_seq > 1 or n_ctx <= n_ubatch):
             try:
                 contexts.append(self._scoring_context(model, cache, n_ctx))
             except RuntimeError as e:  # out of memory: the copies are slower, never wrong
@@ -236,10 +239,13 @@ class LocalEngine:
         seqs = as_sequences(chunks)
         contexts, overlap = self._contexts(model, cache, seqs.width)
 
+        # one sampling offset per scored row, drawn in row order: the same whatever the batches or threads
+        u0_all = np.asarray(rng.random(seqs.n_rows))
+
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[ReferenceRows]:
             (logits,) = arrays
             n = logits.shape[0]
-            u0 = np.asarray(rng.random(n))  # per batch, in batch order: the same on any thread count
+            u0 = u0_all[row : row + n]
             return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
 
         try:

@@ -63,6 +63,8 @@ class ScoredBatch:
     #: the context whose buffer these views are, when the views stay valid until that context decodes
     #: again (the last batch of a chunk, with contexts taking chunks in turn); None: copy them first
     held_by: int | None = None
+    #: the row of the whole run this batch's first row is (batches of a group come interleaved)
+    first_row: int = 0
 
 
 class Pipeline:
@@ -107,9 +109,9 @@ class Pipeline:
 
     def run(self, batches: Iterator[ScoredBatch],
             reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
-        pending: list[Future[list[T]]] = []
+        pending: list[tuple[int, Future[list[T]]]] = []
         in_slot: list[Future[list[T]] | None] = [None, None]
-        row = copied = 0
+        copied = 0
         try:
             for batch in batches:
                 if batch.held_by is None:
@@ -118,33 +120,37 @@ class Pipeline:
                     if busy is not None:
                         wait([busy])
                     future = self._reducer.submit(reduce, batch.next_tokens,
-                                                  self._copy(self._slots[s], batch.logits), row)
+                                                  self._copy(self._slots[s], batch.logits), batch.first_row)
                     in_slot[s] = future
                     copied += 1
                 else:
-                    future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, row)
+                    future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, batch.first_row)
                     self._held.setdefault(batch.held_by, []).append(future)
                     self.in_place += 1
-                pending.append(future)
-                row += batch.next_tokens.shape[0]
+                pending.append((batch.first_row, future))
         except BaseException:  # let running reductions finish before the slots and views go away
-            for f in pending:
+            for _, f in pending:
                 f.cancel()
-            for f in pending:
+            for _, f in pending:
                 if not f.cancelled():
                     f.exception()
             raise
         finally:
             self._held.clear()
             self.copied += copied
-        out: list[T] = []
-        for f in pending:
-            out += f.result()
-        return out
+        return in_row_order([(row, f.result()) for row, f in pending])
 
     def close(self) -> None:
         self._reducer.shutdown()
         self._copier.shutdown()
+
+
+def in_row_order(parts: list[tuple[int, list[T]]]) -> list[T]:
+    """Each batch's results, batches sorted by their first row (a stable sort: equal rows keep order)."""
+    out: list[T] = []
+    for _, result in sorted(parts, key=lambda part: part[0]):
+        out += result
+    return out
 
 
 def _copy_rows(dst: np.ndarray, src: np.ndarray, span: tuple[int, int]) -> None:
