@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import LOAD_PLUGIN, isolate_model_caches, measured
 
+from pytest_kvquality import kernels
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_model: runs the bundled Gemma 3 270M through llama.cpp")
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The compiled kernels built into this test's own cache, and no test sees another's loaded library."""
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("KVQ_COMPILED", raising=False)
+    kernels.reset()
+    yield
+    kernels.reset()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,8 @@ from pytest_kvquality.metrics import ReferenceRows
 HAS_CC = kernels.compiler() is not None
 
 
-@pytest.fixture(autouse=True)
-def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test builds into its own cache, and no test sees another's loaded library."""
-    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("KVQ_COMPILED", raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
+#: each test builds into its own cache, and no test sees another's loaded library (conftest.py)
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
 def assert_same_bits(got: ReferenceRows, expected: ReferenceRows) -> None:

@@ -4,8 +4,6 @@ bits on every kind of row, and the defined exponential is as accurate as a libm 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +17,8 @@ HAS_CC = kernels.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: numpy does the work")
 
 
-@pytest.fixture(autouse=True)
-def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("KVQ_COMPILED", raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
+#: each test builds into its own cache, and no test sees another's loaded library (conftest.py)
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
 def compiled() -> kernels.Kernels:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cache_config import BITS_PER_ELEMENT, CacheConfig
 from .local import LocalEngine
-from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces
+from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
 
 FAKE_VOCAB = 384
 FAKE_BOS = 1
@@ -162,13 +162,9 @@ class FakeContext:
         return out
 
     def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
-        if not 1 <= len(group) <= self.n_seq or len({t.size for t, _ in group}) != 1:
-            raise RuntimeError(f"a group of {len(group)} sequences of lengths {[t.size for t, _ in group]}: "
-                               f"this context decodes 1 to {self.n_seq} of equal length")
+        group_length(group, self.n_seq, self.n_ctx)
         rows = []
         for tokens, want in group:
-            if tokens.size > self.n_ctx:
-                raise RuntimeError(f"a sequence of {tokens.size} tokens does not fit a context of {self.n_ctx}")
             tokens = tokens.copy()
             tokens[0] = FAKE_BOS
             pos = np.flatnonzero(want)
@@ -176,12 +172,11 @@ class FakeContext:
             rows.append(self._logits(tokens, pos, key))
         # through one buffer per context that each decode overwrites, like llama.cpp's: a consumer that
         # keeps a view past this context's next decode reads NaNs or the next block. Several sequences:
-        # one decode, each sequence's rows in turn; one: two decodes, like a long chunk's micro-batches
-        if len(group) > 1:  # one decode; each sequence's rows in two parts, interleaved as llama.cpp's
-            # micro-batches of several sequences come back
+        # one decode, each sequence's rows in two parts, interleaved as llama.cpp's micro-batches of
+        # several sequences come back; one: two decodes, like a long chunk's micro-batches
+        if len(group) > 1:
             halves = [(r[: r.shape[0] // 2], r[r.shape[0] // 2 :]) for r in rows]
-            blocks = [[(s, h[part]) for s, h in enumerate(halves)] for part in (0, 1)]
-            blocks = [[pair for block in blocks for pair in block]]
+            blocks = [[(s, h[part]) for part in (0, 1) for s, h in enumerate(halves)]]
         else:
             half = rows[0].shape[0] // 2 or 1
             blocks = [[(0, rows[0][:half])], [(0, rows[0][half:])]]

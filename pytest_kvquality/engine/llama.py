@@ -30,7 +30,7 @@ from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
 from . import llama_devices
 from .placement_cache import PlacementCache
-from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces
+from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
 from .rpc import parse_servers
 
 #: Upper bound on the logits buffer of a generation or speed context's batch (rows x n_vocab x 4 bytes);
@@ -282,7 +282,6 @@ class LlamaContext:
         for i in range(self.n_batch):
             self.batch.n_seq_id[i] = 1
             self.batch.seq_id[i][0] = 0
-
         self._tok = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
         self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
         self._out = np.ctypeslib.as_array(
@@ -310,12 +309,7 @@ class LlamaContext:
 
     def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
         """Decode the group from an empty cache (``LogitsContext.scored_logits``)."""
-        if not 1 <= len(group) <= self.n_seq or len({t.size for t, _ in group}) != 1:
-            raise RuntimeError(f"a group of {len(group)} sequences of lengths {[t.size for t, _ in group]}: "
-                               f"this context decodes 1 to {self.n_seq} of equal length")
-        n = group[0][0].size
-        if n > self.n_ctx:
-            raise RuntimeError(f"a sequence of {n} tokens does not fit a context of {self.n_ctx}")
+        n = group_length(group, self.n_seq, self.n_ctx)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         if self.n_seq > 1:
             # one call holding llama-perplexity's micro-batches in the order llama.cpp computes them:

@@ -255,6 +255,17 @@ class ScoredView:
     lasting: bool
 
 
+def group_length(group: list[tuple[np.ndarray, np.ndarray]], n_seq: int, n_ctx: int) -> int:
+    """The common length of a group ``LogitsContext.scored_logits`` can decode; an error otherwise."""
+    lengths = [tokens.size for tokens, _ in group]
+    if not 1 <= len(group) <= n_seq or len(set(lengths)) != 1:
+        raise RuntimeError(f"a group of {len(group)} sequences of lengths {lengths}: "
+                           f"this context decodes 1 to {n_seq} of equal length")
+    if lengths[0] > n_ctx:
+        raise RuntimeError(f"a sequence of {lengths[0]} tokens does not fit a context of {n_ctx}")
+    return lengths[0]
+
+
 class LogitsContext(Protocol):
     #: what llama.cpp decided (``ContextFacts`` fields), filled in as the context is created and used
     info: dict[str, Any]
