@@ -73,7 +73,7 @@ def forward_only_rate(exe: str, model: str, text: Path, n_ctx: int, chunks: int,
     """llama-perplexity without KL: tokens through the model per second, between its log's first
     chunk and its final estimate (model load and tokenizing left out, as in our figure)."""
     cmd = [exe, "-m", model, "-f", str(text), "-c", str(n_ctx), "-b", str(batch), "-ub", str(min(batch, 512)),
-           "--chunks", str(chunks), "-fa", "on", "-ngl", "999", "-np", "1"]
+           "--chunks", str(chunks), "-fa", "on", "-ngl", "999"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -138,7 +138,7 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
               f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.logits_contexts} context(s)",
               flush=True)
     if args.perplexity:
-        batch = min(n_ctx, 256)  # our contexts' batch for a 262k vocabulary (engine.llama.LOGITS_BUDGET_BYTES)
+        batch = 2048  # llama-perplexity's default and ours (--kv-batch 2048, --kv-ubatch 512)
         out["llama_perplexity"] = forward_only_rate(args.perplexity, model.path, text, n_ctx,
                                                     min(int(chunks.shape[0]), args.max_ppl_chunks), batch)
         fo = out["llama_perplexity"].get("tok_s")
@@ -147,7 +147,7 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
                 c["vs_forward_only"] = c["processed_tok_s"] / fo
         print(f"  n_ctx {n_ctx} llama-perplexity forward only: {out['llama_perplexity']}", flush=True)
     if args.bench:
-        out["llama_bench"] = {c: bench_rate(args.bench, model.path, n_ctx, min(n_ctx, 256), c) for c in CACHES}
+        out["llama_bench"] = {c: bench_rate(args.bench, model.path, n_ctx, 2048, c) for c in CACHES}
         for label, c in out["configs"].items():
             rate = out["llama_bench"][label].get("tok_s")
             if rate:

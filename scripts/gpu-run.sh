@@ -3,7 +3,8 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | all (default all; the sweeps, variants, compaction,
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint
+#          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
 set -uo pipefail
@@ -92,6 +93,39 @@ if [ "$stage" = geometry ] || [ "$stage" = geometry-agreement ]; then  # our num
   $P benchmarks/test_memory.py --benchmark-json /tmp/geo2/memory.json 2>&1 | tail -2
   python3 benchmarks/startup.py --quick --rounds 3 --out /tmp/geo2/startup-quick.json 2>&1 | tail -4
   tar czf "$OUT/geometry-agreement.tar.gz" -C /tmp/geo2 .
+fi
+if [ "$stage" = transfer ]; then  # issue 17: where a scoring decode's time goes (forward pass, logits copy), two
+  # contexts decoding on two threads, the host's copy bandwidth; then scored tok/s with decode-ahead on and off
+  mkdir -p /tmp/tr
+  python3 - <<'PY' 2>&1 | tee /tmp/tr/torch-d2h.txt
+import time, torch
+x = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
+for pin in (True, False):
+    h = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
+    h.copy_(x); torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        h.copy_(x)
+    torch.cuda.synchronize()
+    print(f"D2H 1 GiB, pinned={pin}: {5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9:.1f} GB/s")
+PY
+  python3 benchmarks/logits_transfer.py "$KVQ_GPU_MODEL" --out /tmp/tr/transfer.json 2>/tmp/tr/transfer.err \
+    | tee /tmp/tr/transfer.log
+  for r in 1 2; do
+    for a in 1 0; do
+      KVQ_DECODE_AHEAD=$a KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity \
+        $P benchmarks/test_throughput.py -k vs_llama --benchmark-json "/tmp/tr/tp-ahead$a-$r.json" 2>&1 | tail -1
+    done
+  done
+  tar czf "$OUT/transfer.tar.gz" -C /tmp/tr .
+fi
+if [ "$stage" = footprint ]; then  # issue 17: the n_ctx 32,768 memory target and a short run's start-up, at the
+  # default geometry (one context at long n_ctx)
+  mkdir -p /tmp/fp
+  $P benchmarks/test_memory.py --benchmark-json /tmp/fp/memory.json 2>&1 | tail -2
+  python3 benchmarks/startup.py --perplexity /tmp/kvq/bin/llama-perplexity --rounds 3 --out /tmp/fp/startup.json \
+    > /tmp/fp/startup.log 2>&1; tail -30 /tmp/fp/startup.log
+  tar czf "$OUT/footprint.tar.gz" -C /tmp/fp .
 fi
 if [ "$stage" = startup-quick ]; then  # the whole-process figures only
   python3 benchmarks/startup.py --quick --rounds 3 --out "$OUT/startup-quick.json" 2>&1 | tail -12

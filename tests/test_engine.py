@@ -84,9 +84,13 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     # n_batch 128: one chunk per decode, in two blocks (one copied, one lent: 10 of each over two runs);
     # 256: two chunks per decode, each in two interleaved blocks, all lent, and the fifth alone
-    # (4 + 4 + 1 lent, 1 copied per run)
-    for n_batch, alternate, counts in ((128, "1", (10, 10)), (128, "0", (0, 20)), (256, "1", (18, 2))):
+    # (4 + 4 + 1 lent, 1 copied per run). Decoded ahead (the default with two contexts), a block
+    # that the next call overwrites is copied on the decoding thread and then lent like the others
+    for n_batch, alternate, ahead, counts in ((128, "1", "0", (10, 10)), (128, "0", "1", (0, 20)),
+                                              (256, "1", "0", (18, 2)), (128, "1", "1", (20, 0)),
+                                              (256, "1", "1", (20, 0))):
         monkeypatch.setenv("KVQ_ALTERNATE", alternate)
+        monkeypatch.setenv("KVQ_DECODE_AHEAD", ahead)
         model = ModelLoad(str(fake_model), 0, n_batch=n_batch)
         engine = FakeEngine(threads=2)
         chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["coding"]), 128, 5, "coding")
@@ -94,13 +98,13 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
         run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
         pipeline = engine._pipeline
         assert pipeline is not None
-        assert (pipeline.in_place, pipeline.copied) == counts, (n_batch, alternate)
+        assert (pipeline.in_place, pipeline.copied) == counts, (n_batch, alternate, ahead)
         assert run.context.logits_contexts == (2 if alternate == "1" else 1)
         engine.close()
         for name, values in ref.arrays().items():
-            assert np.array_equal(values, plain[0][name]), (n_batch, alternate, name)
+            assert np.array_equal(values, plain[0][name]), (n_batch, alternate, ahead, name)
         for name, values in run.stats.arrays().items():
-            assert np.array_equal(values, plain[1][name]), (n_batch, alternate, name)
+            assert np.array_equal(values, plain[1][name]), (n_batch, alternate, ahead, name)
 
 
 def test_a_second_context_that_cannot_be_created_costs_speed_not_numbers(

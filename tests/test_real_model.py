@@ -8,6 +8,7 @@ percentage point, on the same model, text, n_ctx and cache types.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,17 +87,20 @@ def test_cached_compact_reference_equals_llama_perplexity(
 def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
     tmp_path: Path, engine: WorkerEngine, gemma: ModelLoad, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The GPU default (the KL math overlapped with decoding; two contexts taking chunks in turn, each
-    chunk's scored batch reduced in llama.cpp's own buffer) against one context without overlap.
-    Three chunks: the first context decodes again only after its lent batch is reduced."""
-    chunks = chunk_tokens(engine.tokenize(gemma, builtin_corpus().texts["coding"]), 256, 3, "coding")
+    """The GPU default (the KL math overlapped with decoding; two contexts taking groups of chunks in
+    turn, each decoding on its own thread, each group's scored rows reduced in llama.cpp's own buffer)
+    against one context without overlap. Six chunks in groups of two: the first context decodes its
+    second group only after the first group's rows are reduced."""
+    chunks = chunk_tokens(engine.tokenize(gemma, builtin_corpus().texts["coding"]), 128, 6, "coding")
+    two_per_decode = dataclasses.replace(gemma, n_batch=256)
     runs = {}
     for overlap in ("0", "1"):
         monkeypatch.setenv("KVQ_OVERLAP", overlap)
         e = WorkerEngine(tmp_path / overlap)
         try:
-            ref = e.reference(gemma, CacheConfig.parse("f16"), chunks, seed=0)
-            runs[overlap] = (ref.rows.arrays(), e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks, ref.rows))
+            ref = e.reference(two_per_decode, CacheConfig.parse("f16"), chunks, seed=0)
+            runs[overlap] = (ref.rows.arrays(),
+                             e.evaluate(two_per_decode, CacheConfig.parse("q4_0"), chunks, ref.rows))
         finally:
             e.close()
     assert runs["1"][1].context.logits_contexts == 2 and runs["0"][1].context.logits_contexts == 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing
 from functools import partial
 from typing import Any, TypeVar
 
@@ -16,7 +17,16 @@ from ..compaction import compact_rows
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
 from ..sequences import Sequences, as_sequences
-from .pipeline import Pipeline, RowParallel, ScoredBatch, chunks_alternate, in_row_order, overlap_default
+from .pipeline import (
+    Pipeline,
+    RowParallel,
+    ScoredBatch,
+    chunks_alternate,
+    decode_ahead,
+    decoded_in_turn,
+    in_row_order,
+    overlap_default,
+)
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
@@ -74,6 +84,10 @@ def _groups(seqs: Sequences, n_seq: int) -> Iterator[list[int]]:
         group.append(i)
     if group:
         yield group
+
+
+def _nothing_held(source: int) -> list[Any]:
+    return []
 
 
 def _generation_ctx(prompts: Sequences, n_tokens: int) -> int:
@@ -139,7 +153,7 @@ class LocalEngine:
 
     def _scored_batches(
         self, seqs: Sequences, sources: list[Source], n_seq: int, t0: float, lender: Pipeline | None,
-    ) -> Iterator[ScoredBatch]:
+    ) -> Generator[ScoredBatch, None, None]:
         """Every decoded block of every sequence with the row it starts at (the sequences of a group
         come back interleaved, as llama.cpp computes them), group g of ``_groups`` from
         ``sources[g % len(sources)]``; with a ``lender`` and two sources, the blocks that stay valid
@@ -148,27 +162,40 @@ class LocalEngine:
         sizes = [seqs.next_tokens(i).size for i in range(len(seqs))]
         first_rows = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         tokens = 0
-        for g, group in enumerate(_groups(seqs, n_seq)):
-            source = g % len(sources)
-            if lender is not None:
-                lender.reclaim(source)  # its lent views must be reduced before it decodes again
-            nxt = [seqs.next_tokens(i) for i in group]
-            done = [0] * len(group)
-            members = [(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group]
-            for member, arrays, lasting in sources[source](members):
-                n = arrays[0].shape[0]
-                if done[member] + n > nxt[member].size:
-                    raise EngineError(f"sequence {group[member]}: more logits rows came back than positions are scored")
-                yield ScoredBatch(nxt[member][done[member] : done[member] + n], arrays,
-                                  source if lend and lasting else None, int(first_rows[group[member]]) + done[member])
-                done[member] += n
-                if done[member] == nxt[member].size:  # a sequence done: progress
-                    tokens += done[member]
-                    self._tick(group[member] + 1, len(seqs), tokens, t0)
-            for m, i in enumerate(group):
-                if done[m] != nxt[m].size:
-                    raise EngineError(f"sequence {i}: {nxt[m].size} positions are scored but {done[m]} logits rows "
-                                      "came back")
+        groups = list(_groups(seqs, n_seq))
+
+        ahead = lend and decode_ahead()  # each context decodes on its own thread (see decoded_in_turn)
+
+        def decode(source: int, group: list[int]) -> Iterable[tuple[int, tuple[np.ndarray, ...], bool]]:
+            views = sources[source]([(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group])
+            if not ahead:
+                return views
+            # decoded ahead, a group's views are all taken before any is reduced: a view that the
+            # context's next call overwrites (a long chunk's micro-batch) is copied first
+            return [(m, arrays if lasting else tuple(a.copy() for a in arrays), True) for m, arrays, lasting in views]
+
+        held = lender.held if lender is not None else _nothing_held
+        with closing(decoded_in_turn(groups, decode, len(sources), held, ahead)) as decoded:
+            for g, (group, views) in enumerate(zip(groups, decoded, strict=True)):
+                source = g % len(sources)
+                nxt = [seqs.next_tokens(i) for i in group]
+                done = [0] * len(group)
+                for member, arrays, lasting in views:
+                    n = arrays[0].shape[0]
+                    if done[member] + n > nxt[member].size:
+                        raise EngineError(f"sequence {group[member]}: more logits rows came back than positions "
+                                          "are scored")
+                    yield ScoredBatch(nxt[member][done[member] : done[member] + n], arrays,
+                                      source if lend and lasting else None,
+                                      int(first_rows[group[member]]) + done[member])
+                    done[member] += n
+                    if done[member] == nxt[member].size:  # a sequence done: progress
+                        tokens += done[member]
+                        self._tick(group[member] + 1, len(seqs), tokens, t0)
+                for m, i in enumerate(group):
+                    if done[m] != nxt[m].size:
+                        raise EngineError(f"sequence {i}: {nxt[m].size} positions are scored but {done[m]} "
+                                          "logits rows came back")
 
     def _reduce_all(
         self, seqs: Sequences, sources: list[Source], n_seq: int,
@@ -179,7 +206,11 @@ class LocalEngine:
         if overlap:
             if self._pipeline is None:
                 self._pipeline = Pipeline(self.rows)
-            return self._pipeline.run(self._scored_batches(seqs, sources, n_seq, t0, self._pipeline), reduce)
+            batches = self._scored_batches(seqs, sources, n_seq, t0, self._pipeline)
+            try:
+                return self._pipeline.run(batches, reduce)
+            finally:  # now, not when a traceback lets go of it: its decode threads use the contexts
+                batches.close()
         done = [(batch.first_row, reduce(batch.next_tokens, batch.logits, batch.first_row))
                 for batch in self._scored_batches(seqs, sources, n_seq, t0, None)]
         return in_row_order(done)

@@ -5,7 +5,8 @@ which must be copied first."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,7 @@ from ..environment import env_flag
 
 T = TypeVar("T")
 B = TypeVar("B")
+G = TypeVar("G")
 
 #: Smallest row block handed to one thread (smaller blocks cost more in overhead than they save).
 MIN_ROWS_PER_TASK = 8
@@ -72,9 +74,9 @@ class Pipeline:
 
     llama.cpp overwrites a context's logits buffer at that context's next decode. With two contexts
     taking chunks in turn, the last batch of a chunk stays valid while the other context decodes the
-    next chunk: it is reduced in place, and ``reclaim`` waits for that reduction before its context
-    decodes again. Any other batch is first copied (with every row thread) into one of two slots; a
-    slot is reused only once its reduction is done. Results come back in batch order, so neither
+    next chunk: it is reduced in place, and ``held`` hands that reduction to whoever decodes the
+    context next, to wait for. Any other batch is first copied (with every row thread) into one of
+    two slots; a slot is reused only once its reduction is done. Results come back in batch order, so neither
     changes a bit of the output.
     """
 
@@ -101,11 +103,10 @@ class Pipeline:
             out.append(dst)
         return tuple(out)
 
-    def reclaim(self, holder: int) -> None:
-        """Wait until nothing still reads the views context ``holder`` lent (before it decodes again)."""
-        held = self._held.pop(holder, None)
-        if held:
-            wait(held)
+    def held(self, holder: int) -> list[Future[Any]]:
+        """The reductions still reading the views context ``holder`` lent; they are no longer tracked
+        here, so whoever decodes that context next must wait for them first."""
+        return self._held.pop(holder, [])
 
     def run(self, batches: Iterator[ScoredBatch],
             reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
@@ -161,3 +162,47 @@ def chunks_alternate() -> bool:
     """Two contexts taking chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it off: one
     context, every batch copied, as before; for measuring what it buys)."""
     return env_flag("KVQ_ALTERNATE", True) is not False
+
+
+def decode_ahead() -> bool:
+    """With two contexts, decode each group on its context's own thread while the group before is
+    reduced, so that on a GPU one context's logits copy overlaps the other's forward pass
+    (``KVQ_DECODE_AHEAD=0``: one thread decodes both in turn, as before; for measuring what it buys)."""
+    return env_flag("KVQ_DECODE_AHEAD", True) is not False
+
+
+def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
+                    held: Callable[[int], list[Future[Any]]], ahead: bool) -> Generator[Iterable[T], None, None]:
+    """Group g decoded by context ``g % n_contexts``, each after the reductions still reading the
+    views it lent last time (``held``, e.g. ``Pipeline.held``). ``ahead``: group g+1 is decoded on
+    its context's own thread while group g's views are reduced (``decode`` must then return views
+    that stay valid until that context decodes again); each context is still used by one thread at a
+    time and decodes the same groups, so no bit changes."""
+    if not ahead:
+        for g, group in enumerate(groups):
+            wait(held(g % n_contexts))
+            yield decode(g % n_contexts, group)
+        return
+    threads = [ThreadPoolExecutor(1) for _ in range(n_contexts)]
+
+    def decode_after(source: int, group: G, held: list[Future[Any]]) -> list[T]:
+        wait(held)
+        return list(decode(source, group))
+
+    pending: deque[Future[list[T]]] = deque()
+
+    def submit(g: int) -> None:
+        pending.append(threads[g % n_contexts].submit(decode_after, g % n_contexts, groups[g], held(g % n_contexts)))
+
+    try:
+        for g in range(len(groups)):
+            if g == 0:
+                submit(0)
+            if g + 1 < len(groups):  # after group g-1's views were all handed out (and so held)
+                submit(g + 1)
+            yield pending.popleft().result()
+    finally:  # no decode may outlive the generator: the contexts are closed after it
+        for f in pending:
+            f.cancel()
+        for t in threads:
+            t.shutdown(wait=True)
