@@ -61,7 +61,7 @@ def test_overlapping_the_math_with_decoding_does_not_change_a_single_bit(
             assert np.array_equal(plain[name], overlapped[name]), name
 
 
-def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
+def test_two_contexts_lend_each_chunks_last_batch_and_no_view_outlives_its_decode(
     fake_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Overlapping, chunks alternate between two contexts and the last batch of each is reduced in
@@ -82,10 +82,10 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
     monkeypatch.setattr(engine_mod, "_kl_compact_block", slowly(slow_kl))
     monkeypatch.setattr(engine_mod, "_compact_block", slowly(slow_compact))
     monkeypatch.setenv("KVQ_OVERLAP", "1")
-    # n_batch 128: one chunk per decode, in two blocks (one copied, one lent: 10 of each over two runs);
-    # 256: two chunks per decode, each in two interleaved blocks, all lent, and the fifth alone
-    # (4 + 4 + 1 lent, 1 copied per run). Decoded ahead (the default with two contexts), a block
-    # that the next call overwrites is copied on the decoding thread and then lent like the others
+    # n_batch 128: one chunk per decode, in two blocks (one reduced before the next decode, one lent:
+    # 10 of each over two runs); 256: two chunks per decode, each in two interleaved blocks, all lent,
+    # and the fifth alone (4 + 4 + 1 lent, 1 reduced first per run). Decoded ahead (the default with
+    # two contexts), a block that the next call overwrites is copied on the decoding thread and lent
     for n_batch, alternate, ahead, counts in ((128, "1", "0", (10, 10)), (128, "0", "1", (0, 20)),
                                               (256, "1", "0", (18, 2)), (128, "1", "1", (20, 0)),
                                               (256, "1", "1", (20, 0))):
@@ -98,7 +98,7 @@ def test_two_contexts_lend_each_chunks_last_batch_without_a_copy(
         run = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref)
         pipeline = engine._pipeline
         assert pipeline is not None
-        assert (pipeline.in_place, pipeline.copied) == counts, (n_batch, alternate, ahead)
+        assert (pipeline.in_place, pipeline.waited) == counts, (n_batch, alternate, ahead)
         assert run.context.logits_contexts == (2 if alternate == "1" else 1)
         engine.close()
         for name, values in ref.arrays().items():

@@ -110,6 +110,23 @@ def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
         assert np.array_equal(values, runs["1"][1].stats.arrays()[name]), name
 
 
+def test_contexts_kept_between_evaluations_give_the_same_bits(tmp_path: Path, gemma: ModelLoad) -> None:
+    """An evaluation on the contexts the last one with the same cache used (``engine.context_cache``),
+    their KV cache last holding other text, reads what one on new contexts reads, to the bit."""
+    e = WorkerEngine(tmp_path)
+    try:
+        chunks = chunk_tokens(e.tokenize(gemma, builtin_corpus().texts["science"]), 128, 3, "science")
+        ref = e.reference(gemma, CacheConfig.parse("f16"), chunks, seed=0).rows
+        first = e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks[:2], ref.slice(0, 2 * 63))
+        e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks[2:], ref.slice(2 * 63, 3 * 63))
+        again = e.evaluate(gemma, CacheConfig.parse("q4_0"), chunks[:2], ref.slice(0, 2 * 63))
+    finally:
+        e.close()
+    assert first.context.context_seconds and again.context.context_seconds == 0.0  # new, then kept
+    for name, values in first.stats.arrays().items():
+        assert np.array_equal(values, again.stats.arrays()[name]), name
+
+
 def test_f16_cache_against_its_own_reference_is_lossless(
     engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ from ..compaction import compact_rows
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
 from ..sequences import Sequences, as_sequences
+from .context_cache import ContextCache, ContextSet, close_all
 from .pipeline import (
     Pipeline,
     RowParallel,
@@ -101,11 +102,6 @@ def _empty_rows(k: int, m: int) -> ReferenceRows:
                          np.zeros((0, m), np.int32), np.zeros((0, m), np.float32), np.zeros(0, np.float64))
 
 
-def _close(contexts: list[LogitsContext]) -> None:
-    for ctx in contexts:
-        ctx.close()
-
-
 def _context_facts(contexts: list[LogitsContext]) -> ContextFacts:
     """The first context's facts; the time spent in llama.cpp summed over all of them."""
     facts = dict(contexts[0].info)
@@ -138,6 +134,8 @@ class LocalEngine:
         self.tail_samples = tail_samples
         self.rows = RowParallel(threads)
         self._pipeline: Pipeline | None = None
+        #: the last evaluations' contexts, kept for the next evaluation that can use them
+        self.kept = ContextCache()
         self._speed_ctx: tuple[tuple[ModelLoad, CacheConfig, int], LogitsContext] | None = None
         self._models: dict[ModelLoad, LogitsModel] = {}
         #: called now and then during long runs with chunks done, total, scored tokens, seconds
@@ -220,7 +218,19 @@ class LocalEngine:
         n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
         return self._model(model).context(cache, n_ctx, n_seq, n_ubatch)
 
-    def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> tuple[list[LogitsContext], bool]:
+    @contextmanager
+    def _scoring(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> Iterator[ContextSet]:
+        """The contexts of one evaluation: kept ones if they fit (``ContextCache``), else new; kept
+        for the next one afterwards, closed if the evaluation fails."""
+        held = self.kept.take((model, cache, n_ctx), partial(self._contexts, model, cache, n_ctx))
+        try:
+            yield held
+        except BaseException:
+            close_all(held.contexts)
+            raise
+        self.kept.put(held)
+
+    def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> ContextSet:
         """The context(s) that decode the chunks, and whether to overlap. Overlapping, a second
         context takes every other group of chunks, so the last blocks of each are reduced without a
         copy while the other decodes; if it cannot be created (memory), one context and copies do the work."""
@@ -231,19 +241,21 @@ class LocalEngine:
         # chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx 32,768) and
         # the second context's logits buffers cost memory
         n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
-        if overlap and chunks_alternate() and (n_seq > 1 or n_ctx <= n_ubatch):
+        one_decode_per_group = n_seq > 1 or n_ctx <= n_ubatch
+        if overlap and chunks_alternate() and one_decode_per_group:
             try:
                 contexts.append(self._scoring_context(model, cache, n_ctx))
             except RuntimeError as e:  # out of memory: the copies are slower, never wrong
                 first.info["second_context_error"] = str(e)
         first.info["logits_contexts"] = len(contexts)
-        return contexts, overlap
+        return ContextSet((model, cache, n_ctx), contexts, overlap, keep=one_decode_per_group)
 
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
             # keep at most two models (candidate + reference): free the rest first
             while len(self._models) >= 2:
                 old = next(iter(self._models))
+                self.kept.drop_model(old)
                 if self._speed_ctx is not None and self._speed_ctx[0][0] == old:
                     self._speed_ctx[1].close()
                     self._speed_ctx = None
@@ -268,7 +280,6 @@ class LocalEngine:
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         seqs = as_sequences(chunks)
-        contexts, overlap = self._contexts(model, cache, seqs.width)
 
         # one sampling offset per scored row, drawn in row order: the same whatever the batches or threads
         u0_all = np.asarray(rng.random(seqs.n_rows))
@@ -279,10 +290,9 @@ class LocalEngine:
             u0 = u0_all[row : row + n]
             return self.rows.map(n, partial(_compact_block, logits, nxt, u0, self.top_k, self.tail_samples))
 
-        try:
-            parts = self._reduce_all(seqs, _logits_sources(contexts), contexts[0].n_seq, reduce, overlap, t0)
-        finally:
-            _close(contexts)
+        with self._scoring(model, cache, seqs.width) as held:
+            parts = self._reduce_all(seqs, _logits_sources(held.contexts), held.contexts[0].n_seq, reduce,
+                                     held.overlap, t0)
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
 
     def evaluate(
@@ -290,21 +300,20 @@ class LocalEngine:
     ) -> CandidateRun:
         t0 = time.perf_counter()
         seqs = as_sequences(chunks)
-        contexts, overlap = self._contexts(model, cache, seqs.width)
 
         def reduce(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             (logits,) = arrays
             n = logits.shape[0]
             return self.rows.map(n, partial(_kl_compact_block, logits, ref.slice(row, row + n), nxt))
 
-        try:
-            parts = self._reduce_all(seqs, _logits_sources(contexts), contexts[0].n_seq, reduce, overlap, t0)
-        finally:
-            _close(contexts)
+        with self._scoring(model, cache, seqs.width) as held:
+            parts = self._reduce_all(seqs, _logits_sources(held.contexts), held.contexts[0].n_seq, reduce,
+                                     held.overlap, t0)
+            facts = _context_facts(held.contexts)
         stats = TokenStats.concat(parts)
         if len(stats) != len(ref):
             raise EngineError(f"reference has {len(ref)} rows but the corpus scored {len(stats)}")
-        return CandidateRun(time.perf_counter() - t0, stats, _context_facts(contexts))
+        return CandidateRun(time.perf_counter() - t0, stats, facts)
 
     def evaluate_exact(
         self,
@@ -317,6 +326,7 @@ class LocalEngine:
         t0 = time.perf_counter()
         seqs = as_sequences(chunks)
         n_ctx = seqs.width
+        self.kept.clear()  # two contexts of its own, created for each call
         ref_ctx = self._scoring_context(ref_model, ref_cache, n_ctx)
         cand_ctx = self._scoring_context(model, cache, n_ctx)
 
@@ -376,6 +386,7 @@ class LocalEngine:
             tokens[i, j], lengths[i] = t, j + 1
             return None if m.is_eog(t) or j + 1 == n_tokens else t
 
+        self.kept.clear()  # the memory of kept scoring contexts, for one that decodes otherwise
         ctx = m.context(cache, _generation_ctx(prompts, n_tokens))
         try:
             decoded, prefill = self._greedy(ctx, prompts, step, t0)
@@ -403,6 +414,7 @@ class LocalEngine:
                 return None
             return None if j + 1 == ref.lengths[i] else want  # all of it reproduced: identical
 
+        self.kept.clear()
         ctx = self._model(model).context(cache, _generation_ctx(prompts, ref.n_tokens))
         try:
             decoded, prefill = self._greedy(ctx, prompts, step, t0)
@@ -421,6 +433,7 @@ class LocalEngine:
             if self._speed_ctx is not None:
                 self._speed_ctx[1].close()
                 self._speed_ctx = None
+            self.kept.clear()
             self._speed_ctx = (key, self._model(model).context(cache, n_ctx))
         ctx = self._speed_ctx[1]
         t0 = time.perf_counter()
@@ -432,6 +445,7 @@ class LocalEngine:
         self.backend.quantize(src, dst, weight_type)
 
     def close(self) -> None:
+        self.kept.clear()
         if self._speed_ctx is not None:
             self._speed_ctx[1].close()
             self._speed_ctx = None

@@ -9,7 +9,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -63,45 +62,31 @@ class ScoredBatch:
     next_tokens: np.ndarray
     logits: tuple[np.ndarray, ...]
     #: the context whose buffer these views are, when the views stay valid until that context decodes
-    #: again (the last batch of a chunk, with contexts taking chunks in turn); None: copy them first
+    #: again (the last batch of a chunk, with contexts taking chunks in turn); None: reduce them first
     held_by: int | None = None
     #: the row of the whole run this batch's first row is (batches of a group come interleaved)
     first_row: int = 0
 
 
 class Pipeline:
-    """Reduces batch j on the row pool while llama.cpp decodes batch j+1.
+    """Reduces the rows of one context's decode while the other context decodes.
 
     llama.cpp overwrites a context's logits buffer at that context's next decode. With two contexts
-    taking chunks in turn, the last batch of a chunk stays valid while the other context decodes the
-    next chunk: it is reduced in place, and ``held`` hands that reduction to whoever decodes the
-    context next, to wait for. Any other batch is first copied (with every row thread) into one of
-    two slots; a slot is reused only once its reduction is done. Results come back in batch order, so neither
-    changes a bit of the output.
+    taking groups of chunks in turn, a group's rows stay valid while the other context decodes the
+    next group: they are reduced in place, and ``held`` hands that reduction to whoever decodes the
+    context next, to wait for. Any other batch (a long chunk's micro-batches, or with one context)
+    is reduced in place before the next decode: with the compiled pass that takes about as long as
+    the copy into a spare buffer that used to let it overlap, and it holds no second GiB of logits.
+    Results come back in row order, so nothing changes a bit of the output.
     """
 
     def __init__(self, rows: RowParallel) -> None:
         self.rows = rows
         self._reducer = ThreadPoolExecutor(1)
-        self._copier = ThreadPoolExecutor(rows.threads)
-        self._slots: list[list[np.ndarray]] = [[], []]
         self._held: dict[int, list[Future[Any]]] = {}
-        #: batches copied into a slot and batches reduced where llama.cpp left them (for tests, benchmarks)
-        self.copied = 0
+        #: batches reduced before the next decode, and batches lent (reduced while another context decodes)
+        self.waited = 0
         self.in_place = 0
-
-    def _copy(self, slot: list[np.ndarray], arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        out = []
-        for i, a in enumerate(arrays):
-            if len(slot) <= i or slot[i].shape[0] < a.shape[0] or slot[i].shape[1:] != a.shape[1:]:
-                buf = np.empty_like(a)
-                slot[i:i + 1] = [buf]
-            dst = slot[i][: a.shape[0]]
-            step = max(1, -(-a.shape[0] // self.rows.threads))
-            spans = [(lo, lo + step) for lo in range(0, a.shape[0], step)]
-            list(self._copier.map(partial(_copy_rows, dst, a), spans))
-            out.append(dst)
-        return tuple(out)
 
     def held(self, holder: int) -> list[Future[Any]]:
         """The reductions still reading the views context ``holder`` lent; they are no longer tracked
@@ -111,25 +96,17 @@ class Pipeline:
     def run(self, batches: Iterator[ScoredBatch],
             reduce: Callable[[np.ndarray, tuple[np.ndarray, ...], int], list[T]]) -> list[T]:
         pending: list[tuple[int, Future[list[T]]]] = []
-        in_slot: list[Future[list[T]] | None] = [None, None]
-        copied = 0
         try:
             for batch in batches:
-                if batch.held_by is None:
-                    s = copied % 2
-                    busy = in_slot[s]
-                    if busy is not None:
-                        wait([busy])
-                    future = self._reducer.submit(reduce, batch.next_tokens,
-                                                  self._copy(self._slots[s], batch.logits), batch.first_row)
-                    in_slot[s] = future
-                    copied += 1
+                future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, batch.first_row)
+                pending.append((batch.first_row, future))
+                if batch.held_by is None:  # the next decode overwrites it: reduced before asking for it
+                    wait([future])
+                    self.waited += 1
                 else:
-                    future = self._reducer.submit(reduce, batch.next_tokens, batch.logits, batch.first_row)
                     self._held.setdefault(batch.held_by, []).append(future)
                     self.in_place += 1
-                pending.append((batch.first_row, future))
-        except BaseException:  # let running reductions finish before the slots and views go away
+        except BaseException:  # let running reductions finish before the views go away
             for _, f in pending:
                 f.cancel()
             for _, f in pending:
@@ -138,12 +115,10 @@ class Pipeline:
             raise
         finally:
             self._held.clear()
-            self.copied += copied
         return in_row_order([(row, f.result()) for row, f in pending])
 
     def close(self) -> None:
         self._reducer.shutdown()
-        self._copier.shutdown()
 
 
 def in_row_order(parts: list[tuple[int, list[T]]]) -> list[T]:
@@ -152,10 +127,6 @@ def in_row_order(parts: list[tuple[int, list[T]]]) -> list[T]:
     for _, result in sorted(parts, key=lambda part: part[0]):
         out += result
     return out
-
-
-def _copy_rows(dst: np.ndarray, src: np.ndarray, span: tuple[int, int]) -> None:
-    np.copyto(dst[span[0]:span[1]], src[span[0]:span[1]])
 
 
 def chunks_alternate() -> bool:
