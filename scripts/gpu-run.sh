@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -126,6 +126,19 @@ if [ "$stage" = footprint ]; then  # issue 17: the n_ctx 32,768 memory target an
   python3 benchmarks/startup.py --perplexity /tmp/kvq/bin/llama-perplexity --rounds 3 --out /tmp/fp/startup.json \
     > /tmp/fp/startup.log 2>&1; tail -30 /tmp/fp/startup.log
   tar czf "$OUT/footprint.tar.gz" -C /tmp/fp .
+fi
+if [ "$stage" = reuse ]; then  # issue 17: contexts kept between evaluations and reductions in place: scored
+  # tok/s (decode-ahead on, off, on), the n_ctx 32,768 memory target, a short run's whole process, the same
+  # bits through CUDA for kept contexts and for two contexts decoding on two threads
+  mkdir -p /tmp/ru
+  for a in 1 0 1; do
+    KVQ_DECODE_AHEAD=$a KVQ_BENCH_ROUNDS=3 KVQ_BENCH_CHUNKS=23 KVQ_LLAMA_PERPLEXITY=/tmp/kvq/bin/llama-perplexity \
+      $P benchmarks/test_throughput.py -k vs_llama --benchmark-json "/tmp/ru/tp-ahead$a-$RANDOM.json" 2>&1 | tail -1
+  done
+  $P benchmarks/test_memory.py --benchmark-json /tmp/ru/memory.json 2>&1 | tail -1
+  python3 benchmarks/startup.py --quick --rounds 3 --out /tmp/ru/startup-quick.json 2>&1 | tail -4
+  $P tests/test_real_model.py -k "kept_between or two_contexts" -q 2>&1 | tail -2
+  tar czf "$OUT/reuse.tar.gz" -C /tmp/ru .
 fi
 if [ "$stage" = startup-quick ]; then  # the whole-process figures only
   python3 benchmarks/startup.py --quick --rounds 3 --out "$OUT/startup-quick.json" 2>&1 | tail -12
