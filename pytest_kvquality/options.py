@@ -387,6 +387,12 @@ class KVOptions:
         o.storage = o.storage or config.rootpath / ".kvquality"
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
+        together = o.n_batch // o.n_ctx  # chunks per decode (engine.protocol.decode_geometry)
+        if together > 1 and o.n_ubatch < together:
+            raise pytest.UsageError(
+                f"--kv-ubatch {o.n_ubatch} is smaller than the {together} chunks each decode holds (--kv-batch "
+                f"{o.n_batch} / --kv-ctx {o.n_ctx}): a micro-batch takes at least one token of each, so llama.cpp "
+                f"would not decode the geometry asked for; raise --kv-ubatch or lower --kv-batch")
         o.models_from_command_line = _from_command_line(config, "kv_models")
         return o
 

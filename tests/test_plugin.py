@@ -85,14 +85,16 @@ def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path
         def pytest_kvquality_make_engine(config):
             return FakeEngine()
     """)
+    # two chunks per decode: progress counts the group's chunks once all of them are decoded
     result = kv_project.runpytest("--kv-model", str(fake_model), "--kv-cache", "q8_0", "--kv-chunks", "3",
-                                  "--kv-thresholds", str(kv_project.path))
+                                  "--kv-batch", "128", "--kv-thresholds", str(kv_project.path))
     result.stdout.fnmatch_lines([
         "[[]kvquality[]] building f16 reference tiny / coding (3 x 64 tokens)",
-        "[[]kvquality[]]   f16 reference tiny / coding: 1/3 chunks, 31 tokens, * tok/s, ETA * s",
+        "[[]kvquality[]]   f16 reference tiny / coding: 2/3 chunks, 62 tokens, * tok/s, ETA * s",
         "[[]kvquality[]] evaluating tiny q8_0 / coding",
         "[[]kvquality[]]   tiny q8_0 / coding: 2/3 chunks, 62 tokens, * tok/s, ETA * s",
     ])
+    assert "1/3 chunks" not in result.stdout.str()
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -101,6 +103,7 @@ def test_long_runs_report_progress(kv_project: pytest.Pytester, fake_model: Path
     (["--kv-registry", "missing.yaml"], "model registry missing.yaml cannot be read"),
     (["--kv-ctx", "7"], "--kv-ctx must be an even number >= 8"),
     (["--kv-batch", "0"], "--kv-batch"),
+    (["--kv-ubatch", "2"], "--kv-ubatch 2 is smaller than the 32 chunks each decode holds (--kv-batch 2048"),
 ])
 def test_bad_options_are_usage_errors(kv_project: pytest.Pytester, args: list[str], message: str) -> None:
     result = kv_project.runpytest("--kv-model", "gemma3-270m", *args)
