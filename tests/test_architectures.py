@@ -12,7 +12,7 @@ to end.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad, decode_geometry
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kv_memory import SERVER_UBATCH
-from pytest_kvquality.metrics import summarize
+from pytest_kvquality.metrics import TokenStats, summarize
 from pytest_kvquality.resolve import builtin_model_path
 
 pytestmark = pytest.mark.real_model
@@ -62,6 +62,22 @@ def coding_chunks(engine: WorkerEngine, model: ModelLoad, n_ctx: int = N_CTX, n:
     return chunk_tokens(engine.tokenize(model, builtin_corpus().texts["coding"]), n_ctx, n, "coding")
 
 
+@pytest.fixture(scope="module")
+def q4_exact(engine: WorkerEngine, models: dict[str, Path]) -> Callable[[str], TokenStats]:
+    """Each architecture's q4_0 cache against f16, exact, on its coding chunks: decoded once, read by
+    every test below that needs it (three of them)."""
+    done: dict[str, TokenStats] = {}
+
+    def stats(arch: str) -> TokenStats:
+        if arch not in done:
+            model = ModelLoad(str(models[arch]), 0)
+            done[arch] = engine.evaluate_exact(model, CacheConfig.parse("q4_0"), model, CacheConfig.parse("f16"),
+                                               coding_chunks(engine, model)).stats
+        return done[arch]
+
+    return stats
+
+
 def expected_kv_bytes(g: synthetic.Geometry, cache: CacheConfig, n_ctx: int, *, swa_full: bool = False,
                       n_ubatch: int = OUR_UBATCH) -> float:
     """KV bytes from the architecture as written (synthetic.Geometry.kv_bytes), not from llama.cpp's log."""
@@ -69,11 +85,8 @@ def expected_kv_bytes(g: synthetic.Geometry, cache: CacheConfig, n_ctx: int, *, 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_random_weights_give_non_degenerate_distributions(engine: WorkerEngine, models: dict[str, Path],
-                                                          arch: str) -> None:
-    model = ModelLoad(str(models[arch]), 0)
-    s = summarize(engine.evaluate_exact(model, CacheConfig.parse("q4_0"), model, CacheConfig.parse("f16"),
-                                        coding_chunks(engine, model)).stats)
+def test_random_weights_give_non_degenerate_distributions(q4_exact: Callable[[str], TokenStats], arch: str) -> None:
+    s = summarize(q4_exact(arch))
     # a near one-hot distribution would make every cache agree (KL ~0, top-1 1.0); a flat one would
     # make top-1 a coin toss. measured mean entropy of these models: 2.2-4.3 nats (uniform: 12.5)
     assert np.isfinite(s.ppl_base), arch
@@ -82,12 +95,12 @@ def test_random_weights_give_non_degenerate_distributions(engine: WorkerEngine, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_metrics_equal_llama_perplexity(engine: WorkerEngine, models: dict[str, Path], arch: str,
-                                        tmp_path: Path) -> None:
+                                        q4_exact: Callable[[str], TokenStats], tmp_path: Path) -> None:
     model = ModelLoad(str(models[arch]), 0)
     q4 = CacheConfig.parse("q4_0")
     theirs = llama_perplexity_kld(tmp_path, model.path, builtin_corpus().texts["coding"], N_CTX, N_CHUNKS, q4)
     chunks = coding_chunks(engine, model)
-    exact = summarize(engine.evaluate_exact(model, q4, model, CacheConfig.parse("f16"), chunks).stats)
+    exact = summarize(q4_exact(arch))
     assert_matches(exact, theirs)
     # the cached compact reference (top 32 + 16 tail samples): exact top-1; its tail estimate is
     # unbiased but right-skewed where the tail holds much mass, as on random weights: measured
@@ -100,13 +113,13 @@ def test_metrics_equal_llama_perplexity(engine: WorkerEngine, models: dict[str, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f16_is_exactly_zero_and_chunk_order_does_not_matter(engine: WorkerEngine, models: dict[str, Path],
-                                                             arch: str) -> None:
+                                                             q4_exact: Callable[[str], TokenStats], arch: str) -> None:
     model = ModelLoad(str(models[arch]), 0)
     f16, q4 = CacheConfig.parse("f16"), CacheConfig.parse("q4_0")
     chunks = coding_chunks(engine, model)
     same = summarize(engine.evaluate_exact(model, f16, model, f16, chunks).stats)
     assert same.kl_mean == 0.0 and same.top1 == 1.0
-    forward = engine.evaluate_exact(model, q4, model, f16, chunks).stats
+    forward = q4_exact(arch)
     backward = engine.evaluate_exact(model, q4, model, f16, chunks[::-1]).stats
     per_chunk = len(forward) // N_CHUNKS
     # recurrent state and KV cache are cleared between chunks: bit-identical per chunk
@@ -144,17 +157,17 @@ def test_sliding_window_layers_hold_window_plus_ubatch_cells_and_quality_does_no
         engine: WorkerEngine, models: dict[str, Path]) -> None:
     """llama-server's default (swa_full off) is ours; --kv-swa-full turns full-size SWA caches on."""
     g = synthetic.TINY["gemma4"]
-    # micro-batches of 256: window 64 + ubatch 256 -> 512 cells, half of n_ctx (two chunks per decode)
-    off = ModelLoad(str(models["gemma4"]), 0, n_ubatch=256)
-    on = ModelLoad(str(models["gemma4"]), 0, swa_full=True, n_ubatch=256)
-    n_ctx = 1024
+    # micro-batches of 128: window 64 + ubatch 128 -> 192, padded to 256 cells of n_ctx 512 (4 chunks per decode)
+    off = ModelLoad(str(models["gemma4"]), 0, n_ubatch=128)
+    on = ModelLoad(str(models["gemma4"]), 0, swa_full=True, n_ubatch=128)
+    n_ctx = 512
     chunks = coding_chunks(engine, off, n_ctx, 1)
     f16, q4 = CacheConfig.parse("f16"), CacheConfig.parse("q4_0")
     run_off = engine.evaluate_exact(off, q4, off, f16, chunks)
     run_on = engine.evaluate_exact(on, q4, on, f16, chunks)
-    assert run_off.context.kv_swa_cells == 512 and run_on.context.kv_swa_cells == n_ctx
-    assert run_off.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, n_ubatch=256)
-    assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True, n_ubatch=256)
+    assert run_off.context.kv_swa_cells == 256 and run_on.context.kv_swa_cells == n_ctx
+    assert run_off.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, n_ubatch=128)
+    assert run_on.context.kv_bytes_per_token * n_ctx == expected_kv_bytes(g, q4, n_ctx, swa_full=True, n_ubatch=128)
     assert run_off.context.kv_bytes_per_token < 0.7 * run_on.context.kv_bytes_per_token
     # the same attention either way: the cells differ in order only (measured: KLD between the two
     # f16 runs ~3e-7 on the CPU and 2.9e-6 on the H200, against 0.005-0.014 for q4_0)
@@ -197,8 +210,8 @@ def test_kv_swa_full_reaches_the_context(pytester: pytest.Pytester, models: dict
     monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "results.json"
     result = pytester.runpytest_subprocess(
-        *PLUGIN_ARGS, f"--kv-model={models['gemma4']}", "--kv-cache=q4_0", "--kv-ctx=1024", "--kv-chunks=1",
-        "--kv-swa-full", f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-json={out}", "-m", "kvquality")
+        *PLUGIN_ARGS, f"--kv-model={models['gemma4']}", "--kv-cache=q4_0", "--kv-ctx=512", "--kv-ubatch=128",
+        "--kv-chunks=1", "--kv-swa-full", f"--kv-ref-dir={tmp_path / 'refs'}", f"--kv-json={out}", "-m", "kvquality")
     assert result.ret in (0, 5), result.stdout.str()[-3000:]  # no thresholds for this model: nothing gated
     rec = next(r for r in json.loads(out.read_text())["results"] if r["category"] == "overall")
-    assert rec["kv_swa_full"] is True and rec["kv_swa_cells"] == 1024
+    assert rec["kv_swa_full"] is True and rec["kv_swa_cells"] == 512  # not 256: window 64 + ubatch 128, padded
