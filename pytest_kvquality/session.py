@@ -165,9 +165,9 @@ class KVSession:
             self._note(f"{model.alias} {cache.label}: KV memory from llama.cpp's log and from the GGUF "
                        f"hyperparameters disagree: {context.kv_mismatch}")
         if context.second_context_error:
-            self._note(f"{model.alias} {cache.label}: evaluated with one context and a copy of every logits "
-                       f"batch, since a second context (to overlap the KL math without copies) could not be "
-                       f"created: {context.second_context_error}. Same numbers, slower")
+            self._note(f"{model.alias} {cache.label}: evaluated with one context, each decode's logits reduced "
+                       f"before the next, since a second context (to overlap the KL math with the decoding) could "
+                       f"not be created: {context.second_context_error}. Same numbers, slower")
 
     def _note(self, text: str) -> None:
         if text not in self.notes:

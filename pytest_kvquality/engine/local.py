@@ -233,8 +233,9 @@ class LocalEngine:
 
     def _contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> ContextSet:
         """The context(s) that decode the chunks, and whether to overlap. Overlapping, a second
-        context takes every other group of chunks, so the last blocks of each are reduced without a
-        copy while the other decodes; if it cannot be created (memory), one context and copies do the work."""
+        context takes every other group of chunks, so each group's rows are reduced while the other
+        decodes; if it cannot be created (memory), one context does the work, reducing each decode's
+        rows before the next."""
         first = self._scoring_context(model, cache, n_ctx)
         overlap = overlap_default(_offloaded(first))
         contexts = [first]

@@ -1,6 +1,6 @@
 """Overlapping the KL math with llama.cpp's next decode, without a wrong bit: ``RowParallel`` splits
-a batch's rows over threads, ``Pipeline`` decides which logits views can be reduced in place and
-which must be copied first."""
+a batch's rows over threads, ``Pipeline`` decides which logits views can be reduced while another
+context decodes and which before the next decode, ``decoded_in_turn`` gives each context its thread."""
 
 from __future__ import annotations
 
