@@ -130,8 +130,8 @@ def in_row_order(parts: list[tuple[int, list[T]]]) -> list[T]:
 
 
 def chunks_alternate() -> bool:
-    """Two contexts taking chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it off: one
-    context, every batch copied, as before; for measuring what it buys)."""
+    """Two contexts taking groups of chunks in turn when overlapping (``KVQ_ALTERNATE=0`` turns it
+    off: one context, each decode's rows reduced before the next; for measuring what it buys)."""
     return env_flag("KVQ_ALTERNATE", True) is not False
 
 
