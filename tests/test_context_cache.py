@@ -12,6 +12,7 @@ import pytest
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.metrics import ReferenceRows
 from pytest_kvquality.testing import FakeContext, FakeEngine, FakeModel
 
 F16, Q4, Q8 = (CacheConfig.parse(c) for c in ("f16", "q4_0", "q8_0"))
@@ -35,6 +36,12 @@ def live(monkeypatch: pytest.MonkeyPatch) -> list[FakeContext]:
     monkeypatch.setattr(FakeModel, "context", context)
     monkeypatch.setattr(FakeContext, "close", closed)
     return contexts
+
+
+def science_reference(engine: FakeEngine, model: ModelLoad, n_chunks: int) -> tuple[np.ndarray, ReferenceRows]:
+    """``n_chunks`` science chunks of 128 and their f16 reference."""
+    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, n_chunks, "science")
+    return chunks, engine.reference(model, F16, chunks, seed=0).rows
 
 
 def gate_like(engine: FakeEngine, model: ModelLoad) -> list[dict[str, np.ndarray]]:
@@ -87,8 +94,7 @@ def test_an_evaluation_that_fails_closes_its_contexts_instead_of_keeping_them(
 ) -> None:
     model = ModelLoad(str(fake_model), 0)
     engine = FakeEngine(threads=2)
-    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 3, "science")
-    ref = engine.reference(model, F16, chunks, seed=0).rows
+    chunks, ref = science_reference(engine, model, 3)
     decode = FakeContext.scored_logits
 
     def failing(self: FakeContext, group: Any) -> Any:
@@ -111,8 +117,7 @@ def test_out_of_memory_with_contexts_kept_closes_them_and_tries_again(
 ) -> None:
     model = ModelLoad(str(fake_model), 0)
     engine = FakeEngine(threads=2)
-    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 2, "science")
-    ref = engine.reference(model, F16, chunks, seed=0).rows
+    chunks, ref = science_reference(engine, model, 2)
     engine.evaluate(model, Q8, chunks, ref)
     assert len(live) == 2
     create = FakeModel.context
@@ -161,8 +166,7 @@ def test_a_long_chunks_contexts_are_not_kept(fake_model: Path, live: list[FakeCo
     its buffers are freed as soon as the evaluation ends (the memory target at n_ctx 32,768)."""
     model = ModelLoad(str(fake_model), 0, n_batch=64, n_ubatch=64)
     engine = FakeEngine(threads=2)
-    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 2, "science")
-    ref = engine.reference(model, F16, chunks, seed=0).rows
+    chunks, ref = science_reference(engine, model, 2)
     for _ in range(2):
         engine.evaluate(model, Q4, chunks, ref)
         assert live == []

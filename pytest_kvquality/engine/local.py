@@ -252,6 +252,11 @@ class LocalEngine:
         first.info["logits_contexts"] = len(contexts)
         return ContextSet((model, cache, n_ctx), contexts, overlap, keep=one_decode_per_group)
 
+    def _own_context(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> LogitsContext:
+        """A generation or speed context; kept scoring contexts are closed first, for its memory."""
+        self.kept.clear()
+        return self._model(model).context(cache, n_ctx)
+
     def _model(self, model: ModelLoad) -> LogitsModel:
         if model not in self._models:
             # keep at most two models (candidate + reference): free the rest first
@@ -388,8 +393,7 @@ class LocalEngine:
             tokens[i, j], lengths[i] = t, j + 1
             return None if m.is_eog(t) or j + 1 == n_tokens else t
 
-        self.kept.clear()  # the memory of kept scoring contexts, for one that decodes otherwise
-        ctx = m.context(cache, _generation_ctx(prompts, n_tokens))
+        ctx = self._own_context(model, cache, _generation_ctx(prompts, n_tokens))
         try:
             decoded, prefill = self._greedy(ctx, prompts, step, t0)
         finally:
@@ -416,8 +420,7 @@ class LocalEngine:
                 return None
             return None if j + 1 == ref.lengths[i] else want  # all of it reproduced: identical
 
-        self.kept.clear()
-        ctx = self._model(model).context(cache, _generation_ctx(prompts, ref.n_tokens))
+        ctx = self._own_context(model, cache, _generation_ctx(prompts, ref.n_tokens))
         try:
             decoded, prefill = self._greedy(ctx, prompts, step, t0)
         finally:
@@ -435,8 +438,7 @@ class LocalEngine:
             if self._speed_ctx is not None:
                 self._speed_ctx[1].close()
                 self._speed_ctx = None
-            self.kept.clear()
-            self._speed_ctx = (key, self._model(model).context(cache, n_ctx))
+            self._speed_ctx = (key, self._own_context(model, cache, n_ctx))
         ctx = self._speed_ctx[1]
         t0 = time.perf_counter()
         ctx.decode_timed(tokens, one_by_one=phase == "tg")

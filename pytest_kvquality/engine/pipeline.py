@@ -156,8 +156,8 @@ def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_
         return
     threads = [ThreadPoolExecutor(1) for _ in range(n_contexts)]
 
-    def decode_after(source: int, group: G, held: list[Future[Any]]) -> list[T]:
-        wait(held)
+    def decode_after(source: int, group: G, lent: list[Future[Any]]) -> list[T]:
+        wait(lent)
         return list(decode(source, group))
 
     pending: deque[Future[list[T]]] = deque()
@@ -166,9 +166,9 @@ def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_
         pending.append(threads[g % n_contexts].submit(decode_after, g % n_contexts, groups[g], held(g % n_contexts)))
 
     try:
+        if groups:
+            submit(0)
         for g in range(len(groups)):
-            if g == 0:
-                submit(0)
             if g + 1 < len(groups):  # after group g-1's views were all handed out (and so held)
                 submit(g + 1)
             yield pending.popleft().result()
