@@ -19,9 +19,9 @@ import numpy as np
 
 from .markdown import markdown_table
 from .metrics import TokenStats, mean_and_uncertainty, percentile, quantile_bounds
+from .thresholds import OVERALL
 from .uncertainty import MIN_CHUNKS, QUANTILE_METRICS, Z_LEVEL, Stratum, gate_bounds
 
-OVERALL = "overall"
 #: metrics checked, and whether a gate on them wants the value high (top1) or low (the rest)
 CHECKED = {"kl_mean": False, "top1": True, "dp_rms": False, "ln_ppl_ratio": False,
            "kl_median": False, "kl_p99": False}

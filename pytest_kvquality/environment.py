@@ -66,6 +66,23 @@ def host_backend() -> HostBackend:
     return HostBackend(version, ggml, gpu)
 
 
+def cpu_threads(env: Mapping[str, str] | None = None) -> int:
+    """This process's share of the host's cores: those it may run on, divided among the xdist workers
+    of its run (pytest-xdist sets ``PYTEST_XDIST_WORKER_COUNT`` in each worker; model workers inherit
+    it), at least one. Why: llama.cpp's OpenMP threads spin at every barrier, so ``pytest -n 2`` on a
+    2-core host with every core per worker ran each forward pass oversubscribed."""
+    env = os.environ if env is None else env
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        workers = max(1, int(env.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        workers = 1
+    return max(1, cores // workers)
+
+
 def default_cache_dir() -> Path:
     """Where models, references and compiled kernels are kept: ``$KVQ_CACHE_DIR`` or the user cache."""
     env = os.environ.get("KVQ_CACHE_DIR")

@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -247,4 +247,15 @@ print({pid: sorted(g) for pid, g in seen.items()})
 print("one GPU per model worker:", "yes" if seen and one_each and distinct else "NO")
 PY
   nvidia-smi -L >> "$OUT/multigpu-smi.log"
+fi
+if [ "$stage" = e2e ]; then  # issue 17's own measure: the whole built-in corpus at n_ctx 512, four cache
+  # configs one after another, references cached (the first run builds them): scored tok/s per config
+  # from --kv-json (scored tokens / its eval_seconds), and each run's whole process
+  mkdir -p /tmp/e2e/no-gates
+  for r in build cached1 cached2; do
+    /usr/bin/time -f "$r wall %e s" $P --kv-model gemma3-270m -m kvquality --kv-cache q8_0,q4_0,q8_0/q4_0,q4_0:norot \
+      --kv-thresholds=/tmp/e2e/no-gates --kv-json="/tmp/e2e/$r.json" 2>&1 | grep -E "wall|passed|failed|error" | tail -2
+    python3 benchmarks/e2e_rate.py "/tmp/e2e/$r.json"
+  done
+  tar czf "$OUT/e2e.tar.gz" -C /tmp/e2e .
 fi

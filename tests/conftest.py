@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,11 +10,37 @@ import pytest
 from helpers import LOAD_PLUGIN, isolate_model_caches, measured
 
 from pytest_kvquality import kernels
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.environment import default_cache_dir
+from pytest_kvquality.resolve import builtin_model_path
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_model: runs the bundled Gemma 3 270M through llama.cpp")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-model tests first: under ``-n 2 --dist loadgroup`` (the README's command) both workers
+    start on the long tests and finish together on the short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is None)
+
+
+@pytest.fixture(scope="module")
+def gemma() -> ModelLoad:
+    """The bundled Gemma 3 270M, all layers on the GPU when there is one (``$KVQ_GEMMA_GGUF``: another
+    copy of it, e.g. the staged file on the GPU host)."""
+    env = os.environ.get("KVQ_GEMMA_GGUF")
+    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
+    """A model worker for the module's real-model tests, closed after them."""
+    e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
+    yield e
+    e.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.environment import cpu_threads
 from pytest_kvquality.metrics import KLSummary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,8 @@ def llama_perplexity_kld(workdir: Path, model: str, text: str, n_ctx: int, chunk
     path = workdir / "text.txt"
     path.write_text(text, encoding="utf-8")
     common = [str(exe), "-m", model, "-c", str(n_ctx), "-b", str(batch), "-ub", str(min(batch, ubatch)),
-              "--chunks", str(chunks), "-fa", "on" if candidate.flash_attn else "off", "-nr", "-np", "1",
+              "--chunks", str(chunks), "-t", str(cpu_threads()), "-fa", "on" if candidate.flash_attn else "off",
+              "-nr", "-np", "1",
               "--kl-divergence-base", str(workdir / "base.bin")]
     base = subprocess.run([*common, "-f", str(path), "-ctk", "f16", "-ctv", "f16"], capture_output=True, text=True)
     assert base.returncode == 0, base.stderr[-3000:]

@@ -12,7 +12,7 @@ to end.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,8 @@ from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.metrics import TokenStats, summarize
 from pytest_kvquality.resolve import builtin_model_path
 
-pytestmark = pytest.mark.real_model
+#: one xdist group: the models are written and each one's exact q4_0 run made once for the module
+pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("architectures")]
 
 ARCHS = sorted(synthetic.TINY)
 #: one architecture per KV-cache kind for the end-to-end runs through the plugin (every cache per
@@ -49,13 +50,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tokenizer = builtin_model_path(default_cache_dir())[0]
     d = tmp_path_factory.mktemp("archs")
     return {name: synthetic.write(d / f"{name}.gguf", g, tokenizer, seed=1) for name, g in synthetic.TINY.items()}
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
-    e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
-    yield e
-    e.close()
 
 
 def coding_chunks(engine: WorkerEngine, model: ModelLoad, n_ctx: int = N_CTX, n: int = N_CHUNKS) -> np.ndarray:

@@ -5,8 +5,6 @@ gate fails q4_0 and passes q8_0."""
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,6 @@ from pytest_kvquality.chat import ChatTemplate, label_positions, render_transcri
 from pytest_kvquality.corpus import AGENT_FILE
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.resolve import builtin_model_path
 
 pytestmark = pytest.mark.real_model
 
@@ -32,19 +28,6 @@ HAND_WRITTEN = {"messages": [
     {"role": "tool", "tool_call_id": "c1", "name": "convert", "content": "117.2"},
     {"role": "assistant", "content": "10 EUR is 117.2 NOK."},
 ]}
-
-
-@pytest.fixture(scope="module")
-def gemma() -> ModelLoad:
-    env = os.environ.get("KVQ_GEMMA_GGUF")
-    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
-    e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
-    yield e
-    e.close()
 
 
 def test_gemma_scores_exactly_the_assistants_tokens(engine: WorkerEngine, gemma: ModelLoad) -> None:

@@ -19,7 +19,7 @@ from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import EngineError, ModelLoad, WorkerCrash
 from pytest_kvquality.engine.rpc import RPC_PROTO_MAJOR
-from pytest_kvquality.environment import default_cache_dir
+from pytest_kvquality.environment import cpu_threads, default_cache_dir
 from pytest_kvquality.resolve import builtin_model_path
 
 pytestmark = pytest.mark.real_model
@@ -37,7 +37,7 @@ def model_path() -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
-    with rpc_server(threads=2) as (port, _):
+    with rpc_server(threads=cpu_threads()) as (port, _):
         yield port
 
 
@@ -103,7 +103,7 @@ def test_an_unreachable_or_mismatched_server_fails_at_once_and_the_worker_surviv
 def test_a_server_that_dies_or_hangs_mid_evaluation_fails_the_evaluation(
     tmp_path: Path, model_path: str, chunks, mode: str  # type: ignore[no-untyped-def]
 ) -> None:
-    with rpc_server(threads=2) as (port, _):
+    with rpc_server(threads=cpu_threads()) as (port, _):
         proxy = Proxy(port, mode, after=1)  # the chunk's first decode, right after the load
         # a dead server is seen at once (the socket closes); a silent one only by the reply timeout,
         # which must outlast the load (~4 s on the 2-core machine, more when other tests run beside it)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import kv_memory
 from ..cache_config import GGML_TYPE_IDS, CacheConfig
-from ..environment import default_cache_dir, env_flag
+from ..environment import cpu_threads, default_cache_dir, env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
 from . import llama_devices
@@ -430,7 +430,7 @@ def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_seq: in
     p.swa_full = model.swa_full
     # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with
     # the KL reduction (H200 host, 16 cores: 4 threads gave +12 % scored tok/s over 16)
-    cores = os.cpu_count() or 1
+    cores = cpu_threads()
     threads = int(os.environ.get("KVQ_LLAMA_THREADS") or (min(4, cores) if model.gpu_layers > 0 else cores))
     p.n_threads = threads
     p.n_threads_batch = threads
@@ -509,7 +509,7 @@ def quantize(src: str, dst: str, weight_type: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{weight_type}")
     params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
 
     def quantize_to(tmp: Path) -> None:
         rc = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), ctypes.byref(params))

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..environment import env_flag
+from ..environment import cpu_threads, env_flag
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -32,7 +32,7 @@ class RowParallel:
 
     def __init__(self, threads: int | None = None) -> None:
         env = os.environ.get("KVQ_THREADS")
-        self.threads = max(1, threads or (int(env) if env else (os.cpu_count() or 1)))
+        self.threads = max(1, threads or (int(env) if env else cpu_threads()))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def map(self, n_rows: int, fn: Callable[[int, int], T]) -> list[T]:
