@@ -98,7 +98,7 @@ def test_metrics_equal_llama_perplexity(engine: WorkerEngine, models: dict[str, 
     assert_matches(exact, theirs)
     # the cached compact reference (top 32 + 16 tail samples): exact top-1; its tail estimate is
     # unbiased but right-skewed where the tail holds much mass, as on random weights: measured
-    # 0.5-2.9 % low here (within 1 % on the bundled Gemma 3, tests/test_real_model.py)
+    # 0.5-2.9 % low here (within 1 % on the bundled Gemma 3, tests/test_real_oracle.py)
     ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0)
     compact = summarize(engine.evaluate(model, q4, chunks, ref.rows).stats)
     assert compact.top1 == exact.top1
