@@ -14,8 +14,6 @@ from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.placement_cache import PlacementCache
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.resolve import builtin_model_path
 
 KEY = {"model": ["/m.gguf", 1, 2], "cache": "q4_0", "n_ctx": 512}
 
@@ -50,9 +48,9 @@ def test_a_cache_that_cannot_be_written_costs_nothing_but_a_probe(tmp_path: Path
 
 @pytest.mark.real_model
 def test_the_worker_reuses_a_probe_across_processes_and_probes_again_for_another_geometry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemma: ModelLoad
 ) -> None:
-    model = ModelLoad(os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0]), 0)
+    model = ModelLoad(gemma.path, 0)
     env = {**os.environ, "KVQ_CACHE_DIR": str(tmp_path), "KVQ_PLACEMENT_PROBE": "1", "CUDA_VISIBLE_DEVICES": ""}
     tokens = np.arange(1, 65, dtype=np.int32)
 

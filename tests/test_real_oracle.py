@@ -41,6 +41,13 @@ def coding_reference(engine: WorkerEngine, gemma: ModelLoad, coding_chunks) -> R
 
 
 @pytest.fixture(scope="module")
+def first_chunk_reference(engine: WorkerEngine, gemma: ModelLoad, coding_chunks) -> ReferenceRun:  # type: ignore[no-untyped-def]
+    """The f16 reference of the first chunk decoded alone (on a GPU the batch geometry moves the
+    logits, so rows of the two-chunk reference are not its)."""
+    return engine.reference(gemma, CacheConfig.parse("f16"), coding_chunks[:1], seed=0)
+
+
+@pytest.fixture(scope="module")
 def llama_perplexity_q4_0(tmp_path_factory: pytest.TempPathFactory, gemma: ModelLoad) -> dict[str, float]:
     return llama_perplexity_kld(tmp_path_factory.mktemp("llama-perplexity"), gemma.path,
                                 builtin_corpus().texts["coding"], N_CTX, N_CHUNKS, CacheConfig.parse("q4_0"))
@@ -77,18 +84,16 @@ def _assert_compact_within_one_percent(compact: TokenStats, exact: TokenStats) -
 
 
 def test_compact_reference_is_within_one_percent_of_exact_with_exact_top1(
-    engine: WorkerEngine, gemma: ModelLoad, coding_chunks,  # type: ignore[no-untyped-def]
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, first_chunk_reference: ReferenceRun,  # type: ignore[no-untyped-def]
     q4_0_cached: CandidateRun, q4_0_exact: CandidateRun,
 ) -> None:
     """The cached reference (1,940 bytes per token instead of 524 KB) against the exact mode: q4_0 on
     the chunks both oracle tests ran, and q8_0 on one, whose small KL is where the tail estimate
-    weighs most. The one chunk gets a reference of its own: decoded alone, not beside another, as
-    on a GPU the batch geometry moves the logits."""
+    weighs most, against the chunk's own reference."""
     _assert_compact_within_one_percent(q4_0_cached.stats, q4_0_exact.stats)
     f16, q8 = CacheConfig.parse("f16"), CacheConfig.parse("q8_0")
     one = coding_chunks[:1]
-    rows = engine.reference(gemma, f16, one, seed=0).rows
-    compact = engine.evaluate(gemma, q8, one, rows).stats
+    compact = engine.evaluate(gemma, q8, one, first_chunk_reference.rows).stats
     exact = engine.evaluate_exact(gemma, q8, gemma, f16, one).stats
     _assert_compact_within_one_percent(compact, exact)
 
@@ -107,10 +112,8 @@ def test_rotation_off_is_worse_than_rotation_on_for_q4_0(
 
 
 def test_f16_cache_against_its_own_reference_is_lossless(
-    engine: WorkerEngine, gemma: ModelLoad, coding_chunks  # type: ignore[no-untyped-def]
+    engine: WorkerEngine, gemma: ModelLoad, coding_chunks, first_chunk_reference: ReferenceRun,  # type: ignore[no-untyped-def]
 ) -> None:
-    one = coding_chunks[:1]
-    ref = engine.reference(gemma, CacheConfig.parse("f16"), one, seed=0)
-    s = summarize(engine.evaluate(gemma, CacheConfig.parse("f16"), one, ref.rows).stats)
+    s = summarize(engine.evaluate(gemma, CacheConfig.parse("f16"), coding_chunks[:1], first_chunk_reference.rows).stats)
     assert s.top1 == 1.0
     assert abs(s.kl_mean) < 1e-5

@@ -19,8 +19,7 @@ from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import EngineError, ModelLoad, WorkerCrash
 from pytest_kvquality.engine.rpc import RPC_PROTO_MAJOR
-from pytest_kvquality.environment import cpu_threads, default_cache_dir
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.environment import cpu_threads
 
 pytestmark = pytest.mark.real_model
 
@@ -30,9 +29,8 @@ RPC_LAYERS = 10
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    env = os.environ.get("KVQ_GEMMA_GGUF")
-    return env or str(builtin_model_path(default_cache_dir())[0])
+def model_path(gemma: ModelLoad) -> str:
+    return gemma.path
 
 
 @pytest.fixture(scope="module")

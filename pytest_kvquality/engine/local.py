@@ -236,18 +236,17 @@ class LocalEngine:
         context takes every other group of chunks, so each group's rows are reduced while the other
         decodes; if it cannot be created (memory), one context does the work, reducing each decode's
         rows before the next."""
-        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
-        new_context = partial(self._model(model).context, cache, n_ctx, n_seq, n_ubatch)
-        first = new_context()
+        first = self._scoring_context(model, cache, n_ctx)
         overlap = overlap_default(_offloaded(first))
         contexts = [first]
         # a second context pays when each group is one decode whose blocks can all be lent; a long
         # chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx 32,768) and
         # the second context's logits buffers cost memory
+        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
         one_decode_per_group = n_seq > 1 or n_ctx <= n_ubatch
         if overlap and chunks_alternate() and one_decode_per_group:
             try:
-                contexts.append(new_context())
+                contexts.append(self._scoring_context(model, cache, n_ctx))
             except RuntimeError as e:  # out of memory: the copies are slower, never wrong
                 first.info["second_context_error"] = str(e)
         first.info["logits_contexts"] = len(contexts)
