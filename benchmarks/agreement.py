@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,9 +24,8 @@ from pytest_kvquality.cache_config import CacheConfig  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
 from pytest_kvquality.engine.client import WorkerEngine  # noqa: E402
 from pytest_kvquality.engine.protocol import ModelLoad  # noqa: E402
-from pytest_kvquality.environment import default_cache_dir  # noqa: E402
 from pytest_kvquality.metrics import summarize  # noqa: E402
-from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
+from pytest_kvquality.resolve import bundled_gguf  # noqa: E402
 
 N_CTX = 512
 
@@ -39,7 +37,7 @@ def main() -> None:
     ap.add_argument("--batch", default="2048,512")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    path = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
+    path = str(bundled_gguf())
     text = builtin_corpus().texts["coding"]
     f16 = CacheConfig.parse("f16")
     rows = []

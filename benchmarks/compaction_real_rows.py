@@ -24,17 +24,16 @@ from pytest_kvquality.compaction import compact_rows  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
 from pytest_kvquality.engine.pipeline import RowParallel  # noqa: E402
 from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K  # noqa: E402
-from pytest_kvquality.environment import default_cache_dir  # noqa: E402
 from pytest_kvquality.kernels import kernel_name  # noqa: E402
 from pytest_kvquality.metrics import LOG_P_CUTOFF, kl_compact  # noqa: E402
 from pytest_kvquality.normalizer import log_normalizer  # noqa: E402
-from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
+from pytest_kvquality.resolve import bundled_gguf  # noqa: E402
 
 ROWS_PER_CHUNK = 255
 
 
 def real_rows() -> np.ndarray:
-    path = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
+    path = str(bundled_gguf())
     model = llama_backend.LlamaModel(path, -1)
     ctx = model.context(CacheConfig.parse("f16"), 512)
     out = []

@@ -25,7 +25,8 @@ import numpy as np
 # isort: on
 
 from pytest_kvquality.cache_config import CacheConfig
-from pytest_kvquality.engine.protocol import ModelLoad, decode_geometry
+from pytest_kvquality.decode_geometry import decode_geometry
+from pytest_kvquality.engine.protocol import ModelLoad
 
 
 def groups(n: int, n_seq: int, n_ctx: int, rows: bool) -> list[list[tuple[np.ndarray, np.ndarray]]]:

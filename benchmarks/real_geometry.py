@@ -33,9 +33,8 @@ from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import summarize
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.resolve import bundled_gguf
 
 CACHES = ("f16", "q8_0", "q4_0")
 TINY_OF = {"qwen3.6-35b-a3b": "qwen35moe-mtp", "gemma4-31b": "gemma4", "gemma4-26b-a4b": "gemma4-moe"}
@@ -175,8 +174,7 @@ def main() -> None:
     args.model_dir.mkdir(parents=True, exist_ok=True)
     geometry = synthetic.TINY[TINY_OF[args.model]] if args.tiny else synthetic.REAL[args.model]
     # the bundled Gemma's tokenizer (on the GPU host: the staged file, as in tests/test_real_model.py)
-    staged = os.environ.get("KVQ_GEMMA_GGUF")
-    tokenizer = Path(staged) if staged else builtin_model_path(default_cache_dir())[0]
+    tokenizer = bundled_gguf()
     path = args.model_dir / f"{args.model}{'-tiny' if args.tiny else ''}.Q4_0.gguf"
     t0 = time.perf_counter()
     if not path.exists():  # written earlier (--write-only) is reused

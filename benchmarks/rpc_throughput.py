@@ -26,9 +26,8 @@ from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import CandidateRun, ModelLoad
-from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.metrics import ReferenceRows, summarize
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.resolve import bundled_gguf
 
 
 def free_port() -> int:
@@ -59,7 +58,7 @@ def main() -> None:
     p.add_argument("--half-layers", type=int, default=10, help="layers offloaded in the half case (of 19)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    path = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
+    path = str(bundled_gguf())
     logs = Path(os.environ.get("OUT", "/tmp")) / "rpc-logs"
     local_engine = WorkerEngine(logs)
     local = ModelLoad(path, -1)

@@ -32,8 +32,7 @@ from pytest_kvquality.cache_config import CacheConfig  # noqa: E402
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens  # noqa: E402
 from pytest_kvquality.engine.client import WorkerEngine  # noqa: E402
 from pytest_kvquality.engine.protocol import ModelLoad  # noqa: E402
-from pytest_kvquality.environment import default_cache_dir  # noqa: E402
-from pytest_kvquality.resolve import builtin_model_path  # noqa: E402
+from pytest_kvquality.resolve import bundled_gguf  # noqa: E402
 
 CHUNKS = int(os.environ.get("KVQ_STARTUP_CHUNKS", "20"))
 
@@ -56,7 +55,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the whole-process figures only")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    model = os.environ.get("KVQ_GEMMA_GGUF") or str(builtin_model_path(default_cache_dir())[0])
+    model = str(bundled_gguf())
     work = Path(os.environ.get("KVQ_CACHE_DIR", "/tmp/kvq-cache")) / "startup"
     corpus, no_gates, project = work / "corpus", work / "no-thresholds", work / "project"
     for d in (corpus, no_gates, project):  # an empty project: a user's tests would be collected, not ours

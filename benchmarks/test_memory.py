@@ -14,7 +14,6 @@ The 32,768 case runs one chunk (16,383 scored tokens): seconds on a GPU, several
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -25,20 +24,19 @@ from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir, host_backend
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.environment import env_flag, host_backend
+from pytest_kvquality.resolve import bundled_gguf
 
 GIB = 1 << 30
 
 
 def gemma() -> ModelLoad:
-    env = os.environ.get("KVQ_GEMMA_GGUF")
-    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
+    return ModelLoad(str(bundled_gguf()), -1)
 
 
 @pytest.mark.parametrize("n_ctx", [512, 32768])
 def test_peak_rss_does_not_grow_with_context_times_vocabulary(benchmark, n_ctx: int, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    if n_ctx > 4096 and host_backend().gpu is None and not os.environ.get("KVQ_BENCH_LONG"):
+    if n_ctx > 4096 and host_backend().gpu is None and not env_flag("KVQ_BENCH_LONG", False):
         pytest.skip("n_ctx 32,768 on a CPU build takes minutes: set KVQ_BENCH_LONG=1 to run it")
     model = gemma()
     engine = WorkerEngine(tmp_path / "logs")

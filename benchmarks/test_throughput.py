@@ -26,11 +26,10 @@ from pytest_kvquality.engine.pipeline import RowParallel
 from pytest_kvquality.engine.protocol import DEFAULT_TAIL_SAMPLES as M
 from pytest_kvquality.engine.protocol import DEFAULT_TOP_K as K
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kernels import kernel_name
 from pytest_kvquality.metrics import kl_compact, kl_exact
 from pytest_kvquality.reference import ReferenceKey, write_reference
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.resolve import bundled_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMMA_VOCAB = 262_144
@@ -123,8 +122,7 @@ def _llama_perplexity() -> Path | None:
 
 @pytest.fixture(scope="module")
 def gemma_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerEngine, ModelLoad, np.ndarray]]:
-    env = os.environ.get("KVQ_GEMMA_GGUF")  # e.g. the staged model on the GPU host
-    path = Path(env) if env else builtin_model_path(default_cache_dir())[0]
+    path = bundled_gguf()  # $KVQ_GEMMA_GGUF: e.g. the staged model on the GPU host
     model = ModelLoad(str(path), -1, n_batch=N_BATCH)
     engine = WorkerEngine(tmp_path_factory.mktemp("logs"))
     tokens = engine.tokenize(model, builtin_corpus().texts["coding"])

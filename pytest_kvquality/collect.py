@@ -200,6 +200,22 @@ def add_measure_items(session: pytest.Session, config: pytest.Config, items: lis
                     parent, name=f"{alias}::{cache.label}::measure", model=alias, cache=cache))
 
 
+def plan_order(session: pytest.Session) -> None:
+    """Tell the run's session which (model, cache config) its items evaluate, in order, so the engine
+    can make the next one's contexts ahead (``KVSession.planned``). Not on an xdist worker: it is
+    handed its items as it goes, so the collected order says nothing of its own."""
+    state = session.config.stash.get(STATE, None)
+    if state is None or hasattr(session.config, "workerinput"):
+        return
+    order: list[tuple[str, CacheConfig]] = []
+    for item in session.items:
+        key = ((item.threshold.model, item.threshold.cache) if isinstance(item, ThresholdItem)
+               else (item.model, item.cache) if isinstance(item, MeasureItem) else None)
+        if key is not None and key not in order:
+            order.append(key)
+    state.session.planned = order
+
+
 def start(config: pytest.Config) -> None:
     """Build the run's state (``state.configure``), check the threshold files of the selected models
     and put them on the collection list."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 
 from .cache_config import DEFAULT_REFERENCE, CacheConfig
+from .decode_geometry import decode_geometry
 from .environment import default_cache_dir
 from .gating import GATE_MODES, INCONCLUSIVE_POLICIES
 from .markdown import markdown_table
@@ -387,7 +388,7 @@ class KVOptions:
         o.storage = o.storage or config.rootpath / ".kvquality"
         if o.compare_fail and o.compare is None:
             raise pytest.UsageError("--kv-compare-fail needs --kv-compare (the baseline to compare with)")
-        together = o.n_batch // o.n_ctx  # chunks per decode (engine.protocol.decode_geometry)
+        together = decode_geometry(o.n_batch, o.n_ubatch, o.n_ctx)[0]  # chunks per decode
         if together > 1 and o.n_ubatch < together:
             raise pytest.UsageError(
                 f"--kv-ubatch {o.n_ubatch} is smaller than the {together} chunks each decode holds (--kv-batch "

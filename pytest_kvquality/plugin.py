@@ -59,6 +59,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     add_measure_items(session, config, items)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The order the items evaluate (model, cache config) in, for the session to look ahead."""
+    from .collect import plan_order
+
+    plan_order(session)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run tests that use ``kv_model`` (or ``kv_eval``) once per ``--kv-model``, and tests that
     use ``kv_cache`` once per ``--kv-cache`` config."""

@@ -26,6 +26,7 @@ import numpy as np
 from filelock import FileLock
 
 from .array_codec import pack, payload_size, unpack
+from .decode_geometry import decode_geometry
 from .files import atomic_write
 from .metrics import ReferenceRows
 from .normalizer import NORMALIZER
@@ -45,8 +46,6 @@ S = TypeVar("S", bound=Stored)
 
 def decode_label(n_batch: int, n_ubatch: int, n_ctx: int) -> str:
     """The decode geometry in a reference key: sequences per decode and micro-batch, e.g. ``4x512/ub512``."""
-    from .engine.protocol import decode_geometry
-
     n_seq, ubatch = decode_geometry(n_batch, n_ubatch, n_ctx)
     return f"{n_seq}x{n_ctx}/ub{ubatch}"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .environment import default_cache_dir
 from .files import atomic_produce, atomic_write
 from .gguf_meta import GGUF_MAGIC
 from .hub import Found, HubRef, Search, fetch_command, find_local, split_parts
@@ -93,6 +94,13 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
         known[ident] = h.hexdigest()
         atomic_write(cache_file, json.dumps(known, indent=0))
         return known[ident]
+
+
+def bundled_gguf(env: Mapping[str, str] | None = None) -> Path:
+    """The bundled Gemma's file for tests and benchmarks: ``$KVQ_GEMMA_GGUF`` (another copy of it, e.g.
+    the staged file on a GPU host without the package), else the one assembled from the package."""
+    given = (os.environ if env is None else env).get("KVQ_GEMMA_GGUF")
+    return Path(given) if given else builtin_model_path(default_cache_dir())[0]
 
 
 def builtin_model_path(cache_dir: Path) -> tuple[Path, str]:

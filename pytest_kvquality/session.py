@@ -71,6 +71,9 @@ class KVSession:
     _regenerated: set[str] = field(default_factory=set)
     _info: BackendInfo | None = None
     _doing: str = ""
+    #: (model alias, cache config) in the order this process's items evaluate them; None where the
+    #: order is not known (an xdist worker is handed its items as it goes)
+    planned: list[tuple[str, CacheConfig]] | None = None
 
     # ------------------------------------------------------------ pieces
 
@@ -277,6 +280,8 @@ class KVSession:
             else:
                 run = self.engine.evaluate(spec, cache, chunks, ref)
                 ref_top.append(np.exp(ref.top_logp.max(axis=1, initial=-np.inf)))
+                if not per_cat:  # this configuration's contexts exist: the next one's can be made meanwhile
+                    self._prepare_next(model, cache, chunks)
             per_cat[cat] = run.stats
             context = run.context
             seconds += run.seconds
@@ -301,6 +306,19 @@ class KVSession:
             confidence=confidence_profile(all_stats, np.concatenate(ref_top)) if ref_top else [],
             spans=span_profile(all_stats, np.concatenate([p.sequences.row_spans() for p in plans.values()])),
             generation={cat: g[0] for cat, g in generation.items()} if generation else {})
+
+    def _prepare_next(self, model: ResolvedModel, cache: CacheConfig, chunks: Sequences) -> None:
+        """Tell the engine which configuration of this model the run evaluates next (on the same
+        chunks first), so it can create that one's contexts while this one decodes. Not when
+        generating: the generation contexts take the kept ones' memory."""
+        if self.planned is None or self._generating():
+            return
+        mine = [c for alias, c in self.planned if alias == model.alias]
+        later = mine[mine.index(cache) + 1:] if cache in mine else []
+        done = {c for alias, c in [*self.results, *self._errors] if alias == model.alias}
+        upcoming = next((c for c in later if c not in done and c != cache), None)
+        if upcoming is not None:
+            self.engine.prepare(self.load_spec(model), upcoming, chunks)
 
     def _generating(self) -> bool:
         return self.options.gen_prompts > 0 or self.wants_generation

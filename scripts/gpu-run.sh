@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -258,4 +258,25 @@ if [ "$stage" = e2e ]; then  # issue 17's own measure: the whole built-in corpus
     python3 benchmarks/e2e_rate.py "/tmp/e2e/$r.json"
   done
   tar czf "$OUT/e2e.tar.gz" -C /tmp/e2e .
+fi
+if [ "$stage" = prepare ]; then  # issue 17: the next configuration's contexts made on a background thread while the
+  # current one decodes (KVQ_PREPARE=1, the GPU default) against made when needed (0): issue 17's end-to-end measure,
+  # alternated, references cached by a first run; the same numbers either way; the CUDA bit-identity tests
+  mkdir -p /tmp/pa/no-gates
+  G="--kv-model gemma3-270m -m kvquality --kv-cache q8_0,q4_0,q8_0/q4_0,q4_0:norot --kv-thresholds=/tmp/pa/no-gates"
+  /usr/bin/time -f "build wall %e s" $P $G --kv-json=/tmp/pa/build.json 2>&1 | grep -E "wall|passed|failed|rror" | tail -2
+  for r in 1 2 3; do
+    for p in 1 0; do
+      KVQ_PREPARE=$p /usr/bin/time -f "prepare=$p run $r: whole process %e s" $P $G --kv-json="/tmp/pa/p$p-$r.json" 2>&1 \
+        | grep -E "whole|failed|rror" | tail -2
+      python3 benchmarks/e2e_rate.py "/tmp/pa/p$p-$r.json" | tail -5
+    done
+  done
+  python3 - <<'PY'
+import json
+strip = lambda p: [{k: v for k, v in r.items() if k != "eval_seconds"} for r in json.load(open(p))["results"]]
+print("prepare on and off, same numbers:", all(strip(f"/tmp/pa/p1-{r}.json") == strip(f"/tmp/pa/p0-{r}.json") for r in (1, 2, 3)))
+PY
+  $P tests/test_real_model.py tests/test_context_cache.py -q -k "prepared or kept or two_contexts or prepar" 2>&1 | tail -2
+  tar czf "$OUT/prepare.tar.gz" -C /tmp/pa .
 fi

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import LOAD_PLUGIN, isolate_model_caches, measured
 
 from pytest_kvquality import kernels
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import ModelLoad
-from pytest_kvquality.environment import default_cache_dir
-from pytest_kvquality.resolve import builtin_model_path
+from pytest_kvquality.resolve import bundled_gguf
 from pytest_kvquality.testing import CONFTEST, write_fake_gguf
 
 
@@ -31,8 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def gemma() -> ModelLoad:
     """The bundled Gemma 3 270M, all layers on the GPU when there is one (``$KVQ_GEMMA_GGUF``: another
     copy of it, e.g. the staged file on the GPU host)."""
-    env = os.environ.get("KVQ_GEMMA_GGUF")
-    return ModelLoad(str(Path(env) if env else builtin_model_path(default_cache_dir())[0]), -1)
+    return ModelLoad(str(bundled_gguf()), -1)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +40,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerEngine]:
     e = WorkerEngine(tmp_path_factory.mktemp("worker-logs"))
     yield e
     e.close()
+
+
+@pytest.fixture(scope="module")
+def coding_chunks(request: pytest.FixtureRequest, engine: WorkerEngine, gemma: ModelLoad) -> np.ndarray:
+    """The built-in coding text in the test module's ``N_CHUNKS`` (default 1) chunks of ``N_CTX`` tokens."""
+    tokens = engine.tokenize(gemma, builtin_corpus().texts["coding"])
+    return chunk_tokens(tokens, request.module.N_CTX, getattr(request.module, "N_CHUNKS", 1), "coding")
 
 
 @pytest.fixture

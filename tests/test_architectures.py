@@ -23,8 +23,9 @@ from oracle import assert_matches, llama_perplexity_kld
 from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.decode_geometry import decode_geometry
 from pytest_kvquality.engine.client import WorkerEngine
-from pytest_kvquality.engine.protocol import ModelLoad, decode_geometry
+from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.environment import default_cache_dir
 from pytest_kvquality.kv_memory import SERVER_UBATCH
 from pytest_kvquality.metrics import TokenStats, summarize

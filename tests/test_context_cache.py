@@ -3,6 +3,7 @@ never kept after a failed evaluation, give way when memory runs out, and go befo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ def gate_like(engine: FakeEngine, model: ModelLoad) -> list[dict[str, np.ndarray
     return out
 
 
+def assert_same_bits(got: list[dict[str, np.ndarray]], fresh: list[dict[str, np.ndarray]]) -> None:
+    assert len(got) == len(fresh)
+    for a, b in zip(got, fresh, strict=True):
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
+
+
 class NewContextsEachTime(FakeEngine):
     """The engine as it was: every evaluation on contexts of its own, closed after it."""
 
@@ -82,11 +90,7 @@ def test_kept_contexts_give_the_same_bits_as_new_ones(
     kept.close()
     assert live == []
 
-    fresh = gate_like(NewContextsEachTime(threads=2), model)
-    assert len(got) == len(fresh)
-    for a, b in zip(got, fresh, strict=True):
-        for name in a:
-            assert np.array_equal(a[name], b[name]), name
+    assert_same_bits(got, gate_like(NewContextsEachTime(threads=2), model))
 
 
 def test_an_evaluation_that_fails_closes_its_contexts_instead_of_keeping_them(
@@ -172,3 +176,207 @@ def test_a_long_chunks_contexts_are_not_kept(fake_model: Path, live: list[FakeCo
         assert live == []
     assert (engine.kept.created, engine.kept.reused) == (3, 0)
     engine.close()
+
+
+def gate_with_hints(engine: FakeEngine, model: ModelLoad) -> list[dict[str, np.ndarray]]:
+    """What a gate with cached references does: q8_0 then q4_0 on each category, the session saying
+    after q8_0's first category that q4_0 comes next (``KVSession._prepare_next``)."""
+    cats = {cat: chunk_tokens(engine.tokenize(model, builtin_corpus().texts[cat]), 128, 5, cat)
+            for cat in ("science", "coding")}
+    refs = {cat: engine.reference(model, F16, chunks, seed=0).rows for cat, chunks in cats.items()}
+    engine.kept.clear()  # the references came from the cache: no f16 contexts
+    out = []
+    for cache, upcoming in ((Q8, Q4), (Q4, None)):
+        for i, (cat, chunks) in enumerate(cats.items()):
+            out.append(engine.evaluate(model, cache, chunks, refs[cat]).stats.arrays())
+            if i == 0 and upcoming is not None:
+                engine.prepare(model, upcoming, chunks)
+    return out
+
+
+def test_contexts_prepared_ahead_give_the_same_bits_and_are_used(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    monkeypatch.setenv("KVQ_PREPARE", "1")  # the fake runs "on the CPU", where preparing is off by default
+    model = ModelLoad(str(fake_model), 0, n_batch=256)
+    ahead = FakeEngine(threads=2)
+    got = gate_with_hints(ahead, model)
+    # made: the references' f16 set and q8_0's; prepared: q4_0's; reused: each set's second category
+    assert (ahead.kept.created, ahead.kept.prepared, ahead.kept.reused) == (2, 1, 3)
+    ahead.close()
+    assert live == []
+
+    monkeypatch.setenv("KVQ_PREPARE", "0")
+    fresh_engine = NewContextsEachTime(threads=2)
+    assert_same_bits(got, gate_with_hints(fresh_engine, model))
+    assert fresh_engine.kept.prepared == 0
+
+
+def test_preparing_decodes_the_widest_group_once_on_each_context(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    """llama.cpp grows a context's logits buffer to the most rows one decode asks for: the priming
+    decode asks for as many as the evaluation's largest group, so no decode of it grows the buffer."""
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    decoded: list[tuple[int, int]] = []
+    decode = FakeContext.scored_logits
+
+    def counting(self: FakeContext, group: Any) -> Any:
+        decoded.append((id(self), sum(int(mask.sum()) for _, mask in group)))
+        return decode(self, group)
+
+    monkeypatch.setattr(FakeContext, "scored_logits", counting)
+    model = ModelLoad(str(fake_model), 0, n_batch=256)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 3)  # groups of 2 and 1 chunks
+    decoded.clear()
+    engine.prepare(model, Q4, chunks)
+    engine.evaluate(model, Q4, chunks, ref)
+    assert engine.kept.prepared == 1
+    primed, evaluated = decoded[:2], decoded[2:]
+    assert len({ctx for ctx, _ in primed}) == 2  # each context of the set, once
+    assert {rows for _, rows in primed} == {max(rows for _, rows in evaluated)} == {2 * 63}
+    engine.close()
+
+
+def test_a_preparation_that_fails_is_said_and_the_contexts_made_when_needed(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext], capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    model = ModelLoad(str(fake_model), 0)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    create = FakeModel.context
+    failures = [RuntimeError("out of memory: llama.cpp could not allocate a context")]
+
+    def failing_once(self: FakeModel, *args: Any, **kwargs: Any) -> FakeContext:
+        if failures:
+            raise failures.pop()
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeModel, "context", failing_once)
+    engine.prepare(model, Q4, chunks)
+    run = engine.evaluate(model, Q4, chunks, ref)
+    assert np.isfinite(run.stats.kld).all()
+    assert (engine.kept.prepared, engine.kept.created) == (0, 2)  # the f16 reference's set and q4_0's, made now
+    assert "contexts prepared ahead could not be made (RuntimeError: out of memory" in capsys.readouterr().err
+    engine.close()
+    assert live == []
+
+
+def test_prepared_contexts_go_before_their_model_and_with_the_engine(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    """A set prepared for an evaluation that never came (a hint the run did not follow) is closed
+    when its model goes, after its background creation ended."""
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    closed = FakeModel.close
+
+    def close(self: FakeModel) -> None:
+        assert not [c for c in live if c.model is self], "a model closed while contexts of it were prepared"
+        closed(self)
+
+    monkeypatch.setattr(FakeModel, "close", close)
+    model = ModelLoad(str(fake_model), 0)
+    engine = FakeEngine(threads=2)
+    chunks, _ = science_reference(engine, model, 2)
+    engine.prepare(model, Q4, chunks)
+    engine.prepare(model, Q8, chunks)  # one at a time: ignored while q4_0's is pending
+    engine.close()
+    assert live == []
+    assert engine.kept.prepared == 0
+
+
+@pytest.mark.parametrize(("prepare", "n_batch", "n_ubatch"), [(None, 256, 256), ("1", 64, 64)])
+def test_nothing_is_prepared_on_the_cpu_by_default_nor_for_long_chunks(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext], prepare: str | None,
+    n_batch: int, n_ubatch: int,
+) -> None:
+    """On a CPU build the priming decode would take the cores the evaluation decodes on; a long
+    chunk's contexts are not kept, so there is nothing to make ahead."""
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    if prepare is None:
+        monkeypatch.delenv("KVQ_PREPARE", raising=False)
+    else:
+        monkeypatch.setenv("KVQ_PREPARE", prepare)
+    model = ModelLoad(str(fake_model), 0, n_batch=n_batch, n_ubatch=n_ubatch)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    engine.prepare(model, Q4, chunks)
+    assert engine.kept._background is None
+    engine.evaluate(model, Q4, chunks, ref)
+    assert engine.kept.prepared == 0
+    engine.close()
+
+
+#: an engine that logs each hint and, at the end, how many prepared sets its evaluations used
+HINTS_CONFTEST = """
+import os
+from pytest_kvquality.testing import FakeEngine
+
+class Hinted(FakeEngine):
+    def _log(self, line):
+        with open(os.environ["KVQ_HINT_LOG"], "a") as f:
+            f.write(line + "\\n")
+
+    def prepare(self, model, cache, chunks):
+        self._log(f"prepare {cache.label}")
+        super().prepare(model, cache, chunks)
+
+    def evaluate(self, model, cache, chunks, ref):
+        self._log(f"evaluate {cache.label}")
+        return super().evaluate(model, cache, chunks, ref)
+
+    def close(self):
+        self._log(f"prepared sets used: {self.kept.prepared}")
+        super().close()
+
+def pytest_kvquality_make_engine(config):
+    return Hinted()
+"""
+
+
+def test_the_session_names_the_next_configuration_after_the_first_category(
+    kv_project: pytest.Pytester, fake_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In item order: while q8_0 is evaluated q4_0 is named, while q4_0 is, q8_0/q4_0; the last names
+    nothing. The prepared sets are used, and the JSON is the same with preparing off."""
+    kv_project.makeconftest(HINTS_CONFTEST)
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    n_cats = len(builtin_corpus().categories)
+    expected = []
+    for cache, upcoming in (("q8_0", "q4_0"), ("q4_0", "q8_0/q4_0"), ("q8_0/q4_0", None)):
+        expected += [f"evaluate {cache}"] + ([f"prepare {upcoming}"] if upcoming else [])
+        expected += [f"evaluate {cache}"] * (n_cats - 1)
+    results = {}
+    for prepare in ("1", "0"):
+        log, out = tmp_path / f"hints-{prepare}.log", tmp_path / f"out-{prepare}.json"
+        monkeypatch.setenv("KVQ_HINT_LOG", str(log))
+        monkeypatch.setenv("KVQ_PREPARE", prepare)
+        kv_project.runpytest(f"--kv-model={fake_model}", "--kv-cache", "q8_0,q4_0,q8_0/q4_0", "--kv-chunks", "4",
+                             "--kv-json", str(out)).assert_outcomes(passed=3)
+        assert log.read_text().splitlines() == [*expected, f"prepared sets used: {2 if prepare == '1' else 0}"]
+        results[prepare] = [{k: v for k, v in r.items() if k != "eval_seconds"}
+                            for r in json.loads(out.read_text())["results"]]
+    assert results["1"] == results["0"]
+
+
+def test_an_xdist_worker_names_nothing(fake_model: Path) -> None:
+    """A worker is handed its items as it goes: the collected order is not its own."""
+    import types
+
+    from pytest_kvquality.collect import plan_order
+    from pytest_kvquality.state import STATE
+
+    state = types.SimpleNamespace(session=types.SimpleNamespace(planned=None))
+    stash = pytest.Stash()
+    stash[STATE] = state  # type: ignore[assignment]
+    worker = types.SimpleNamespace(stash=stash, workerinput={"workerid": "gw0"})
+    plan_order(types.SimpleNamespace(config=worker, items=[]))  # type: ignore[arg-type]
+    assert state.session.planned is None
+    plan_order(types.SimpleNamespace(config=types.SimpleNamespace(stash=stash), items=[]))  # type: ignore[arg-type]
+    assert state.session.planned == []

@@ -22,12 +22,6 @@ pytestmark = pytest.mark.real_model
 N_CTX = 512
 
 
-@pytest.fixture(scope="module")
-def coding_chunks(engine: WorkerEngine, gemma: ModelLoad):  # type: ignore[no-untyped-def]
-    tokens = engine.tokenize(gemma, builtin_corpus().texts["coding"])
-    return chunk_tokens(tokens, N_CTX, 1, "coding")
-
-
 def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
     tmp_path: Path, engine: WorkerEngine, gemma: ModelLoad, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -52,6 +46,35 @@ def test_two_contexts_taking_chunks_in_turn_give_the_same_bits(
         assert np.array_equal(values, runs["1"][0][name]), name
     for name, values in runs["0"][1].stats.arrays().items():
         assert np.array_equal(values, runs["1"][1].stats.arrays()[name]), name
+
+
+def test_contexts_prepared_ahead_give_the_same_bits(
+    tmp_path: Path, engine: WorkerEngine, gemma: ModelLoad, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU default when the session names the next configuration: its two contexts are created
+    on a background thread, and each decodes other text once, while q8_0 decodes on two more; the
+    q4_0 evaluation then runs on them. Both read what the shared engine (one context each, nothing
+    prepared: the CPU default) reads, to the bit."""
+    monkeypatch.setenv("KVQ_OVERLAP", "1")
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    two_per_decode = dataclasses.replace(gemma, n_batch=128)
+    texts = builtin_corpus().texts
+    chunks = chunk_tokens(engine.tokenize(gemma, texts["coding"]), 64, 4, "coding")
+    other = chunk_tokens(engine.tokenize(gemma, texts["science"]), 64, 2, "science")
+    ref = engine.reference(two_per_decode, CacheConfig.parse("f16"), chunks, seed=0).rows
+    caches = [CacheConfig.parse(c) for c in ("q8_0", "q4_0")]
+    alone = [engine.evaluate(two_per_decode, c, chunks, ref) for c in caches]
+    e = WorkerEngine(tmp_path)
+    try:
+        e.prepare(two_per_decode, caches[1], other)
+        ahead = [e.evaluate(two_per_decode, c, chunks, ref) for c in caches]
+    finally:
+        e.close()
+    assert ahead[1].context.context_seconds == 0.0 < ahead[0].context.context_seconds  # q4_0's were prepared
+    assert ahead[1].context.logits_contexts == 2
+    for a, b in zip(ahead, alone, strict=True):
+        for name, values in a.stats.arrays().items():
+            assert np.array_equal(values, b.stats.arrays()[name]), name
 
 
 def test_contexts_kept_between_evaluations_give_the_same_bits(tmp_path: Path, gemma: ModelLoad) -> None:

@@ -16,7 +16,7 @@ import pytest
 from oracle import assert_matches, assert_same_logits, llama_perplexity_kld
 
 from pytest_kvquality.cache_config import CacheConfig
-from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.corpus import builtin_corpus
 from pytest_kvquality.engine.client import WorkerEngine
 from pytest_kvquality.engine.protocol import CandidateRun, ModelLoad, ReferenceRun
 from pytest_kvquality.metrics import TokenStats, summarize
@@ -26,12 +26,6 @@ pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("oracle")]
 N_CTX = 512
 N_CHUNKS = 2
 ROWS_PER_CHUNK = N_CTX // 2 - 1
-
-
-@pytest.fixture(scope="module")
-def coding_chunks(engine: WorkerEngine, gemma: ModelLoad):  # type: ignore[no-untyped-def]
-    tokens = engine.tokenize(gemma, builtin_corpus().texts["coding"])
-    return chunk_tokens(tokens, N_CTX, N_CHUNKS, "coding")
 
 
 @pytest.fixture(scope="module")

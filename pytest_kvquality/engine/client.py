@@ -235,6 +235,9 @@ class WorkerEngine:
         return cast(CandidateRun, self._request(OPS["evaluate"], model=model, cache=cache,
                                                 chunks=as_sequences(chunks), ref=ref))
 
+    def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray) -> None:
+        self._request(OPS["prepare"], model=model, cache=cache, chunks=as_sequences(chunks))
+
     def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
                        chunks: Sequences | np.ndarray) -> CandidateRun:
         return cast(CandidateRun, self._request(OPS["evaluate_exact"], model=model, cache=cache, ref_model=ref_model,

@@ -5,11 +5,17 @@ a 1 GiB logits buffer for each context at its first 4-chunk decode, and frees it
 A gate evaluates one cache configuration on each category in a row (and references in f16 between
 them), so the last two sets of contexts are kept. Every decode starts from a cleared KV cache, so a
 kept context gives the same bits as a new one (tested on the fake and through llama.cpp).
+
+The first evaluation of each configuration still pays for its set. When the session knows which
+configuration comes next, the set is created (and its buffers grown) on a background thread while
+the current one decodes (``prepare``); sets given up are closed on that thread too.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..cache_config import CacheConfig
@@ -36,25 +42,62 @@ def close_all(contexts: list[LogitsContext]) -> None:
         ctx.close()
 
 
+def _as_new(held: ContextSet) -> ContextSet:
+    for ctx in held.contexts:  # the facts are this evaluation's: nothing created, no decode yet
+        ctx.info.update(context_seconds=0.0, decode_seconds=0.0)
+    return held
+
+
+def _made(pending: Future[ContextSet]) -> ContextSet | None:
+    """A prepared set, or None if preparing it failed (said in the worker's log; the caller creates it
+    again, which fails with llama.cpp's own reason if the cause lasts)."""
+    try:
+        return pending.result()
+    except Exception as e:  # any failure: the set is made again on the caller's thread
+        print(f"pytest-kvquality: contexts prepared ahead could not be made ({type(e).__name__}: {e}); "
+              "creating them when needed", file=sys.stderr)
+        return None
+
+
 class ContextCache:
-    """At most ``keep`` sets of contexts not in use, the most recently used first."""
+    """At most ``keep`` sets of contexts not in use, the most recently used first, and at most one set
+    being prepared for the evaluation expected next.
+
+    Only the caller's thread touches the lists; the background thread runs ``create`` and
+    ``close_all`` calls and hands sets back through futures, one job at a time, in order."""
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._idle: list[ContextSet] = []
-        #: sets created and sets reused (for tests and benchmarks)
+        self._pending: dict[ContextKey, Future[ContextSet]] = {}
+        self._background: ThreadPoolExecutor | None = None
+        #: sets created, reused, and created ahead then used (for tests and benchmarks)
         self.created = 0
         self.reused = 0
+        self.prepared = 0
+
+    def prepare(self, key: ContextKey, create: Callable[[], ContextSet]) -> bool:
+        """Start creating the set for ``key`` on the background thread, unless one is kept or already
+        being prepared. Returns whether it started."""
+        if self._pending or any(held.key == key for held in self._idle):
+            return False
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="kvq-prepare")
+        self._pending[key] = self._background.submit(create)
+        return True
 
     def take(self, key: ContextKey, create: Callable[[], ContextSet]) -> ContextSet:
-        """The idle set made for ``key``, or a new one; if creating it fails (out of memory, most
-        likely) while other sets are kept, those are closed and it is tried once more."""
+        """The idle set made for ``key``, the one prepared for it, or a new one; if creating it fails
+        (out of memory, most likely) while other sets are kept, those are closed and it is tried once
+        more."""
         for i, held in enumerate(self._idle):
             if held.key == key:
                 self.reused += 1
-                for ctx in held.contexts:  # the facts are this evaluation's: nothing created, no decode yet
-                    ctx.info.update(context_seconds=0.0, decode_seconds=0.0)
-                return self._idle.pop(i)
+                return _as_new(self._idle.pop(i))
+        pending = self._pending.pop(key, None)
+        if pending is not None and (prepared := _made(pending)) is not None:
+            self.prepared += 1
+            return _as_new(prepared)
         try:
             made = create()
         except RuntimeError:
@@ -72,14 +115,36 @@ class ContextCache:
             return
         self._idle.insert(0, held)
         while len(self._idle) > self.keep:
-            close_all(self._idle.pop().contexts)
+            self._close(self._idle.pop())
+
+    def _close(self, held: ContextSet) -> None:
+        """Close a set given up: on the background thread when there is one (freeing pinned buffers
+        takes as long as pinning them), else now."""
+        if self._background is None:
+            close_all(held.contexts)
+        else:
+            self._background.submit(close_all, held.contexts)
+
+    def _settle(self, which: Callable[[ContextKey], bool]) -> None:
+        """Close the idle and prepared sets ``which`` picks, and wait until the background thread is idle."""
+        for held in [h for h in self._idle if which(h.key)]:
+            self._idle.remove(held)
+            close_all(held.contexts)
+        for key in [k for k in self._pending if which(k)]:
+            if (made := _made(self._pending.pop(key))) is not None:
+                close_all(made.contexts)
+        if self._background is not None:
+            self._background.submit(lambda: None).result()  # its jobs run in order: all earlier ones are done
 
     def drop_model(self, model: ModelLoad) -> None:
         """Close the sets of ``model`` (before the model itself is closed)."""
-        for held in [h for h in self._idle if h.key[0] == model]:
-            self._idle.remove(held)
-            close_all(held.contexts)
+        self._settle(lambda key: key[0] == model)
 
     def clear(self) -> None:
-        while self._idle:
-            close_all(self._idle.pop().contexts)
+        self._settle(lambda key: True)
+
+    def close(self) -> None:
+        self.clear()
+        if self._background is not None:
+            self._background.shutdown()
+            self._background = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,10 @@ _last_level = 0
 _recent: collections.deque[str] = collections.deque(maxlen=4000)
 #: Debug lines collected while a placement probe runs (None: debug lines are dropped).
 _debug: list[str] | None = None
+#: Held while a context is created or freed: creation reads ``_recent`` and sets environment
+#: variables, and contexts are created on a background thread while others decode
+#: (``ContextCache.prepare``).
+_creating = threading.RLock()
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -223,7 +228,7 @@ class LlamaModel:
 class LlamaContext:
     """A context with one cache configuration; yields scored logits as llama-perplexity decodes them.
 
-    Scoring contexts (``n_ubatch`` given) take the geometry of ``engine.protocol.decode_geometry``:
+    Scoring contexts (``n_ubatch`` given) take the geometry of ``decode_geometry``:
     ``n_seq`` chunks in one decode, each in its own sequence and KV stream, so llama.cpp splits the
     batch into micro-batches exactly as it does for llama-perplexity; a lone sequence is decoded one
     micro-batch per call (the same micro-batches as one large call, with at most one micro-batch of
@@ -242,18 +247,21 @@ class LlamaContext:
         else:  # several sequences: one call holds them all; one: a call per micro-batch
             self.n_batch = n_seq * n_ctx if n_seq > 1 else n_ubatch
         p = _context_params(model, cache, n_ctx, n_seq, self.n_batch, n_ubatch)
-        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE when the KV cache is created
-        if cache.rotation:
-            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
-        else:
-            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
         t_create = time.perf_counter()
+        with _creating:
+            self._create(model, cache, n_ctx, n_seq, p, t_create)
+
+    def _create(self, model: LlamaModel, cache: CacheConfig, n_ctx: int, n_seq: int, p: Any, t_create: float) -> None:
+        # llama.cpp reads LLAMA_ATTN_ROT_DISABLE (atoi) when the KV cache is created. The variable is
+        # set to 0 or 1, never removed: other threads may be inside llama.cpp, whose getenv calls
+        # must not see the environment's array reallocated
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if cache.rotation else "1"
         try:
             placement = model.placement(cache, n_ctx, p)
             _recent.clear()
             self.ctx = llama_cpp.llama_init_from_model(model.model, p)
         finally:
-            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0"
         if not self.ctx:
             log = "".join(_recent)
             what = (f"cache {cache.label} (type_k={cache.type_k}, type_v={cache.type_v}, "
@@ -391,9 +399,10 @@ class LlamaContext:
 
     def close(self) -> None:
         if self.ctx:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
+            with _creating:
+                llama_cpp.llama_batch_free(self.batch)
+                llama_cpp.llama_free(self.ctx)
+                self.ctx = None
 
 
 def _device_list(rpc_devices: list[str]) -> Any:
@@ -484,7 +493,7 @@ def kv_placement_probe(model: LlamaModel, params: Any) -> dict[str, Any]:
     try:
         ctx = llama_cpp.llama_init_from_model(model.model, params)
     finally:
-        os.environ.pop("GGML_SCHED_DEBUG", None)
+        os.environ["GGML_SCHED_DEBUG"] = "0"  # set, not removed (see LlamaContext._create)
         lines, _debug = "".join(_debug).splitlines(), None
     if not ctx:
         return {}
@@ -525,6 +534,10 @@ _initialised = False
 def init_backend() -> None:
     global _initialised
     if not _initialised:
+        # the variables contexts are created under exist from now on, so setting them later never
+        # grows the environment while another thread is inside llama.cpp (see LlamaContext._create)
+        for name in ("LLAMA_ATTN_ROT_DISABLE", "GGML_SCHED_DEBUG"):
+            os.environ.setdefault(name, "0")
         llama_cpp.llama_log_set(_log_to_stderr, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True

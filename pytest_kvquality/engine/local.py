@@ -14,6 +14,7 @@ import numpy as np
 
 from ..cache_config import CacheConfig
 from ..compaction import compact_rows
+from ..decode_geometry import decode_geometry
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, kl_compact, kl_exact
 from ..sequences import Sequences, as_sequences
@@ -27,6 +28,7 @@ from .pipeline import (
     decoded_in_turn,
     in_row_order,
     overlap_default,
+    prepare_ahead,
 )
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
@@ -46,7 +48,6 @@ from .protocol import (
     ReferenceRun,
     SpeedRun,
     TokenPieces,
-    decode_geometry,
 )
 
 #: Seconds between progress reports of a long reference build or evaluation.
@@ -85,6 +86,28 @@ def _groups(seqs: Sequences, n_seq: int) -> Iterator[list[int]]:
         group.append(i)
     if group:
         yield group
+
+
+def _group_inputs(seqs: Sequences, group: list[int]) -> Group:
+    """What a context decodes for a group: each sequence's tokens and which positions are scored."""
+    return [(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group]
+
+
+def _widest_group(seqs: Sequences, n_seq: int) -> Group:
+    """The group asking for the most logits rows: decoding it once grows a context's logits buffer
+    to what the whole evaluation needs."""
+    groups = list(_groups(seqs, n_seq))
+    if not groups:
+        return []
+    return _group_inputs(seqs, max(groups, key=lambda g: sum(seqs.next_tokens(i).size for i in g)))
+
+
+def _one_decode_per_group(model: ModelLoad, n_ctx: int) -> bool:
+    """Each group of chunks is one decode (short chunks): the contexts are worth a second one, keeping
+    and preparing; a long chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx
+    32,768), and its contexts' buffers are better freed."""
+    n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
+    return n_seq > 1 or n_ctx <= n_ubatch
 
 
 def _nothing_held(source: int) -> list[Any]:
@@ -165,7 +188,7 @@ class LocalEngine:
         ahead = lend and decode_ahead()  # each context decodes on its own thread (see decoded_in_turn)
 
         def decode(source: int, group: list[int]) -> Iterable[tuple[int, tuple[np.ndarray, ...], bool]]:
-            views = sources[source]([(seqs.sequence(i), seqs.spans[i, : seqs.lengths[i]] > 0) for i in group])
+            views = sources[source](_group_inputs(seqs, group))
             if not ahead:
                 return views
             # decoded ahead, a group's views are all taken before any is reduced: a view that the
@@ -239,11 +262,7 @@ class LocalEngine:
         first = self._scoring_context(model, cache, n_ctx)
         overlap = overlap_default(_offloaded(first))
         contexts = [first]
-        # a second context pays when each group is one decode whose blocks can all be lent; a long
-        # chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx 32,768) and
-        # the second context's logits buffers cost memory
-        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
-        one_decode_per_group = n_seq > 1 or n_ctx <= n_ubatch
+        one_decode_per_group = _one_decode_per_group(model, n_ctx)
         if overlap and chunks_alternate() and one_decode_per_group:
             try:
                 contexts.append(self._scoring_context(model, cache, n_ctx))
@@ -251,6 +270,32 @@ class LocalEngine:
                 first.info["second_context_error"] = str(e)
         first.info["logits_contexts"] = len(contexts)
         return ContextSet((model, cache, n_ctx), contexts, overlap, keep=one_decode_per_group)
+
+    def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray) -> None:
+        """A hint that the next evaluation is ``cache`` on ``chunks``: on a GPU (``prepare_ahead``),
+        its contexts are created on a background thread now, and each decodes the widest group of
+        ``chunks`` once so llama.cpp grows its logits buffer before the evaluation needs it. Every
+        decode starts from a cleared cache, so results never depend on it."""
+        seqs = as_sequences(chunks)
+        n_ctx = seqs.width
+        if not (len(seqs) and _one_decode_per_group(model, n_ctx)
+                and prepare_ahead(self._model(model).describe().gpu_layers > 0)):
+            return
+        n_seq = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)[0]
+        self.kept.prepare((model, cache, n_ctx),
+                          partial(self._primed_contexts, model, cache, n_ctx, _widest_group(seqs, n_seq)))
+
+    def _primed_contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, group: Group) -> ContextSet:
+        """``_contexts``, each having decoded ``group`` (on the background thread; the model is loaded)."""
+        held = self._contexts(model, cache, n_ctx)
+        try:
+            for ctx in held.contexts if group else []:
+                for _ in ctx.scored_logits(group):
+                    pass
+        except BaseException:
+            close_all(held.contexts)
+            raise
+        return held
 
     def _own_context(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> LogitsContext:
         """A generation or speed context; kept scoring contexts are closed first, for its memory."""
@@ -449,7 +494,7 @@ class LocalEngine:
         self.backend.quantize(src, dst, weight_type)
 
     def close(self) -> None:
-        self.kept.clear()
+        self.kept.close()
         if self._speed_ctx is not None:
             self._speed_ctx[1].close()
             self._speed_ctx = None

@@ -68,6 +68,13 @@ class EvaluateArgs:
 
 
 @dataclass(frozen=True)
+class PrepareArgs:
+    model: ModelLoad
+    cache: CacheConfig
+    chunks: Sequences
+
+
+@dataclass(frozen=True)
 class ExactArgs:
     model: ModelLoad
     cache: CacheConfig
@@ -140,6 +147,7 @@ OPS = _table(
     Op("reference", ReferenceArgs, ReferenceRun,
        lambda a: f"building the {a.cache.label} reference of {a.model.path}"),
     Op("evaluate", EvaluateArgs, CandidateRun, lambda a: f"evaluating {a.model.path} with cache {a.cache.label}"),
+    Op("prepare", PrepareArgs, type(None), lambda a: f"preparing contexts of {a.model.path} for cache {a.cache.label}"),
     Op("evaluate_exact", ExactArgs, CandidateRun,
        lambda a: f"evaluating {a.model.path} with cache {a.cache.label} (exact)"),
     Op("speed", SpeedArgs, SpeedRun, lambda a: f"timing {a.phase} of {a.model.path} with cache {a.cache.label}"),

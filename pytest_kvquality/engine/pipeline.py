@@ -142,6 +142,15 @@ def decode_ahead() -> bool:
     return env_flag("KVQ_DECODE_AHEAD", True) is not False
 
 
+def prepare_ahead(offloaded: bool) -> bool:
+    """Create the next configuration's contexts while the current one decodes, when the session says
+    which comes next (``ContextCache.prepare``)? ``KVQ_PREPARE=1/0`` decides; by default only on a
+    GPU, where a new context's first decode pins and clears ~1 GiB of host memory for its logits
+    (on a CPU build creating a context is cheap and the priming decode would take the cores)."""
+    said = env_flag("KVQ_PREPARE", None)
+    return offloaded if said is None else said
+
+
 def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
                     held: Callable[[int], list[Future[Any]]], ahead: bool) -> Generator[Iterable[T], None, None]:
     """Group g decoded by context ``g % n_contexts``, each after the reductions still reading the

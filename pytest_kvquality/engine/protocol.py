@@ -60,14 +60,6 @@ class ModelLoad:
         return facts
 
 
-def decode_geometry(n_batch: int, n_ubatch: int, n_ctx: int) -> tuple[int, int]:
-    """Chunks decoded at once and the micro-batch, as llama-perplexity derives them: n_seq =
-    max(1, n_batch / n_ctx) sequences, each in its own KV stream; the micro-batch no larger than
-    what one decode holds."""
-    n_seq = max(1, n_batch // n_ctx)
-    return n_seq, min(n_ubatch, n_batch, n_seq * n_ctx)
-
-
 @dataclass(frozen=True)
 class ContextFacts:
     """What llama.cpp decided when it created an evaluation context, read from its log and from the
@@ -227,6 +219,11 @@ class Engine(Protocol):
 
     def evaluate(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences,
                  ref: ReferenceRows) -> CandidateRun: ...
+
+    def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences) -> None:
+        """A hint: ``evaluate`` of ``cache`` on ``chunks`` comes next. An engine may get ready for it
+        in the background (``LocalEngine.prepare``); it must never change a result."""
+        ...
 
     def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
                        chunks: Sequences) -> CandidateRun: ...
