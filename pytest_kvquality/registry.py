@@ -125,7 +125,7 @@ class Registry:
         for e in self.entries.values():
             if e.sha256 and e.sha256.lower() == sha256:
                 return e.alias
-            if e.builtin and sha256 == builtin_sha256():
+            if e.builtin and sha256 == _builtin_sha256_if_installed():
                 return e.alias
         return None
 
@@ -192,6 +192,15 @@ def _hub_entry(spec: dict[str, object], sha: str | None, where: str) -> HubRef:
     return HubRef(ref.repo, file=extra["file"] or None,  # type: ignore[arg-type]
                   quant=str(extra["quant"] or ref.quant or "").upper() or None,
                   revision=extra["revision"] or None, sha256=sha.lower() if sha else None)  # type: ignore[arg-type]
+
+
+def _builtin_sha256_if_installed() -> str | None:
+    """The bundled model's sha256, or None where its package is not installed (a file given by path
+    is then matched by path and pinned entries only, instead of failing the run)."""
+    try:
+        return builtin_sha256()
+    except ModelNotFound:
+        return None
 
 
 def builtin_sha256() -> str:

