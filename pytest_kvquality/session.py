@@ -316,7 +316,7 @@ class KVSession:
         mine = [c for alias, c in self.planned if alias == model.alias]
         later = mine[mine.index(cache) + 1:] if cache in mine else []
         done = {c for alias, c in [*self.results, *self._errors] if alias == model.alias}
-        upcoming = next((c for c in later if c not in done and c != cache), None)
+        upcoming = next((c for c in later if c not in done), None)
         if upcoming is not None:
             self.engine.prepare(self.load_spec(model), upcoming, chunks)
 

@@ -76,15 +76,14 @@ class ContextCache:
         self.reused = 0
         self.prepared = 0
 
-    def prepare(self, key: ContextKey, create: Callable[[], ContextSet]) -> bool:
+    def prepare(self, key: ContextKey, create: Callable[[], ContextSet]) -> None:
         """Start creating the set for ``key`` on the background thread, unless one is kept or already
-        being prepared. Returns whether it started."""
+        being prepared."""
         if self._pending or any(held.key == key for held in self._idle):
-            return False
+            return
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="kvq-prepare")
         self._pending[key] = self._background.submit(create)
-        return True
 
     def take(self, key: ContextKey, create: Callable[[], ContextSet]) -> ContextSet:
         """The idle set made for ``key``, the one prepared for it, or a new one; if creating it fails

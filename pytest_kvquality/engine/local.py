@@ -281,15 +281,15 @@ class LocalEngine:
         if not (len(seqs) and _one_decode_per_group(model, n_ctx)
                 and prepare_ahead(self._model(model).describe().gpu_layers > 0)):
             return
-        n_seq = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)[0]
-        self.kept.prepare((model, cache, n_ctx),
-                          partial(self._primed_contexts, model, cache, n_ctx, _widest_group(seqs, n_seq)))
+        group = _widest_group(seqs, decode_geometry(model.n_batch, model.n_ubatch, n_ctx)[0])
+        if group:  # else nothing is scored: the evaluation decodes nothing
+            self.kept.prepare((model, cache, n_ctx), partial(self._primed_contexts, model, cache, n_ctx, group))
 
     def _primed_contexts(self, model: ModelLoad, cache: CacheConfig, n_ctx: int, group: Group) -> ContextSet:
         """``_contexts``, each having decoded ``group`` (on the background thread; the model is loaded)."""
         held = self._contexts(model, cache, n_ctx)
         try:
-            for ctx in held.contexts if group else []:
+            for ctx in held.contexts:
                 for _ in ctx.scored_logits(group):
                     pass
         except BaseException:
