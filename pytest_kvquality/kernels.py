@@ -200,21 +200,26 @@ def _load_or_build() -> Kernels:
 
 
 def _build(cc: list[str], out: Path) -> None:
-    """Compile kernels.c into ``out`` (atomically: parallel workers building at once all end with
-    a whole file)."""
+    build_library(cc, [*CFLAGS, "-o"], SOURCE, out, ["-lm"])
+
+
+def build_library(cc: list[str], flags: list[str], source: Path, out: Path, after: list[str]) -> None:
+    """Compile ``source`` into ``out`` as ``cc flags OUT source after`` (atomically: parallel workers
+    building at once all end with a whole file); ``KernelBuildError`` with the compiler's words."""
     def compile_to(tmp: Path) -> None:
-        done = subprocess.run([*cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([*cc, *flags, str(tmp), str(source), *after], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
-            raise KernelBuildError(f"building {SOURCE.name} with {cc[0]} failed: "
+            raise KernelBuildError(f"building {source.name} with {cc[0]} failed: "
                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
 
     try:
         atomic_produce(out, compile_to, suffix=".so")
     except WriteError as exc:
-        raise KernelBuildError(f"cannot write the compiled kernel to {out.parent}: {exc}") from exc
+        what = "kernel" if source == SOURCE else source.name
+        raise KernelBuildError(f"cannot write the compiled {what} to {out.parent}: {exc}") from exc
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelBuildError(f"building {SOURCE.name} into {out.parent} failed: {exc}") from exc
+        raise KernelBuildError(f"building {source.name} into {out.parent} failed: {exc}") from exc
 
 
 def _load(path: Path) -> Kernels:

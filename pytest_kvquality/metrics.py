@@ -159,27 +159,42 @@ def kl_exact(cand_logits: F32, base_logits: F32, next_tokens: I32) -> TokenStats
     return TokenStats(kld, p_diff, nll, nll_base, same)
 
 
+def compact_ids(ref: ReferenceRows, next_tokens: npt.NDArray[Any]) -> I32:
+    """What ``kl_compact`` reads from each candidate row: the reference's top and tail tokens, then
+    the next token ([rows, top_k + tail_samples + 1])."""
+    out: I32 = np.concatenate([ref.top_ids, ref.tail_ids, np.asarray(next_tokens, np.int32)[:, None]], axis=1)
+    return out
+
+
 def kl_compact(cand_logits: F32, ref: ReferenceRows, next_tokens: npt.NDArray[Any]) -> TokenStats:
     """Per-token statistics against a compact reference: one pass over each row's vocabulary
-    (argmax, log-sum-exp and the gathers below, compiled where a compiler is found), then a few
-    vector operations on the gathered values.
+    (argmax, log-sum-exp and the gathers of ``compact_ids``, compiled where a compiler is found),
+    then a few vector operations on the gathered values (``kl_gathered``)."""
+    rows = normalize_rows(cand_logits, compact_ids(ref, next_tokens))
+    return kl_gathered(rows.imax, rows.norm, rows.gathered, ref)
 
-    KL = the top tokens' terms (exact) + tail mass x the mean of log(p/q) over the tail
-    samples (drawn in proportion to p, so an unbiased estimate of the tail's terms).
-    """
+
+def kl_reduced(reduced: F32, ref: ReferenceRows) -> TokenStats:
+    """``kl_compact`` from rows reduced where the logits were (``engine/device_reduction``): each row
+    argmax (as float), log-normalizer, then the logits at ``compact_ids``."""
+    norm = reduced[:, 1]
+    norm = np.where(np.isfinite(norm), norm, np.float32(np.nan)).astype(np.float32)
+    return kl_gathered(reduced[:, 0].astype(np.int32), norm, np.ascontiguousarray(reduced[:, 2:]), ref)
+
+
+def kl_gathered(imax: I32, norm: F32, gathered: F32, ref: ReferenceRows) -> TokenStats:
+    """KL = the top tokens' terms (exact) + tail mass x the mean of log(p/q) over the tail
+    samples (drawn in proportion to p, so an unbiased estimate of the tail's terms)."""
     k, m = ref.top_ids.shape[1], ref.tail_ids.shape[1]
-    ids = np.concatenate([ref.top_ids, ref.tail_ids, np.asarray(next_tokens, np.int32)[:, None]], axis=1)
-    rows = normalize_rows(cand_logits, ids)
-    norm = rows.norm
     top_logp = ref.top_logp.astype(np.float64)
-    cand_top = (rows.gathered[:, :k] - norm[:, None]).astype(np.float64)
+    cand_top = (gathered[:, :k] - norm[:, None]).astype(np.float64)
     p_top = np.where(ref.top_logp > LOG_P_CUTOFF, np.exp(top_logp), 0.0)
     kld = (p_top * (top_logp - cand_top)).sum(axis=1)
     if m:
-        cand_tail = (rows.gathered[:, k : k + m] - norm[:, None]).astype(np.float64)
+        cand_tail = (gathered[:, k : k + m] - norm[:, None]).astype(np.float64)
         kld += ref.tail_mass * (ref.tail_logp - cand_tail).mean(axis=1)
     nll_base = (-ref.next_logp).astype(np.float32)
-    nll, p_diff, same = _token_terms(rows.gathered[:, -1], rows.imax, norm, nll_base, ref.argmax)
+    nll, p_diff, same = _token_terms(gathered[:, -1], imax, norm, nll_base, ref.argmax)
     return TokenStats(kld.astype(np.float32), p_diff, nll, nll_base, same)
 
 

@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -279,4 +279,36 @@ print("prepare on and off, same numbers:", all(strip(f"/tmp/pa/p1-{r}.json") == 
 PY
   $P tests/test_real_model.py tests/test_context_cache.py -q -k "prepared or kept or two_contexts or prepar" 2>&1 | tail -2
   tar czf "$OUT/prepare.tar.gz" -C /tmp/pa .
+fi
+if [ "$stage" = device ]; then  # issue 17: each scored row reduced on the GPU (KVQ_DEVICE_REDUCTION=1, the GPU
+  # default) against on the host (0): issue 17's end-to-end measure, alternated, references cached by a first run;
+  # how far the numbers move; the real-model tests of it through CUDA
+  mkdir -p /tmp/dv/no-gates
+  G="--kv-model gemma3-270m -m kvquality --kv-cache q8_0,q4_0,q8_0/q4_0,q4_0:norot --kv-thresholds=/tmp/dv/no-gates"
+  /usr/bin/time -f "build wall %e s" $P $G --kv-json=/tmp/dv/build.json 2>&1 | grep -E "wall|passed|failed|rror" | tail -2
+  for r in 1 2 3; do
+    for d in 1 0; do
+      KVQ_DEVICE_REDUCTION=$d /usr/bin/time -f "device=$d run $r: whole process %e s" $P $G \
+        --kv-json="/tmp/dv/d$d-$r.json" 2>&1 | grep -E "whole|failed|rror" | tail -2
+      python3 benchmarks/e2e_rate.py "/tmp/dv/d$d-$r.json" | tail -5
+    done
+  done
+  python3 - <<'PY'
+from pathlib import Path
+from pytest_kvquality.report import Report
+rec = lambda p: {(r.cache, r.category): r.summary for r in Report.loads(Path(p).read_text()).sorted_records()}
+a, b = rec("/tmp/dv/d1-1.json"), rec("/tmp/dv/d0-1.json")
+worst = {f: max(abs(getattr(a[k], f) - getattr(b[k], f)) / max(abs(getattr(b[k], f)), 1e-12) for k in a)
+         for f in ("kl_mean", "ppl_ratio", "dp_mean", "top1")}
+print("device against host, largest relative difference over configs x categories:", worst)
+PY
+  $P tests/test_real_device_reduction.py -q 2>&1 | tail -2
+  tar czf "$OUT/device.tar.gz" -C /tmp/dv .
+fi
+if [ "$stage" = device-geometry ]; then  # issue 17: the Qwen 3.6 35B-A3B geometry at n_ctx 512 and 32,768 with the
+  # rows reduced on the GPU, against llama-bench's forward-only rate
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)" \
+    python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/dg --ctx 512 --long 32768 \
+    --bench /tmp/kvq/bin/llama-bench 2>&1 | grep -v "^ *loaded" | tail -12
+  cp /tmp/dg/*.json "$OUT/" 2>/dev/null
 fi

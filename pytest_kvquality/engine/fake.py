@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..cache_config import BITS_PER_ELEMENT, CacheConfig
+from ..normalizer import normalize_rows
 from .local import LocalEngine
 from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
 
@@ -195,6 +196,20 @@ class FakeContext:
             for s, view in views:
                 if view.shape[0]:
                     yield ScoredView(s, view, b == len(blocks) - 1)
+
+    def reduces_on_device(self) -> bool:
+        return True
+
+    def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
+        """The host's pass standing in for a device's, block by block as ``scored_logits`` returns
+        them (the engine's bookkeeping of rows and ids is what the fake tests)."""
+        done = [0] * len(group)
+        for view in self.scored_logits(group):
+            n = view.logits.shape[0]
+            rows = normalize_rows(view.logits, ids[view.member][done[view.member] : done[view.member] + n])
+            done[view.member] += n
+            yield ScoredView(view.member, np.column_stack([rows.imax.astype(np.float32), rows.norm, rows.gathered]),
+                             True)
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
         if start == 0:

@@ -29,7 +29,7 @@ from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import cpu_threads, default_cache_dir, env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
-from . import llama_devices
+from . import device_reduction, llama_devices
 from .placement_cache import PlacementCache
 from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
 from .rpc import parse_servers
@@ -286,6 +286,7 @@ class LlamaContext:
         self.info["context_seconds"] = time.perf_counter() - t_create
         self.info["decode_seconds"] = 0.0
         self.n_ubatch = int(p.n_ubatch)
+        self._reduction: device_reduction.DeviceReduction | None = None
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):
             self.batch.n_seq_id[i] = 1
@@ -318,6 +319,9 @@ class LlamaContext:
     def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
         """Decode the group from an empty cache (``LogitsContext.scored_logits``)."""
         n = group_length(group, self.n_seq, self.n_ctx)
+        if self._reduction is not None:  # raw logits again
+            self._reduction.detach(ctx_alive=True)
+            self._reduction = None
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         if self.n_seq > 1:
             # one call holding llama-perplexity's micro-batches in the order llama.cpp computes them:
@@ -356,6 +360,62 @@ class LlamaContext:
             view = self._decode(size, start)
             if view is not None:
                 yield ScoredView(0, view, start + size >= n)
+
+    def reduces_on_device(self) -> bool:
+        return device_reduction.library() is not None
+
+    def _reduction_for(self, width: int) -> device_reduction.DeviceReduction:
+        if self._reduction is not None and self._reduction.width != width:
+            self._reduction.detach(ctx_alive=True)
+            self._reduction = None
+        if self._reduction is None:
+            dll = device_reduction.library()
+            if dll is None:
+                raise RuntimeError("the reduction on the device is not available here")
+            self._reduction = device_reduction.DeviceReduction(dll, self.ctx, self.model.n_vocab, width,
+                                                               self.n_ubatch, self.n_seq)
+        return self._reduction
+
+    def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
+        """``scored_logits``'s micro-batches, one per decode, each row reduced on the device
+        (``device_reduction``): the same micro-batches, so the same logits, of which only (ids + 2)
+        floats per row come back."""
+        n = group_length(group, self.n_seq, self.n_ctx)
+        reduction = self._reduction_for(int(ids[0].shape[1]))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        m = len(group)
+        step = max(1, self.n_ubatch // m)
+        member_tokens = [self._bos(t) for t, _ in group]
+        done = [0] * m
+        seq_id = self.batch.seq_id
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            at, counts = 0, []
+            for s in range(m):
+                rows = slice(at, at + b - a)
+                self._tok[rows] = member_tokens[s][a:b]
+                self._pos[rows] = np.arange(a, b, dtype=np.int32)
+                self._out[rows] = group[s][1][a:b]
+                for i in range(at, at + b - a):
+                    seq_id[i][0] = s
+                counts.append(int(group[s][1][a:b].sum()))
+                at += b - a
+            index = np.flatnonzero(self._out[:at])
+            if index.size:
+                reduction.set_ids(np.concatenate([ids[s][done[s] : done[s] + k] for s, k in enumerate(counts)]))
+            self.batch.n_tokens = at
+            t = time.perf_counter()
+            rc = llama_cpp.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {a}")
+            reduced = reduction.read(index)  # waits for the device
+            self.info["decode_seconds"] += time.perf_counter() - t
+            first = 0
+            for s, k in enumerate(counts):
+                if k:
+                    yield ScoredView(s, reduced[first : first + k], True)
+                done[s] += k
+                first += k
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Decode ``tokens`` at positions ``start ..`` (0: from an empty cache) and return a view of
@@ -403,6 +463,9 @@ class LlamaContext:
                 llama_cpp.llama_batch_free(self.batch)
                 llama_cpp.llama_free(self.ctx)
                 self.ctx = None
+                if self._reduction is not None:  # the context held its samplers: freed after it
+                    self._reduction.detach(ctx_alive=False)
+                    self._reduction = None
 
 
 def _device_list(rpc_devices: list[str]) -> Any:
@@ -435,6 +498,9 @@ def _context_params(model: LlamaModel, cache: CacheConfig, n_ctx: int, n_seq: in
     p.n_batch = n_batch
     p.n_ubatch = min(n_batch, n_ubatch)
     p.n_seq_max = n_seq
+    # every scored row of a sequence may be reduced on the device in one decode (device_reduction);
+    # llama.cpp's default allows one
+    p.n_outputs_max_per_seq = 0
     p.kv_unified = False
     p.swa_full = model.swa_full
     # a fully offloaded model leaves llama.cpp's CPU threads little to do, and they compete with

@@ -151,6 +151,14 @@ def prepare_ahead(offloaded: bool) -> bool:
     return offloaded if said is None else said
 
 
+def reduce_on_device(offloaded: bool) -> bool:
+    """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)?
+    ``KVQ_DEVICE_REDUCTION=1/0`` decides; by default only on a GPU, where copying whole rows to the
+    host is what bounds the rate (on a CPU build the host's one compiled pass beats ggml's several)."""
+    said = env_flag("KVQ_DEVICE_REDUCTION", None)
+    return offloaded if said is None else said
+
+
 def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
                     held: Callable[[int], list[Future[Any]]], ahead: bool) -> Generator[Iterable[T], None, None]:
     """Group g decoded by context ``g % n_contexts``, each after the reductions still reading the

@@ -98,6 +98,8 @@ class ContextFacts:
     #: contexts that took chunks in turn, and why a second one could not be created
     logits_contexts: int | None = None
     second_context_error: str | None = None
+    #: each scored row reduced on the device that computed it (``device_reduction``), not on the host
+    device_reduction: bool | None = None
     #: seconds spent creating the contexts and inside llama.cpp's decode calls (summed over contexts)
     context_seconds: float | None = None
     decode_seconds: float | None = None
@@ -272,6 +274,16 @@ class LogitsContext(Protocol):
     def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
         """Decode up to ``n_seq`` sequences of equal length (tokens, which positions are scored) from
         an empty cache, each in its own sequence; yield the scored positions' logits."""
+        ...
+
+    def reduces_on_device(self) -> bool:
+        """Whether ``reduced_rows`` can run here (llama.cpp: the backend-sampler library loads)."""
+        ...
+
+    def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
+        """``scored_logits`` with each scored row reduced where the logits are: its view holds, per
+        row, the argmax (as float), the log-normalizer and the logits at that row's ids (``ids[m]``:
+        member m's scored rows in position order, [rows, width] int32)."""
         ...
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray: ...

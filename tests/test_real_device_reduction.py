@@ -1,0 +1,114 @@
+"""Rows reduced where llama.cpp computed them (``engine/device_reduction``), on the bundled Gemma:
+on the CPU here (ggml's CPU backend runs the same graph) and on the GPU by ``scripts/gpu-run.sh
+device``. The logits gathered at the ids are the host's to the bit (the same micro-batches, so the
+same forward pass), the argmax is the same, the log-normalizer is the host's to float32 rounding."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine.client import WorkerEngine
+from pytest_kvquality.engine.protocol import ModelLoad
+
+pytestmark = pytest.mark.real_model
+
+#: one decode's rows against the host's: llama_cpp imported before numpy (engine/llama.py says why)
+CHECK = r'''
+import json, sys
+import llama_cpp
+from pytest_kvquality.engine.llama import LlamaBackend, init_backend
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.normalizer import normalize_rows
+import numpy as np
+
+path, gpu, configs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+init_backend()
+model = LlamaBackend().load(ModelLoad(path, gpu))
+tokens = model.tokenize(builtin_corpus().texts["coding"])
+
+def collect(views):
+    out = {}
+    for v in views:
+        out.setdefault(v.member, []).append(np.array(v.logits))
+    return {m: np.concatenate(parts) for m, parts in out.items()}
+
+reports = []
+for n_ctx, n_seq, n_ubatch, width in configs:
+    chunks = chunk_tokens(tokens, n_ctx, n_seq, "coding")
+    want = np.zeros(n_ctx, bool)
+    want[n_ctx // 2 :] = True
+    group = [(c, want) for c in chunks]
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, model.n_vocab, (int(want.sum()), width)).astype(np.int32) for _ in group]
+    ctx = model.context(CacheConfig.parse("q4_0"), n_ctx, n_seq, n_ubatch)
+    full = collect(ctx.scored_logits(group))
+    reduced = collect(ctx.reduced_rows(group, ids))
+    again = collect(ctx.scored_logits(group))  # the samplers detached: raw logits again
+    report = {"members": len(reduced), "rows": [], "gathered_same_bits": True, "argmax_same": True,
+              "raw_again_same_bits": True, "norm_max_abs_diff": 0.0}
+    for m, rows in reduced.items():
+        host = normalize_rows(full[m], ids[m])
+        report["rows"].append(int(rows.shape[0]))
+        report["gathered_same_bits"] &= bool(np.array_equal(rows[:, 2:], host.gathered))
+        report["argmax_same"] &= bool(np.array_equal(rows[:, 0].astype(np.int32), host.imax))
+        report["raw_again_same_bits"] &= bool(np.array_equal(again[m], full[m]))
+        report["norm_max_abs_diff"] = max(report["norm_max_abs_diff"], float(np.abs(rows[:, 1] - host.norm).max()))
+    ctx.close()
+    reports.append(report)
+print(json.dumps(reports))
+'''
+
+
+#: (n_ctx, sequences, micro-batch, ids per row): two sequences in each micro-batch; a long chunk's
+#: micro-batches, one per decode; 3,000 ids a row, so one host slot holds 87 rows' results and one
+#: micro-batch's come back in two
+CONFIGS = [(128, 2, 128, 49), (256, 1, 64, 49), (128, 2, 128, 3000)]
+
+
+def test_reduced_rows_are_the_host_s_rows(tmp_path: Path, gemma: ModelLoad) -> None:
+    """Each row's logits at its ids, argmax and normalizer read on the device are the host's; the
+    same context then gives raw logits again, to the bit."""
+    script = tmp_path / "check.py"
+    script.write_text(CHECK, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), gemma.path, str(gemma.gpu_layers), json.dumps(CONFIGS)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    for (n_ctx, n_seq, _, _), report in zip(CONFIGS, reports, strict=True):
+        assert report["members"] == n_seq and report["rows"] == [n_ctx // 2] * n_seq
+        assert report["gathered_same_bits"] and report["argmax_same"] and report["raw_again_same_bits"], report
+        assert report["norm_max_abs_diff"] < 2e-5, report  # |normalizer| ~ 10-30: float32 rounding
+
+
+def test_an_evaluation_reduced_on_the_device_agrees_with_the_host(
+    tmp_path: Path, gemma: ModelLoad, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole evaluation (``KVQ_DEVICE_REDUCTION=1``) against the host's (0): the same top token at
+    every position, per-token KL, NLL and Δp within float32 rounding of the normalizer."""
+    two_per_decode = ModelLoad(gemma.path, gemma.gpu_layers, n_batch=256)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVQ_DEVICE_REDUCTION", flag)
+        e = WorkerEngine(tmp_path / flag)
+        try:
+            chunks = chunk_tokens(e.tokenize(two_per_decode, builtin_corpus().texts["science"]), 128, 3, "science")
+            ref = e.reference(two_per_decode, CacheConfig.parse("f16"), chunks, seed=0).rows
+            runs[flag] = e.evaluate(two_per_decode, CacheConfig.parse("q4_0"), chunks, ref)
+        finally:
+            e.close()
+    host, device = runs["0"], runs["1"]
+    assert (host.context.device_reduction, device.context.device_reduction) == (False, True)
+    assert np.array_equal(host.stats.same_top, device.stats.same_top)
+    for name in ("kld", "nll", "p_diff"):
+        assert np.abs(getattr(host.stats, name) - getattr(device.stats, name)).max() < 2e-5, name
+    assert np.array_equal(host.stats.nll_base, device.stats.nll_base)  # the reference's, untouched
