@@ -3,13 +3,14 @@ alone (no row asked for), the raw logits copied to the host, and the rows reduce
 (``engine/device_reduction``); per micro-batch, and the scheduler's graph splits of one decode with
 the reduction attached (``GGML_SCHED_DEBUG``).
 
-    python benchmarks/device_reduction_profile.py [--ctx 8192] [--chunks 2] [--model PATH]
+    python benchmarks/device_reduction_profile.py [--ctx 8192] [--chunks 2] [--model PATH] [--bench LLAMA_BENCH]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 
 import llama_cpp  # before numpy (engine/llama.py says why)
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--width", type=int, default=242, help="ids per row (top_k + tail_samples + 1)")
     ap.add_argument("--model", default="")
+    ap.add_argument("--bench", default="", help="llama-bench of the same tree: pp at -b 512 and -b 2048")
     args = ap.parse_args()
     llama.init_backend()
     model = llama.LlamaBackend().load(ModelLoad(args.model or str(bundled_gguf()), -1))
@@ -36,11 +38,26 @@ def main() -> None:
     ctx = model.context(CacheConfig.parse("q8_0"), args.ctx, 1, 512)
     scored = np.zeros(args.ctx, bool)
     scored[args.ctx // 2 :] = True
-    none = np.zeros(args.ctx, bool)
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, model.n_vocab, (int(scored.sum()), args.width)).astype(np.int32)]
+
+    def forward(c: np.ndarray, synced: bool) -> None:
+        """One micro-batch per call, no row asked for; ``synced``: waiting for each, as a call whose
+        rows are read does."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+        for a in range(0, c.size, ctx.n_batch):
+            size = min(ctx.n_batch, c.size - a)
+            ctx._tok[:size] = c[a : a + size]
+            ctx._pos[:size] = np.arange(a, a + size, dtype=np.int32)
+            ctx._out[:size] = 0
+            ctx.batch.n_tokens = size
+            assert llama_cpp.llama_decode(ctx.ctx, ctx.batch) == 0
+            if synced:
+                llama_cpp.llama_synchronize(ctx.ctx)
+
     ways = {
-        "forward only": lambda c: list(ctx.scored_logits([(c, none)])),
+        "forward only": lambda c: forward(c, False),
+        "forward, each call waited": lambda c: forward(c, True),
         "raw logits to the host": lambda c: list(ctx.scored_logits([(c, scored)])),
         "reduced on the device": lambda c: list(ctx.reduced_rows([(c, scored)], ids)),
     }
@@ -70,6 +87,12 @@ def main() -> None:
         print("  " + line[:240])
     ctx.close()
     model.close()
+    if args.bench:
+        for b in (512, 2048):
+            cmd = [args.bench, "-m", args.model or str(bundled_gguf()), "-p", str(args.ctx), "-n", "0", "-b", str(b),
+                   "-ub", "512", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1", "-r", "3", "-o", "csv"]
+            out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+            print(f"llama-bench pp{args.ctx} -b {b}: {out[-1] if out else 'no output'}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine.pipeline import reduce_on_device
 from pytest_kvquality.engine.protocol import CandidateRun, ModelLoad, ScoredView
 from pytest_kvquality.metrics import compact_ids, kl_compact, kl_reduced
 from pytest_kvquality.normalizer import normalize_rows
@@ -97,3 +98,18 @@ def test_kl_reduced_reads_what_kl_compact_computes(fake_model: Path) -> None:
         assert np.array_equal(values, got[name], equal_nan=True), name
     assert np.isnan(got["nll"][3])
     engine.close()
+
+
+@pytest.mark.parametrize(("said", "offloaded", "long_chunks", "expected"), [
+    (None, True, True, True), (None, True, False, False), (None, False, True, False),
+    ("1", False, False, True), ("0", True, True, False),
+])
+def test_the_default_is_long_chunks_on_a_gpu_and_the_environment_overrides_it(
+    monkeypatch: pytest.MonkeyPatch, said: str | None, offloaded: bool, long_chunks: bool, expected: bool
+) -> None:
+    """Where it measured faster on both models tried (pipeline.reduce_on_device says the numbers)."""
+    if said is None:
+        monkeypatch.delenv("KVQ_DEVICE_REDUCTION", raising=False)
+    else:
+        monkeypatch.setenv("KVQ_DEVICE_REDUCTION", said)
+    assert reduce_on_device(offloaded, long_chunks) is expected
