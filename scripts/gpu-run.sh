@@ -308,7 +308,7 @@ fi
 if [ "$stage" = device-geometry ]; then  # issue 17: the Qwen 3.6 35B-A3B geometry at n_ctx 512 and 32,768 with the
   # rows reduced on the GPU, against llama-bench's forward-only rate
   PYTHONPATH="${PYTHONPATH:-}:$PWD:$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)" \
-    python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/dg --ctx 512 --long 32768 \
+    KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/dg --ctx 512 --long 32768 \
     --bench /tmp/kvq/bin/llama-bench 2>&1 | grep -v "^ *loaded" | tail -12
   cp /tmp/dg/*.json "$OUT/" 2>/dev/null
 fi

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import platform
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,21 @@ def library_path(cc: list[str]) -> Path:
 
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
+#: contexts are created on a background thread too (ContextCache.prepare): one build, one message
+_LOADING = threading.Lock()
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded library, built first if needed; None (said once on stderr) if it cannot be."""
     global _LIBRARY, _TRIED
-    if not _TRIED:
-        _TRIED = True
-        try:
-            _LIBRARY = _load_or_build()
-        except (KernelBuildError, OSError) as exc:
-            print(f"pytest-kvquality: the reduction on the device is off ({exc}); the host reduces the "
-                  "rows (slower on a GPU, same results to float32 rounding)", file=sys.stderr)
+    with _LOADING:
+        if not _TRIED:
+            _TRIED = True
+            try:
+                _LIBRARY = _load_or_build()
+            except (KernelBuildError, OSError) as exc:
+                print(f"pytest-kvquality: the reduction on the device is off ({exc}); the host reduces the "
+                      "rows (slower on a GPU, same results to float32 rounding)", file=sys.stderr)
     return _LIBRARY
 
 

@@ -68,8 +68,8 @@ def _offloaded(ctx: LogitsContext) -> bool:
     return int(ctx.info.get("gpu_layers", 0)) > 0
 
 
-def _reduces_on_device(ctx: LogitsContext, model: ModelLoad, n_ctx: int) -> bool:
-    return reduce_on_device(_offloaded(ctx), not _one_decode_per_group(model, n_ctx)) and ctx.reduces_on_device()
+def _reduces_on_device(ctx: LogitsContext) -> bool:
+    return reduce_on_device() and ctx.reduces_on_device()
 
 
 def _logits_sources(contexts: list[LogitsContext]) -> list[Source]:
@@ -306,7 +306,7 @@ class LocalEngine:
         width = self.top_k + self.tail_samples + 1
         try:
             for ctx in held.contexts:
-                if _reduces_on_device(ctx, model, n_ctx):
+                if _reduces_on_device(ctx):
                     ids = [np.zeros((int(want.sum()), width), np.int32) for _, want in group]
                     views = ctx.reduced_rows(group, ids)
                 else:
@@ -388,7 +388,7 @@ class LocalEngine:
             return compact_ids(ref.slice(int(first_rows[i]), int(first_rows[i + 1])), seqs.next_tokens(i))
 
         with self._scoring(model, cache, seqs.width) as held:
-            on_device = len(ref) > 0 and _reduces_on_device(held.contexts[0], model, seqs.width)
+            on_device = len(ref) > 0 and _reduces_on_device(held.contexts[0])
             if on_device:
                 parts = self._reduce_all(seqs, [partial(_reduced_batches, ctx, row_ids) for ctx in held.contexts],
                                          held.contexts[0].n_seq, reduced, held.overlap, t0)

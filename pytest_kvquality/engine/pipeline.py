@@ -151,16 +151,15 @@ def prepare_ahead(offloaded: bool) -> bool:
     return offloaded if said is None else said
 
 
-def reduce_on_device(offloaded: bool, long_chunks: bool) -> bool:
-    """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)?
-    ``KVQ_DEVICE_REDUCTION=1/0`` decides. By default only for long chunks on a GPU, where it measured
-    faster on both models tried (H200: Gemma 3 270M at n_ctx 32,768, 2.06 s against 2.54 s; the Qwen
-    3.6 35B-A3B geometry, 9.5-9.8 s against 10.1-10.3 s). For short chunks it is asked for: it took
-    the bundled Gemma's four-configuration run from 8,900-10,200 to 12,700-13,800 scored tok/s, but
-    made the Qwen geometry at n_ctx 512 slower (llama.cpp reserves four n_vocab-wide host rows per
-    output when a backend sampler is attached, and each micro-batch becomes a decode of its own)."""
-    said = env_flag("KVQ_DEVICE_REDUCTION", None)
-    return offloaded and long_chunks if said is None else said
+def reduce_on_device() -> bool:
+    """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)? Only when
+    ``KVQ_DEVICE_REDUCTION=1`` asks. It is faster where copying rows bounds the rate (H200: the
+    bundled Gemma's four-configuration run 12,700-13,800 scored tok/s against 8,900-10,200; a
+    32,768-token chunk 2.06 s against 2.54 s), but while a backend sampler is attached llama.cpp
+    reserves four n_vocab-wide host rows per output row (2 GiB of pinned memory for a 512-row
+    micro-batch at a 262,144-token vocabulary, against the 0.5 GiB the n_ctx 32,768 memory target
+    allows), and on the Qwen 3.6 35B-A3B geometry at n_ctx 512 it was slower."""
+    return env_flag("KVQ_DEVICE_REDUCTION", False) is True
 
 
 def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
