@@ -78,6 +78,10 @@ class Sequences:
     def rows_per_sequence(self) -> npt.NDArray[np.int64]:
         return np.array([self.scored(i).size for i in range(len(self))], np.int64)
 
+    def first_rows(self) -> npt.NDArray[np.int64]:
+        """The scored row each sequence's rows start at, then the number of rows (len + 1 values)."""
+        return np.concatenate([[0], np.cumsum(self.rows_per_sequence())]).astype(np.int64)
+
     @property
     def n_rows(self) -> int:
         return int(self.rows_per_sequence().sum())

@@ -32,6 +32,7 @@ def test_variable_lengths_are_padded_and_the_last_position_cannot_be_scored() ->
     assert seqs.width == 5 and seqs.lengths.tolist() == [5, 3]
     assert seqs.sequence(1).tolist() == [0, 1, 2]
     assert seqs.rows_per_sequence().tolist() == [3, 1]
+    assert seqs.first_rows().tolist() == [0, 3, 4]
     assert seqs.row_spans().tolist() == [ASSISTANT, ASSISTANT, TOOL_CALL, 1]
     with pytest.raises(ValueError, match="last position"):
         Sequences.of([np.arange(3, dtype=np.int32)], [np.array([0, 0, 2], np.uint8)])

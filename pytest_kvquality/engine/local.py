@@ -192,8 +192,7 @@ class LocalEngine:
         ``sources[g % len(sources)]``; with a ``lender`` and two sources, the blocks that stay valid
         until their context decodes again are lent in place (see ``Pipeline``)."""
         lend = lender is not None and len(sources) > 1
-        sizes = [seqs.next_tokens(i).size for i in range(len(seqs))]
-        first_rows = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        first_rows = seqs.first_rows()
         tokens = 0
         groups = list(_groups(seqs, n_seq))
 
@@ -382,7 +381,7 @@ class LocalEngine:
         def reduced(nxt: np.ndarray, arrays: tuple[np.ndarray, ...], row: int) -> list[TokenStats]:
             return [kl_reduced(arrays[0], ref.slice(row, row + arrays[0].shape[0]))]
 
-        first_rows = np.concatenate([[0], np.cumsum([seqs.next_tokens(i).size for i in range(len(seqs))])])
+        first_rows = seqs.first_rows()
 
         def row_ids(i: int) -> np.ndarray:
             return compact_ids(ref.slice(int(first_rows[i]), int(first_rows[i + 1])), seqs.next_tokens(i))
