@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the written model")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/kvq-real"), help="where the model is written")
     ap.add_argument("--write-only", action="store_true", help="write the model file and stop")
+    ap.add_argument("--long-only", action="store_true", help="only the --long n_ctx")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,7 @@ def main() -> None:
             result["describe"] = dataclasses.asdict(engine.describe(model))
             result["load_seconds"] = time.perf_counter() - t0
             print(f"  loaded in {result['load_seconds']:.1f} s: {result['describe']}", flush=True)
-            result["runs"] = [measure(engine, model, args.ctx, False, args, text)]
+            result["runs"] = [] if args.long_only else [measure(engine, model, args.ctx, False, args, text)]
             if args.long:
                 result["runs"].append(measure(engine, model, args.long, True, args, text))
         result["peak_vram_mib"] = vram.peak_mib

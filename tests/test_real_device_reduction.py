@@ -52,10 +52,13 @@ for n_ctx, n_seq, n_ubatch, width in configs:
     ids = [rng.integers(0, model.n_vocab, (int(want.sum()), width)).astype(np.int32) for _ in group]
     ctx = model.context(CacheConfig.parse("q4_0"), n_ctx, n_seq, n_ubatch)
     full = collect(ctx.scored_logits(group))
+    reused = llama_cpp.llama_perf_context(ctx.ctx).n_reused
     reduced = collect(ctx.reduced_rows(group, ids))
+    reused = llama_cpp.llama_perf_context(ctx.ctx).n_reused - reused
     again = collect(ctx.scored_logits(group))  # the samplers detached: raw logits again
     report = {"members": len(reduced), "rows": [], "gathered_same_bits": True, "argmax_same": True,
-              "raw_again_same_bits": True, "norm_max_abs_diff": 0.0}
+              "raw_again_same_bits": True, "norm_max_abs_diff": 0.0,
+              "graphs_reused": int(reused)}
     for m, rows in reduced.items():
         host = normalize_rows(full[m], ids[m])
         report["rows"].append(int(rows.shape[0]))
@@ -70,8 +73,8 @@ print(json.dumps(reports))
 
 
 #: (n_ctx, sequences, micro-batch, ids per row): two sequences in each micro-batch; a long chunk's
-#: micro-batches, one per decode; 3,000 ids a row, so one host slot holds 87 rows' results and one
-#: micro-batch's come back in two
+#: micro-batches, one per decode, of which llama.cpp reuses the graph (same shapes: the rows a graph
+#: writes are its input, not its structure); 3,000 ids a row
 CONFIGS = [(128, 2, 128, 49), (256, 1, 64, 49), (128, 2, 128, 3000)]
 
 
@@ -88,6 +91,45 @@ def test_reduced_rows_are_the_host_s_rows(tmp_path: Path, gemma: ModelLoad) -> N
         assert report["members"] == n_seq and report["rows"] == [n_ctx // 2] * n_seq
         assert report["gathered_same_bits"] and report["argmax_same"] and report["raw_again_same_bits"], report
         assert report["norm_max_abs_diff"] < 2e-5, report  # |normalizer| ~ 10-30: float32 rounding
+    assert reports[1]["graphs_reused"] > 0, reports[1]  # a reused graph wrote the rows of its own decode
+
+
+#: a decode whose rows are not the ones announced before it: the group is refused, nothing read
+MISMATCH = r'''
+import sys
+import llama_cpp
+from pytest_kvquality.engine import device_reduction
+from pytest_kvquality.engine.llama import LlamaBackend, init_backend
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+import numpy as np
+
+init_backend()
+model = LlamaBackend().load(ModelLoad(sys.argv[1], int(sys.argv[2])))
+chunks = chunk_tokens(model.tokenize(builtin_corpus().texts["coding"]), 128, 1, "coding")
+want = np.zeros(128, bool)
+want[64:] = True
+ids = [np.zeros((64, 8), np.int32)]
+ctx = model.context(CacheConfig.parse("q8_0"), 128, 1, 32)
+announce = device_reduction.DeviceReduction.next
+device_reduction.DeviceReduction.next = lambda self, first, rows: announce(self, first, max(0, rows - 1))
+try:
+    list(ctx.reduced_rows([(chunks[0], want)], ids))
+except RuntimeError as exc:
+    print("refused:", exc)
+'''
+
+
+def test_rows_not_the_announced_ones_are_refused(tmp_path: Path, gemma: ModelLoad) -> None:
+    """A decode with one row more than announced before it (a bug between the engine and the library)
+    fails the group with the reason instead of reading rows written elsewhere."""
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), gemma.path, str(gemma.gpu_layers)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: the reduced rows of a group were not the rows its decodes announced" in done.stdout
 
 
 def test_an_evaluation_reduced_on_the_device_agrees_with_the_host(

@@ -1,13 +1,15 @@
 """The evaluation's pass over the vocabulary on the device that computed the logits
 (``device_reduction.c``, a llama.cpp backend sampler): per scored row the argmax, the
-log-normalizer and the logits at the row's ids come back, (ids + 2) floats instead of a whole row.
+log-normalizer and the logits at the row's ids, (ids + 2) floats instead of a whole row.
 
-Why: on a GPU the bound of an evaluation is llama.cpp copying each scored row's logits to the host
-(1 MiB per row at a 262,144-token vocabulary) and reducing them there; at n_ctx 32,768 that is 30 %
-of the time. The numbers are the host pass's to float32 rounding, not to the bit (the device sums in
-its own order; ``tests/test_real_model.py`` holds them to it). When it is used: ``pipeline.reduce_on_device``.
-The library is built on first use against the
-installed llama-cpp-python's headers and libraries; where it cannot be, the host pass does the work.
+Why: llama.cpp copies each scored row's logits to the host (1 MiB per row at a 262,144-token
+vocabulary) and waits for each decode whose rows are read. Here the rows are reduced where they
+are, into a buffer of the reduction on that device, and a group's rows come back in one copy after
+its last decode: no decode is waited for on its own. The numbers are the host pass's to float32
+rounding, not to the bit (the device sums in its own order; ``tests/test_real_device_reduction.py``
+holds them to it). When it is used: ``pipeline.reduce_on_device``. The library is built on first
+use against the installed llama-cpp-python's headers and libraries; where it cannot be, the host
+pass does the work.
 
 Imported inside the model worker only (after ``llama_cpp``).
 """
@@ -88,43 +90,58 @@ def _load_or_build() -> ctypes.CDLL:
                       [f"-L{lib}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}"])
     dll = ctypes.CDLL(str(out))
     dll.kvq_reduction_attach.restype = _c
-    dll.kvq_reduction_attach.argtypes = [_c, _i32, _i32, _i32, _i32]
+    dll.kvq_reduction_attach.argtypes = [_c, _i32, _i32, _i32]
     dll.kvq_reduction_detach.restype = None
     dll.kvq_reduction_detach.argtypes = [_c, _c]
-    dll.kvq_reduction_set_ids.restype = _i32
-    dll.kvq_reduction_set_ids.argtypes = [_c, _c, _i32]
-    dll.kvq_reduction_read.restype = _i32
-    dll.kvq_reduction_read.argtypes = [_c, _c, _c, _i32, _c]
+    dll.kvq_reduction_begin.restype = _i32
+    dll.kvq_reduction_begin.argtypes = [_c, _c, _i32]
+    dll.kvq_reduction_next.restype = None
+    dll.kvq_reduction_next.argtypes = [_c, _i32, _i32]
+    dll.kvq_reduction_collect.restype = _i32
+    dll.kvq_reduction_collect.argtypes = [_c, _c, _i32, _c]
     return dll
 
 
 class DeviceReduction:
-    """The reduction attached to every sequence of one llama.cpp context; one micro-batch per decode."""
+    """The reduction attached to every sequence of one llama.cpp context. A group's decodes are not
+    waited for one by one: ``begin`` (its ids), ``next`` before each decode, ``collect`` after the last."""
 
-    def __init__(self, dll: ctypes.CDLL, ctx: Any, n_vocab: int, width: int, max_rows: int, n_seq: int) -> None:
+    def __init__(self, dll: ctypes.CDLL, ctx: Any, n_vocab: int, width: int, cap: int, n_seq: int) -> None:
         self._dll, self._ctx = dll, ctx
-        self.width, self.max_rows = width, max_rows
-        handle = dll.kvq_reduction_attach(ctx, n_vocab, width, max_rows, n_seq)
+        self.n_vocab, self.width, self.cap = n_vocab, width, cap
+        handle = dll.kvq_reduction_attach(ctx, width, cap, n_seq)
         if not handle:
             raise RuntimeError("llama.cpp refused the reduction on the device (its backend-sampler interface)")
         self._handle: int | None = handle
+        self._ids: np.ndarray | None = None
 
-    def set_ids(self, ids: np.ndarray) -> None:
-        """The ids of the next decode's output rows, in output order ([rows, width] int32)."""
+    def begin(self, ids: np.ndarray) -> None:
+        """A group starts: the ids of all its output rows, in output order ([rows, width] int32); they
+        are read while the group decodes."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         assert self._handle is not None and ids.ndim == 2 and ids.shape[1] == self.width
-        if self._dll.kvq_reduction_set_ids(self._handle, ids.ctypes.data, ids.shape[0]) != 0:
-            raise RuntimeError(f"{ids.shape[0]} output rows in one decode; the reduction holds {self.max_rows}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab):
+            # a GPU does not check them: a token outside the vocabulary would read another row's logits
+            raise ValueError(f"ids outside the vocabulary [0, {self.n_vocab}): {int(ids.min())} .. {int(ids.max())}")
+        if self._dll.kvq_reduction_begin(self._handle, ids.ctypes.data, ids.shape[0]) != 0:
+            raise RuntimeError(f"{ids.shape[0]} output rows in one group; the reduction holds {self.cap}")
+        self._ids = ids  # alive until collect: the C side reads it inside llama_decode
 
-    def read(self, batch_index: np.ndarray) -> np.ndarray:
-        """After the decode: [rows, width + 2] float32, each row argmax, log-normalizer, logits at ids;
-        ``batch_index``: the batch position of each output row."""
-        index = np.ascontiguousarray(batch_index, dtype=np.int32)
-        out = np.empty((index.size, self.width + 2), np.float32)
+    def next(self, first: int, rows: int) -> None:
+        """The next decode's output rows are the group's rows ``first .. first + rows - 1``."""
         assert self._handle is not None
-        if index.size and self._dll.kvq_reduction_read(self._handle, self._ctx, index.ctypes.data, index.size,
-                                                       out.ctypes.data) != 0:
-            raise RuntimeError("llama.cpp returned no reduced rows for a decode (backend sampling)")
+        self._dll.kvq_reduction_next(self._handle, first, rows)
+
+    def collect(self, rows: int) -> np.ndarray:
+        """After the group's last decode (waits for the device): [rows, width + 2] float32, each row
+        argmax, log-normalizer, logits at its ids."""
+        out = np.empty((rows, self.width + 2), np.float32)
+        assert self._handle is not None
+        failed = self._dll.kvq_reduction_collect(self._handle, self._ctx, rows, out.ctypes.data) != 0
+        self._ids = None
+        if failed:
+            raise RuntimeError("the reduced rows of a group were not the rows its decodes announced "
+                               "(llama.cpp backend sampling); nothing was read")
         return out
 
     def detach(self, ctx_alive: bool) -> None:

@@ -381,37 +381,45 @@ class LlamaContext:
             dll = device_reduction.library()
             if dll is None:
                 raise RuntimeError("the reduction on the device is not available here")
+            # a group scores at most every row of its n_seq sequences
             self._reduction = device_reduction.DeviceReduction(dll, self.ctx, self.model.n_vocab, width,
-                                                               self.n_ubatch, self.n_seq)
+                                                               self.n_seq * self.n_ctx, self.n_seq)
         return self._reduction
 
     def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
         """``scored_logits``'s micro-batches, one per decode, each row reduced on the device
         (``device_reduction``): the same micro-batches, so the same logits, of which only (ids + 2)
-        floats per row come back."""
+        floats per row come back, all at once after the group's last decode (no decode waited for)."""
         n = group_length(group, self.n_seq, self.n_ctx)
         reduction = self._reduction_for(int(ids[0].shape[1]))
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         member_tokens = [self._bos(t) for t, _ in group]
+        ubatches = self._micro_batches(group, n)
+        counts = [[int(group[s][1][a:b].sum()) for s, a, b in ubatch] for ubatch in ubatches]
         done = [0] * len(group)
-        for ubatch in self._micro_batches(group, n):
+        parts = []  # each micro-batch's rows' ids, in output order
+        for ubatch, ks in zip(ubatches, counts, strict=True):
+            for (s, _, _), k in zip(ubatch, ks, strict=True):
+                parts.append(ids[s][done[s] : done[s] + k])
+                done[s] += k
+        reduction.begin(np.concatenate(parts) if parts else np.zeros((0, reduction.width), np.int32))
+        t = time.perf_counter()
+        first = 0
+        for ubatch, ks in zip(ubatches, counts, strict=True):
             at = self._fill(ubatch, member_tokens, group)
-            counts = [int(group[s][1][a:b].sum()) for s, a, b in ubatch]
-            index = np.flatnonzero(self._out[:at])
-            if index.size:
-                reduction.set_ids(np.concatenate([ids[s][done[s] : done[s] + k] for s, k in enumerate(counts)]))
+            reduction.next(first, sum(ks))
             self.batch.n_tokens = at
-            t = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {ubatch[0][1]}")
-            reduced = reduction.read(index)  # waits for the device
-            self.info["decode_seconds"] += time.perf_counter() - t
-            first = 0
-            for s, k in enumerate(counts):
+            first += sum(ks)
+        reduced = reduction.collect(first)  # waits for the device
+        self.info["decode_seconds"] += time.perf_counter() - t
+        first = 0
+        for ubatch, ks in zip(ubatches, counts, strict=True):
+            for (s, _, _), k in zip(ubatch, ks, strict=True):
                 if k:
                     yield ScoredView(s, reduced[first : first + k], True)
-                done[s] += k
                 first += k
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:

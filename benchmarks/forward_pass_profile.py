@@ -1,0 +1,179 @@
+"""Why our contexts' forward pass is slower than llama-bench's on the same model and n_ctx (issue 17,
+benchmarks/README §6): the forward pass alone (no row read) of one long chunk, decoded by our
+context parameters and by variants that each change one thing towards llama-bench's, alternated in
+rounds; then llama-bench on the same model, n_ctx and cache.
+
+    python benchmarks/forward_pass_profile.py [--model PATH] [--ctx 32768] [--bench LLAMA_BENCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp  # before numpy (engine/llama.py says why)
+import numpy as np
+
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+from pytest_kvquality.engine import llama
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.resolve import bundled_gguf
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of decoding a chunk: context parameters changed by ``change``, ``per_call`` tokens per
+    decode, which rows are read, whether each call is waited for, and the tokens."""
+
+    name: str
+    change: Callable[[Any], None] = lambda p: None
+    per_call: int = 512
+    last_row: bool = False  # llama-bench asks for the last row of each call
+    waited: bool = False
+    random_tokens: bool = False  # llama-bench decodes random tokens
+
+
+def _threads(n: int) -> Callable[[Any], None]:
+    def change(p: Any) -> None:
+        p.n_threads = p.n_threads_batch = n
+    return change
+
+
+def _set(**fields: Any) -> Callable[[Any], None]:
+    def change(p: Any) -> None:
+        for k, v in fields.items():
+            setattr(p, k, v)
+    return change
+
+
+def _bench_params(p: Any) -> None:
+    """llama-bench's context parameters (``to_llama_cparams``): llama.cpp's defaults and its fields."""
+    d = llama_cpp.llama_context_default_params()
+    for name in ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn_type", "swa_full"):
+        setattr(d, name, getattr(p, name))
+    d.n_threads = d.n_threads_batch = os.cpu_count() or 1
+    ctypes.memmove(ctypes.addressof(p), ctypes.addressof(d), ctypes.sizeof(d))
+
+
+def variants() -> list[Variant]:
+    cores = os.cpu_count() or 1
+    return [
+        Variant("ours"),
+        Variant("ours, last row of each call read", last_row=True),
+        Variant("ours, each call waited for", waited=True),
+        Variant("ours, random tokens", random_tokens=True),
+        Variant(f"n_threads {cores}", _threads(cores)),
+        Variant("n_threads 1", _threads(1)),
+        Variant("n_outputs_max_per_seq 1 (llama.cpp's default)", _set(n_outputs_max_per_seq=1)),
+        Variant("kv_unified", _set(kv_unified=True)),
+        Variant("llama-bench's parameters, random tokens, last row", _bench_params, last_row=True, random_tokens=True),
+        Variant("n_batch 2048 per call, last row", _set(n_batch=2048), per_call=2048, last_row=True),
+    ]
+
+
+class Run:
+    """A context of one variant and the chunk it decodes."""
+
+    def __init__(self, model: llama.LlamaModel, v: Variant, n_ctx: int, chunk: np.ndarray) -> None:
+        self.v = v
+        p = llama._context_params(model, CacheConfig.parse(os.environ.get("KVQ_PROFILE_CACHE", "q8_0")), n_ctx, 1,
+                                  max(512, v.per_call), 512)
+        v.change(p)
+        self.ctx = llama_cpp.llama_init_from_model(model.model, p)
+        assert self.ctx, f"no context for {v.name}"
+        self.batch = llama_cpp.llama_batch_init(v.per_call, 0, 1)
+        for i in range(v.per_call):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self.tok = np.ctypeslib.as_array(self.batch.token, shape=(v.per_call,))
+        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(v.per_call,))
+        self.out = np.ctypeslib.as_array(ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)),
+                                         shape=(v.per_call,))
+        rng = np.random.default_rng(0)
+        self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
+        self.chunk[0] = chunk[0]
+
+    def decode(self, upto: int) -> tuple[float, float, int]:
+        """Seconds for the first ``upto`` tokens from an empty cache; seconds inside llama_decode; calls."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        llama_cpp.llama_synchronize(self.ctx)
+        inside, calls = 0.0, 0
+        t0 = time.perf_counter()
+        for a in range(0, upto, self.v.per_call):
+            size = min(self.v.per_call, upto - a)
+            self.tok[:size] = self.chunk[a : a + size]
+            self.pos[:size] = np.arange(a, a + size, dtype=np.int32)
+            self.out[:size] = 0
+            if self.v.last_row:
+                self.out[size - 1] = 1
+            self.batch.n_tokens = size
+            t = time.perf_counter()
+            assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
+            inside += time.perf_counter() - t
+            calls += 1
+            if self.v.waited:
+                llama_cpp.llama_synchronize(self.ctx)
+        llama_cpp.llama_synchronize(self.ctx)
+        return time.perf_counter() - t0, inside, calls
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
+def bench(exe: str, model: str, n_ctx: int, extra: list[str]) -> str:
+    cache = os.environ.get("KVQ_PROFILE_CACHE", "q8_0")
+    cmd = [exe, "-m", model, "-p", str(n_ctx), "-n", "0", "-ub", "512", "-ctk", cache, "-ctv", cache, "-fa", "1",
+           "-ngl", "999", "-r", "3", "-o", "csv", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    rows = out.stdout.strip().splitlines()
+    if len(rows) < 2:
+        return "no output: " + out.stderr[-300:]
+    head, row = rows[0].split(","), rows[-1].split(",")
+    values = {k.strip('"'): v.strip('"') for k, v in zip(head, row, strict=False)}
+    return f"{float(values['avg_ts']):>9,.0f} tok/s (stddev {float(values['stddev_ts']):,.0f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="")
+    ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--bench", default="", help="llama-bench of the same tree")
+    ap.add_argument("--only", default="", help="comma-separated variant numbers (default: all)")
+    args = ap.parse_args()
+    path = args.model or str(bundled_gguf())
+    llama.init_backend()
+    model = llama.LlamaBackend().load(ModelLoad(path, -1))
+    text = "\n\n".join(builtin_corpus().texts.values())
+    tokens = model.tokenize(text)
+    chunk = chunk_tokens(np.tile(tokens, 1 + args.ctx // tokens.size), args.ctx, 1, "all")[0].copy()
+    chosen = [v for i, v in enumerate(variants()) if not args.only or str(i) in args.only.split(",")]
+    print(f"# {path}, n_ctx {args.ctx}, cache {os.environ.get('KVQ_PROFILE_CACHE', 'q8_0')}, "
+          f"one chunk per variant and round after 2,048 tokens of warm-up", flush=True)
+    for rnd in range(args.rounds):
+        for v in chosen:
+            run = Run(model, v, args.ctx, chunk)
+            run.decode(2048)
+            llama._debug = []
+            s, inside, calls = run.decode(args.ctx)
+            logged, llama._debug = len(llama._debug), None
+            run.close()
+            print(f"round {rnd}: {v.name:<52} {args.ctx / s:>9,.0f} tok/s  {s:6.2f} s  "
+                  f"{1e3 * inside / calls:6.2f} ms inside each of {calls} llama_decode calls, "
+                  f"{logged / calls:.1f} debug lines per call", flush=True)
+    model.close()
+    if args.bench:
+        for extra in (["-b", "512"], ["-b", "2048"], ["-b", "512", "-t", "4"]):
+            print(f"llama-bench pp{args.ctx} {' '.join(extra)}: {bench(args.bench, path, args.ctx, extra)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
