@@ -1,7 +1,8 @@
-"""Why our contexts' forward pass is slower than llama-bench's on the same model and n_ctx (issue 17,
-benchmarks/README §6): the forward pass alone (no row read) of one long chunk, decoded by our
+"""Our contexts' forward pass against llama-bench's on the same model and n_ctx (issue 17,
+benchmarks/README §7): the forward pass alone (no row read) of one long chunk, decoded by our
 context parameters and by variants that each change one thing towards llama-bench's, alternated in
-rounds; then llama-bench on the same model, n_ctx and cache.
+rounds; two variants that also produce the second half's rows on the device, as an evaluation
+does; then llama-bench on the same model, n_ctx and cache.
 
     python benchmarks/forward_pass_profile.py [--model PATH] [--ctx 32768] [--bench LLAMA_BENCH]
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine import llama
+from pytest_kvquality.engine import device_reduction, llama
 from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.resolve import bundled_gguf
 
@@ -38,6 +39,10 @@ class Variant:
     last_row: bool = False  # llama-bench asks for the last row of each call
     waited: bool = False
     random_tokens: bool = False  # llama-bench decodes random tokens
+    #: the second half's rows asked for, as an evaluation scores them, and turned on the device into
+    #: llama.cpp's greedy argmax ("greedy": the output head without our reduction) or our reduction
+    #: read once per chunk ("reduced": what ``KVQ_DEVICE_REDUCTION=1`` decodes)
+    scored: str = ""
 
 
 def _threads(n: int) -> Callable[[Any], None]:
@@ -75,6 +80,8 @@ def variants() -> list[Variant]:
         Variant("kv_unified", _set(kv_unified=True)),
         Variant("llama-bench's parameters, random tokens, last row", _bench_params, last_row=True, random_tokens=True),
         Variant("n_batch 2048 per call, last row", _set(n_batch=2048), per_call=2048, last_row=True),
+        Variant("second half's rows: llama.cpp's argmax on the device", scored="greedy"),
+        Variant("second half's rows: our reduction, one read per chunk", scored="reduced"),
     ]
 
 
@@ -99,20 +106,37 @@ class Run:
         rng = np.random.default_rng(0)
         self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
         self.chunk[0] = chunk[0]
+        self.chain: Any = None
+        self.reduction: device_reduction.DeviceReduction | None = None
+        if v.scored == "greedy":
+            self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_greedy())
+            assert llama_cpp.llama_set_sampler(self.ctx, 0, self.chain), "llama.cpp refused the greedy sampler"
+        elif v.scored == "reduced":
+            dll = device_reduction.library()
+            assert dll is not None, "no device reduction here"
+            self.reduction = device_reduction.DeviceReduction(dll, self.ctx, model.n_vocab, 242, n_ctx, 1)
+            self.ids = rng.integers(0, model.n_vocab, (n_ctx, 242)).astype(np.int32)
 
     def decode(self, upto: int) -> tuple[float, float, int]:
         """Seconds for the first ``upto`` tokens from an empty cache; seconds inside llama_decode; calls."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         llama_cpp.llama_synchronize(self.ctx)
-        inside, calls = 0.0, 0
+        scored = np.arange(upto) >= upto // 2 if self.v.scored else np.zeros(upto, bool)
+        if self.reduction is not None:
+            self.reduction.begin(self.ids[: int(scored.sum())])
+        inside, calls, first = 0.0, 0, 0
         t0 = time.perf_counter()
         for a in range(0, upto, self.v.per_call):
             size = min(self.v.per_call, upto - a)
             self.tok[:size] = self.chunk[a : a + size]
             self.pos[:size] = np.arange(a, a + size, dtype=np.int32)
-            self.out[:size] = 0
+            self.out[:size] = scored[a : a + size]
             if self.v.last_row:
                 self.out[size - 1] = 1
+            if self.reduction is not None:
+                self.reduction.next(first, int(self.out[:size].sum()))
+                first += int(self.out[:size].sum())
             self.batch.n_tokens = size
             t = time.perf_counter()
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
@@ -120,10 +144,17 @@ class Run:
             calls += 1
             if self.v.waited:
                 llama_cpp.llama_synchronize(self.ctx)
+        if self.reduction is not None:
+            self.reduction.collect(first)
         llama_cpp.llama_synchronize(self.ctx)
         return time.perf_counter() - t0, inside, calls
 
     def close(self) -> None:
+        if self.reduction is not None:
+            self.reduction.detach(ctx_alive=True)
+        if self.chain is not None:
+            llama_cpp.llama_set_sampler(self.ctx, 0, None)
+            llama_cpp.llama_sampler_free(self.chain)
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
 
@@ -161,7 +192,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for v in chosen:
             run = Run(model, v, args.ctx, chunk)
-            run.decode(2048)
+            run.decode(min(2048, args.ctx))
             llama._debug = []
             s, inside, calls = run.decode(args.ctx)
             logged, llama._debug = len(llama._debug), None

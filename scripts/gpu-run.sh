@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -311,4 +311,20 @@ if [ "$stage" = device-geometry ]; then  # issue 17: the Qwen 3.6 35B-A3B geomet
     KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/dg --ctx 512 --long 32768 \
     --bench /tmp/kvq/bin/llama-bench 2>&1 | grep -v "^ *loaded" | tail -12
   cp /tmp/dg/*.json "$OUT/" 2>/dev/null
+fi
+if [ "$stage" = forward ]; then  # issue 17: our forward pass against llama-bench's at n_ctx 32,768, and what producing
+  # the scored rows costs (the output head alone, then with our reduction); llama-perplexity's rate on the same geometry
+  # (start the build with GPU_TOOLS="llama-bench llama-perplexity")
+  python3 benchmarks/forward_pass_profile.py --ctx 32768 --bench /tmp/kvq/bin/llama-bench 2>&1 \
+    | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/forward-gemma.txt"
+  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/fw --write-only \
+    --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --ctx 32768 --rounds 1 \
+    --only 0,2,10,11 --bench /tmp/kvq/bin/llama-bench 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" \
+    | tee "$OUT/forward-qwen.txt"
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b \
+    --out /tmp/fw --long 32768 --long-only --keep --model-dir /tmp/kvq-real --perplexity /tmp/kvq/bin/llama-perplexity \
+    2>&1 | grep -v "^ *loaded" | tail -6
+  cp /tmp/fw/*.json "$OUT/" 2>/dev/null
 fi
