@@ -403,16 +403,18 @@ class LlamaContext:
                 parts.append(ids[s][done[s] : done[s] + k])
                 done[s] += k
         reduction.begin(np.concatenate(parts) if parts else np.zeros((0, reduction.width), np.int32))
-        t = time.perf_counter()
         first = 0
         for ubatch, ks in zip(ubatches, counts, strict=True):
             at = self._fill(ubatch, member_tokens, group)
             reduction.next(first, sum(ks))
             self.batch.n_tokens = at
+            t = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx, self.batch)
+            self.info["decode_seconds"] += time.perf_counter() - t
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {ubatch[0][1]}")
             first += sum(ks)
+        t = time.perf_counter()
         reduced = reduction.collect(first)  # waits for the device
         self.info["decode_seconds"] += time.perf_counter() - t
         first = 0
