@@ -118,18 +118,29 @@ try:
     list(ctx.reduced_rows([(chunks[0], want)], ids))
 except RuntimeError as exc:
     print("refused:", exc)
+device_reduction.DeviceReduction.next = announce
+ids[0][5, 3] = model.n_vocab  # one past the vocabulary: a GPU would read another row's logits
+try:
+    list(ctx.reduced_rows([(chunks[0], want)], ids))
+except ValueError as exc:
+    print("refused:", exc)
+ids[0][5, 3] = 7
+print("then:", len(list(ctx.reduced_rows([(chunks[0], want)], ids))), "views")
 '''
 
 
 def test_rows_not_the_announced_ones_are_refused(tmp_path: Path, gemma: ModelLoad) -> None:
     """A decode with one row more than announced before it (a bug between the engine and the library)
-    fails the group with the reason instead of reading rows written elsewhere."""
+    fails the group with the reason instead of reading rows written elsewhere; so does an id outside
+    the vocabulary, before any decode; the context then reduces rows again."""
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH, encoding="utf-8")
     done = subprocess.run([sys.executable, str(script), gemma.path, str(gemma.gpu_layers)],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused: the reduced rows of a group were not the rows its decodes announced" in done.stdout
+    assert "refused: ids outside the vocabulary [0, 262144): 0 .. 262144" in done.stdout
+    assert "then: 2 views" in done.stdout, done.stdout  # two scored micro-batches of 32 rows
 
 
 def test_an_evaluation_reduced_on_the_device_agrees_with_the_host(
