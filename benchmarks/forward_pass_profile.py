@@ -95,14 +95,7 @@ class Run:
         v.change(p)
         self.ctx = llama_cpp.llama_init_from_model(model.model, p)
         assert self.ctx, f"no context for {v.name}"
-        self.batch = llama_cpp.llama_batch_init(v.per_call, 0, 1)
-        for i in range(v.per_call):
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
-        self.tok = np.ctypeslib.as_array(self.batch.token, shape=(v.per_call,))
-        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(v.per_call,))
-        self.out = np.ctypeslib.as_array(ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)),
-                                         shape=(v.per_call,))
+        self.batch, self.tok, self.pos, self.out = llama.token_batch(v.per_call)
         rng = np.random.default_rng(0)
         self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
         self.chunk[0] = chunk[0]

@@ -287,25 +287,24 @@ class LlamaContext:
         self.info["decode_seconds"] = 0.0
         self.n_ubatch = int(p.n_ubatch)
         self._reduction: device_reduction.DeviceReduction | None = None
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        for i in range(self.n_batch):
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
-        self._tok = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
-        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
-        self._out = np.ctypeslib.as_array(
-            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
-        )
+        self.batch, self._tok, self._pos, self._out = token_batch(self.n_batch)
+
+    def _run(self, size: int, at: int) -> None:
+        """Decode the first ``size`` tokens of the batch (``at``: the position, for the error), the
+        call's time counted in ``decode_seconds``; not waited for."""
+        self.batch.n_tokens = size
+        t = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        self.info["decode_seconds"] += time.perf_counter() - t
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {at}")
 
     def _decode(self, size: int, at: int) -> np.ndarray | None:
         """Decode the first ``size`` tokens of the batch; a view of the logits rows asked for, valid
         until the next decode (None: none asked for)."""
-        self.batch.n_tokens = size
-        t = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc} at position {at}")
+        self._run(size, at)
         n_out = int(self._out[:size].sum())
+        t = time.perf_counter()
         ptr = llama_cpp.llama_get_logits(self.ctx) if n_out else None  # waits for the GPU
         self.info["decode_seconds"] += time.perf_counter() - t
         return None if ptr is None else np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
@@ -395,34 +394,28 @@ class LlamaContext:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         member_tokens = [self._bos(t) for t, _ in group]
         ubatches = self._micro_batches(group, n)
-        counts = [[int(group[s][1][a:b].sum()) for s, a, b in ubatch] for ubatch in ubatches]
+        # each micro-batch's (member, rows) in output order, and the ids of those rows
+        counts = [[(s, int(group[s][1][a:b].sum())) for s, a, b in ubatch] for ubatch in ubatches]
         done = [0] * len(group)
-        parts = []  # each micro-batch's rows' ids, in output order
-        for ubatch, ks in zip(ubatches, counts, strict=True):
-            for (s, _, _), k in zip(ubatch, ks, strict=True):
-                parts.append(ids[s][done[s] : done[s] + k])
-                done[s] += k
+        parts = []
+        for s, k in (block for ks in counts for block in ks):
+            parts.append(ids[s][done[s] : done[s] + k])
+            done[s] += k
         reduction.begin(np.concatenate(parts) if parts else np.zeros((0, reduction.width), np.int32))
         first = 0
         for ubatch, ks in zip(ubatches, counts, strict=True):
-            at = self._fill(ubatch, member_tokens, group)
-            reduction.next(first, sum(ks))
-            self.batch.n_tokens = at
-            t = time.perf_counter()
-            rc = llama_cpp.llama_decode(self.ctx, self.batch)
-            self.info["decode_seconds"] += time.perf_counter() - t
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} at position {ubatch[0][1]}")
-            first += sum(ks)
+            rows = sum(k for _, k in ks)
+            reduction.next(first, rows)
+            self._run(self._fill(ubatch, member_tokens, group), ubatch[0][1])
+            first += rows
         t = time.perf_counter()
         reduced = reduction.collect(first)  # waits for the device
         self.info["decode_seconds"] += time.perf_counter() - t
         first = 0
-        for ubatch, ks in zip(ubatches, counts, strict=True):
-            for (s, _, _), k in zip(ubatch, ks, strict=True):
-                if k:
-                    yield ScoredView(s, reduced[first : first + k], True)
-                first += k
+        for s, k in (block for ks in counts for block in ks):
+            if k:
+                yield ScoredView(s, reduced[first : first + k], True)
+            first += k
 
     def next_logits(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Decode ``tokens`` at positions ``start ..`` (0: from an empty cache) and return a view of
@@ -437,12 +430,7 @@ class LlamaContext:
             self._pos[:size] = np.arange(start + a, start + a + size, dtype=np.int32)
             self._out[:size] = 0
             self._out[size - 1] = a + size == tokens.size
-            self.batch.n_tokens = size
-            t = time.perf_counter()
-            rc = llama_cpp.llama_decode(self.ctx, self.batch)
-            self.info["decode_seconds"] += time.perf_counter() - t
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} at position {start + a}")
+            self._run(size, start + a)
         ptr = llama_cpp.llama_get_logits(self.ctx)
         row: np.ndarray = np.ctypeslib.as_array(ptr, shape=(1, self.model.n_vocab))[0]
         return row
@@ -473,6 +461,19 @@ class LlamaContext:
                 if self._reduction is not None:  # the context held its samplers: freed after it
                     self._reduction.detach(ctx_alive=False)
                     self._reduction = None
+
+
+def token_batch(n: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """A llama.cpp batch of ``n`` tokens, each in sequence 0, and numpy views of its tokens,
+    positions and output flags (free it with ``llama_batch_free``)."""
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    for i in range(n):
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+    tok = np.ctypeslib.as_array(batch.token, shape=(n,))
+    pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
+    out = np.ctypeslib.as_array(ctypes.cast(batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
+    return batch, tok, pos, out
 
 
 def _device_list(rpc_devices: list[str]) -> Any:
