@@ -43,6 +43,8 @@ class Variant:
     #: llama.cpp's greedy argmax ("greedy": the output head without our reduction) or our reduction
     #: read once per chunk ("reduced": what ``KVQ_DEVICE_REDUCTION=1`` decodes)
     scored: str = ""
+    #: llama.cpp's output buffers in plain host memory (``GGML_CUDA_NO_PINNED``), not pinned
+    unpinned: bool = False
 
 
 def _threads(n: int) -> Callable[[Any], None]:
@@ -82,6 +84,8 @@ def variants() -> list[Variant]:
         Variant("n_batch 2048 per call, last row", _set(n_batch=2048), per_call=2048, last_row=True),
         Variant("second half's rows: llama.cpp's argmax on the device", scored="greedy"),
         Variant("second half's rows: our reduction, one read per chunk", scored="reduced"),
+        Variant("our reduction, output buffers not pinned", scored="reduced", unpinned=True),
+        Variant("llama.cpp's argmax, output buffers not pinned", scored="greedy", unpinned=True),
     ]
 
 
@@ -90,11 +94,18 @@ class Run:
 
     def __init__(self, model: llama.LlamaModel, v: Variant, n_ctx: int, chunk: np.ndarray) -> None:
         self.v = v
+        if v.unpinned:  # read by ggml-cuda at each host-buffer allocation; this script has one thread
+            os.environ["GGML_CUDA_NO_PINNED"] = "1"
         p = llama._context_params(model, CacheConfig.parse(os.environ.get("KVQ_PROFILE_CACHE", "q8_0")), n_ctx, 1,
                                   max(512, v.per_call), 512)
         v.change(p)
+        t = time.perf_counter()
         self.ctx = llama_cpp.llama_init_from_model(model.model, p)
         assert self.ctx, f"no context for {v.name}"
+        self.created = time.perf_counter() - t
+        #: seconds of the context's first call with output rows, waited for before and after: where
+        #: llama.cpp sizes its output buffers (and reserves again after a sampler was attached)
+        self.first_scored: float | None = None
         self.batch, self.tok, self.pos, self.out = llama.token_batch(v.per_call)
         rng = np.random.default_rng(0)
         self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
@@ -131,8 +142,14 @@ class Run:
                 self.reduction.next(first, int(self.out[:size].sum()))
                 first += int(self.out[:size].sum())
             self.batch.n_tokens = size
+            first_scored = self.first_scored is None and bool(self.out[:size].any())
+            if first_scored:
+                llama_cpp.llama_synchronize(self.ctx)
             t = time.perf_counter()
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
+            if first_scored:
+                llama_cpp.llama_synchronize(self.ctx)
+                self.first_scored = time.perf_counter() - t
             inside += time.perf_counter() - t
             calls += 1
             if self.v.waited:
@@ -150,6 +167,8 @@ class Run:
             llama_cpp.llama_sampler_free(self.chain)
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
+        if self.v.unpinned:
+            os.environ.pop("GGML_CUDA_NO_PINNED", None)
 
 
 def bench(exe: str, model: str, n_ctx: int, extra: list[str]) -> str:
@@ -195,7 +214,8 @@ def main() -> None:
             print(f"round {rnd}: {v.name:<52} {args.ctx / s:>9,.0f} tok/s  {s:6.2f} s  "
                   f"{1e3 * inside / calls:6.2f} ms inside each of {calls} llama_decode calls, "
                   f"{logged / calls:.1f} debug lines per call; first {min(2048, args.ctx)} tokens of the context "
-                  f"{warm:.2f} s", flush=True)
+                  f"{warm:.2f} s (context made in {run.created:.2f} s, its first call with output rows "
+                  f"{run.first_scored or 0:.2f} s)", flush=True)
     model.close()
     if args.bench:
         for extra in (["-b", "512"], ["-b", "2048"], ["-b", "512", "-t", "4"]):

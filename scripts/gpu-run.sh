@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -327,4 +327,58 @@ if [ "$stage" = forward ]; then  # issue 17: our forward pass against llama-benc
     --out /tmp/fw --long 32768 --long-only --keep --model-dir /tmp/kvq-real --perplexity /tmp/kvq/bin/llama-perplexity \
     2>&1 | grep -v "^ *loaded" | tail -6
   cp /tmp/fw/*.json "$OUT/" 2>/dev/null
+fi
+if [ "$stage" = pinned-qwen ]; then  # issue 17: what a context's first scored decode costs with llama.cpp's output
+  # buffers pinned (the default) and in plain host memory (GGML_CUDA_NO_PINNED=1): the CUDA tests of the reduction, the
+  # profile and whole evaluations at n_ctx 32,768 on the Qwen geometry, then at 512 with the rows reduced on the host
+  # and on the device (start the build with GPU_TOOLS="llama-bench llama-perplexity")
+  $P tests/test_real_device_reduction.py -q 2>&1 | tail -2 | tee "$OUT/device-tests.txt"
+  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/pn --write-only \
+    --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --ctx 32768 --rounds 1 \
+    --only 0,10,11,12,13 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/pinned-qwen.txt"
+  for u in 1 0; do
+    NP=""; [ "$u" = 1 ] && NP="GGML_CUDA_NO_PINNED=1"
+    env $NP PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out "/tmp/pn/u$u" --long 32768 --long-only --keep \
+      --model-dir /tmp/kvq-real 2>&1 | grep -v "^ *loaded" | tail -4
+    cp "/tmp/pn/u$u/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-unpinned$u.json" 2>/dev/null
+  done
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 - <<'PY' | tee "$OUT/perplexity-32k.txt"
+import sys; sys.argv = ["x"]
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from real_geometry import forward_only_rate
+t = Path("/tmp/pn/u1/corpus.txt")
+print("llama-perplexity, Qwen geometry, n_ctx 32768:", forward_only_rate("/tmp/kvq/bin/llama-perplexity",
+      "/tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf", t, 32768, 2, 2048))
+PY
+  for d in 0 1; do
+    NP=""; [ "$d" = 1 ] && NP="GGML_CUDA_NO_PINNED=1"
+    env $NP PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=$d python3 benchmarks/real_geometry.py \
+      qwen3.6-35b-a3b --out "/tmp/pn/s$d" --ctx 512 --keep --model-dir /tmp/kvq-real 2>&1 | grep -v "^ *loaded" | tail -4
+    cp "/tmp/pn/s$d/qwen3.6-35b-a3b.json" "$OUT/qwen-512-device$d.json" 2>/dev/null
+  done
+fi
+if [ "$stage" = pinned-gemma ]; then  # issue 17, the same on the bundled Gemma: references built unpinned and pinned,
+  # issue 17's end-to-end measure with the rows reduced on the device, unpinned and pinned, alternated; the profile
+  mkdir -p /tmp/pn/no-gates
+  E="--kv-model gemma3-270m -m kvquality --kv-cache q8_0,q4_0,q8_0/q4_0,q4_0:norot --kv-thresholds=/tmp/pn/no-gates"
+  # the references built with the output buffers not pinned (a cache of its own), then pinned (the cache the runs use)
+  KVQ_CACHE_DIR=/tmp/pn/cache-u1 GGML_CUDA_NO_PINNED=1 /usr/bin/time -f "references built, unpinned: whole process %e s" \
+    $P $E --kv-json=/tmp/pn/build-u1.json 2>&1 | grep -E "whole|failed|rror" | tail -2
+  /usr/bin/time -f "references built, pinned: whole process %e s" $P $E --kv-json=/tmp/pn/build.json 2>&1 \
+    | grep -E "whole|failed|rror" | tail -2
+  for r in 1 2; do
+    for u in 1 0 h; do  # device unpinned, device pinned, host path (pinned)
+      NP=""; [ "$u" = 1 ] && NP="GGML_CUDA_NO_PINNED=1"
+      D=1; [ "$u" = h ] && D=0
+      env $NP KVQ_DEVICE_REDUCTION=$D /usr/bin/time -f "device=$D unpinned=$u run $r: \
+whole process %e s" $P $E --kv-json="/tmp/pn/d-u$u-$r.json" 2>&1 | grep -E "whole|failed|rror" | tail -2
+      python3 benchmarks/e2e_rate.py "/tmp/pn/d-u$u-$r.json" | tail -1
+    done
+  done
+  python3 benchmarks/forward_pass_profile.py --ctx 32768 --only 10,11,12,13 2>&1 \
+    | grep --line-buffered -E "^#|^round" | tee "$OUT/pinned-gemma.txt"
+  tar czf "$OUT/pinned.tar.gz" -C /tmp/pn --exclude='*.gguf' .
 fi
