@@ -5,6 +5,9 @@ bit; through llama.cpp they agree to float32 rounding (``tests/test_real_model.p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +111,23 @@ def test_it_runs_only_when_asked_for(monkeypatch: pytest.MonkeyPatch, said: str 
     else:
         monkeypatch.setenv("KVQ_DEVICE_REDUCTION", said)
     assert reduce_on_device() is expected
+
+
+@pytest.mark.parametrize(("env", "unpinned"), [
+    ({}, False),
+    ({"KVQ_DEVICE_REDUCTION": "1"}, True),
+    ({"KVQ_DEVICE_REDUCTION": "1", "KVQ_UNPINNED_OUTPUTS": "0"}, False),
+    ({"KVQ_UNPINNED_OUTPUTS": "1"}, True),
+])
+def test_output_buffers_are_unpinned_exactly_when_no_row_is_copied_out_of_them(env: dict[str, str],
+                                                                               unpinned: bool) -> None:
+    """A worker that reduces rows on the device gives llama.cpp's output buffers plain host memory
+    (``GGML_CUDA_NO_PINNED``, read by ggml-cuda at each allocation), set once before any context;
+    the host path, which copies every scored row into them, keeps them pinned."""
+    script = ("from pytest_kvquality.engine import llama; llama.init_backend(); import os; "
+              "print(os.environ.get('GGML_CUDA_NO_PINNED'))")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("KVQ_DEVICE_REDUCTION", "KVQ_UNPINNED_OUTPUTS", "GGML_CUDA_NO_PINNED")}
+    out = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[-1] == ("1" if unpinned else "None")

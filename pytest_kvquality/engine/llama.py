@@ -30,6 +30,7 @@ from ..environment import cpu_threads, default_cache_dir, env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
 from . import device_reduction, llama_devices
+from .pipeline import unpinned_output_buffers
 from .placement_cache import PlacementCache
 from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
 from .rpc import parse_servers
@@ -612,6 +613,9 @@ def init_backend() -> None:
         # grows the environment while another thread is inside llama.cpp (see LlamaContext._create)
         for name in ("LLAMA_ATTN_ROT_DISABLE", "GGML_SCHED_DEBUG"):
             os.environ.setdefault(name, "0")
+        # ggml-cuda tests for its presence at each host-buffer allocation: set once, before any context
+        if unpinned_output_buffers():
+            os.environ.setdefault("GGML_CUDA_NO_PINNED", "1")
         llama_cpp.llama_log_set(_log_to_stderr, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True

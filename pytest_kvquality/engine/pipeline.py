@@ -162,6 +162,17 @@ def reduce_on_device() -> bool:
     return env_flag("KVQ_DEVICE_REDUCTION", False) is True
 
 
+def unpinned_output_buffers() -> bool:
+    """Give llama.cpp's output buffers plain host memory instead of pinned (``GGML_CUDA_NO_PINNED``)?
+    ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows are reduced on the device.
+    Then no row is copied out of those buffers, so pinning them buys nothing, while pinning a
+    context's 2-4 GiB of sampling rows holds up the CUDA calls of the context decoding beside it
+    (H200, issue 17's measure: 14,100-14,900 scored tok/s unpinned against 11,400-11,500 pinned).
+    The host path copies every scored row into them and keeps them pinned."""
+    said = env_flag("KVQ_UNPINNED_OUTPUTS", None)
+    return reduce_on_device() if said is None else said
+
+
 def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
                     held: Callable[[int], list[Future[Any]]], ahead: bool) -> Generator[Iterable[T], None, None]:
     """Group g decoded by context ``g % n_contexts``, each after the reductions still reading the
