@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -381,4 +381,13 @@ whole process %e s" $P $E --kv-json="/tmp/pn/d-u$u-$r.json" 2>&1 | grep -E "whol
   python3 benchmarks/forward_pass_profile.py --ctx 32768 --only 10,11,12,13 2>&1 \
     | grep --line-buffered -E "^#|^round" | tee "$OUT/pinned-gemma.txt"
   tar czf "$OUT/pinned.tar.gz" -C /tmp/pn --exclude='*.gguf' .
+fi
+if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a 32,768-token chunk, forward pass alone against
+  # the second half's rows reduced on the device, and of a context's first use (CUPTI through torch.profiler)
+  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
+  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
+    --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/kernel_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,11 2>&1 \
+    | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-qwen.txt"
+  python3 benchmarks/kernel_trace.py --only 0,11 2>&1 | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-gemma.txt"
 fi

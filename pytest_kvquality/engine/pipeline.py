@@ -163,12 +163,15 @@ def reduce_on_device() -> bool:
 
 
 def unpinned_output_buffers() -> bool:
-    """Give llama.cpp's output buffers plain host memory instead of pinned (``GGML_CUDA_NO_PINNED``)?
+    """Give llama.cpp's host buffers plain memory instead of pinned (``GGML_CUDA_NO_PINNED``)?
     ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows are reduced on the device.
-    Then no row is copied out of those buffers, so pinning them buys nothing, while pinning a
+    Then no row is copied out of the output buffers, so pinning them buys nothing, while pinning a
     context's 2-4 GiB of sampling rows holds up the CUDA calls of the context decoding beside it
     (H200, issue 17's measure: 14,100-14,900 scored tok/s unpinned against 11,400-11,500 pinned).
-    The host path copies every scored row into them and keeps them pinned."""
+    The price: ggml's switch is per process, so the scheduler's small host buffer (each micro-batch's
+    input embeddings) is unpinned too, and its copy then waits for the GPU: a steady 32,768-token
+    chunk of the Qwen 3.6 geometry 5 % slower. The host path copies every scored row into the output
+    buffers and keeps them pinned."""
     said = env_flag("KVQ_UNPINNED_OUTPUTS", None)
     return reduce_on_device() if said is None else said
 
