@@ -154,11 +154,11 @@ def prepare_ahead(offloaded: bool) -> bool:
 def reduce_on_device() -> bool:
     """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)? Only when
     ``KVQ_DEVICE_REDUCTION=1`` asks. It is faster where copying rows bounds the rate (H200: the
-    bundled Gemma's four-configuration run 12,700-13,800 scored tok/s against 8,900-10,200; a
-    32,768-token chunk 2.06 s against 2.54 s), but while a backend sampler is attached llama.cpp
-    reserves four n_vocab-wide host rows per output row (2 GiB of pinned memory for a 512-row
-    micro-batch at a 262,144-token vocabulary, against the 0.5 GiB the n_ctx 32,768 memory target
-    allows), and on the Qwen 3.6 35B-A3B geometry at n_ctx 512 it was slower."""
+    bundled Gemma's four-configuration run 14,100-14,900 scored tok/s against 9,600-10,900, with
+    the host buffers unpinned), but while a backend sampler is attached llama.cpp reserves four
+    n_vocab-wide host rows per output row (2 GiB for a 512-row micro-batch at a 262,144-token
+    vocabulary, against the 0.5 GiB the n_ctx 32,768 memory target allows), and its normalizer is
+    ggml's, equal to the host pass's only to float32 rounding."""
     return env_flag("KVQ_DEVICE_REDUCTION", False) is True
 
 
