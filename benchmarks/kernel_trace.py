@@ -31,15 +31,23 @@ from pytest_kvquality.engine.protocol import ModelLoad
 from pytest_kvquality.resolve import bundled_gguf
 
 
-def kernel_times(prof: object) -> tuple[dict[str, float], dict[str, int]]:
-    """Summed microseconds and launches per kernel name, from the profiler's device events."""
+def kernel_times(prof: object, on_device: bool = True) -> tuple[dict[str, float], dict[str, int]]:
+    """Summed microseconds and count per name, from the profiler's events: the kernels and copies
+    on the device, or (``on_device`` False) the host's CUDA runtime calls (cudaMallocHost,
+    cudaStreamSynchronize, cudaGraphInstantiate, ...), where a context's first use waits."""
     total: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     for e in prof.events():  # type: ignore[attr-defined]
-        if str(getattr(e, "device_type", "")).endswith("CUDA"):  # a kernel or copy on the device
+        device = str(getattr(e, "device_type", "")).endswith("CUDA")
+        if device if on_device else e.name.startswith("cuda"):
             total[e.name] += e.time_range.elapsed_us()
             count[e.name] += 1
     return total, count
+
+
+def show(total: dict[str, float], count: dict[str, int], rows: int) -> None:
+    for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:rows]:
+        print(f"  {us / 1e3:10.1f} ms  {count[name]:6d}x  {name[:110]}", flush=True)
 
 
 def main() -> None:
@@ -69,7 +77,8 @@ def main() -> None:
         busy = sum(kernel_times(first)[0].values()) / 1e6
         print(f"\n## {i}: {v.name}: first {min(2048, args.ctx)} tokens of the context {warm:.3f} s, kernels "
               f"{busy:.3f} s, GPU waiting {warm - busy:.3f} s (its first call with output rows "
-              f"{run.first_scored or 0:.3f} s)", flush=True)
+              f"{run.first_scored or 0:.3f} s); the CUDA runtime calls it made:", flush=True)
+        show(*kernel_times(first, on_device=False), args.rows)
         run.decode(args.ctx)  # once more untraced, so the traced chunk is a steady one
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -81,8 +90,9 @@ def main() -> None:
         seen[i] = total
         print(f"\n## {i}: {v.name}: chunk {wall:.3f} s ({traced:.3f} s with the trace), kernels {busy:.3f} s, "
               f"GPU waiting {wall - busy:.3f} s, {sum(count.values())} launches", flush=True)
-        for name, us in sorted(total.items(), key=lambda kv: -kv[1])[: args.rows]:
-            print(f"  {us / 1e3:10.1f} ms  {count[name]:6d}x  {name[:110]}", flush=True)
+        show(total, count, args.rows)
+        print("  the CUDA runtime calls of the chunk:", flush=True)
+        show(*kernel_times(prof, on_device=False), 8)
     if len(seen) == 2:
         (a, ta), (b, tb) = sorted(seen.items())
         print(f"\n## kernels that take longer in {b} than in {a}", flush=True)
