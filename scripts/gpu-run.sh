@@ -390,4 +390,7 @@ if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a 32,768-token c
   python3 benchmarks/kernel_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,11 2>&1 \
     | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-qwen.txt"
   python3 benchmarks/kernel_trace.py --only 0,11 2>&1 | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-gemma.txt"
+  # pinned against unpinned host buffers, the reduction on both: the runtime calls of a context's first use
+  python3 benchmarks/kernel_trace.py --only 11,12 --rows 15 2>&1 | grep --line-buffered -E "^#|^ |^$" \
+    | tee "$OUT/trace-gemma-pinned.txt"
 fi
