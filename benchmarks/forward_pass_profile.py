@@ -43,8 +43,11 @@ class Variant:
     #: llama.cpp's greedy argmax ("greedy": the output head without our reduction) or our reduction
     #: read once per chunk ("reduced": what ``KVQ_DEVICE_REDUCTION=1`` decodes)
     scored: str = ""
-    #: llama.cpp's output buffers in plain host memory (``GGML_CUDA_NO_PINNED``), not pinned
-    unpinned: bool = False
+    #: llama.cpp's host buffers in plain memory (``GGML_CUDA_NO_PINNED``): "all" of them, as the engine
+    #: does with the device reduction, or "outputs" only: the variable set just around the context's
+    #: first call with output rows, where llama.cpp sizes its output buffers (its compute buffers were
+    #: reserved pinned at the first call after the sampler was attached)
+    unpinned: str = ""
 
 
 def _threads(n: int) -> Callable[[Any], None]:
@@ -84,8 +87,9 @@ def variants() -> list[Variant]:
         Variant("n_batch 2048 per call, last row", _set(n_batch=2048), per_call=2048, last_row=True),
         Variant("second half's rows: llama.cpp's argmax on the device", scored="greedy"),
         Variant("second half's rows: our reduction, one read per chunk", scored="reduced"),
-        Variant("our reduction, output buffers not pinned", scored="reduced", unpinned=True),
-        Variant("llama.cpp's argmax, output buffers not pinned", scored="greedy", unpinned=True),
+        Variant("our reduction, host buffers not pinned", scored="reduced", unpinned="all"),
+        Variant("llama.cpp's argmax, host buffers not pinned", scored="greedy", unpinned="all"),
+        Variant("our reduction, only the output buffers not pinned", scored="reduced", unpinned="outputs"),
     ]
 
 
@@ -94,7 +98,7 @@ class Run:
 
     def __init__(self, model: llama.LlamaModel, v: Variant, n_ctx: int, chunk: np.ndarray) -> None:
         self.v = v
-        if v.unpinned:  # read by ggml-cuda at each host-buffer allocation; this script has one thread
+        if v.unpinned == "all":  # read by ggml-cuda at each host-buffer allocation; this script has one thread
             os.environ["GGML_CUDA_NO_PINNED"] = "1"
         p = llama._context_params(model, CacheConfig.parse(os.environ.get("KVQ_PROFILE_CACHE", "q8_0")), n_ctx, 1,
                                   max(512, v.per_call), 512)
@@ -145,11 +149,15 @@ class Run:
             first_scored = self.first_scored is None and bool(self.out[:size].any())
             if first_scored:
                 llama_cpp.llama_synchronize(self.ctx)
+                if self.v.unpinned == "outputs":
+                    os.environ["GGML_CUDA_NO_PINNED"] = "1"
             t = time.perf_counter()
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
             if first_scored:
                 llama_cpp.llama_synchronize(self.ctx)
                 self.first_scored = time.perf_counter() - t
+                if self.v.unpinned == "outputs":
+                    os.environ.pop("GGML_CUDA_NO_PINNED", None)
             inside += time.perf_counter() - t
             calls += 1
             if self.v.waited:
@@ -167,7 +175,7 @@ class Run:
             llama_cpp.llama_sampler_free(self.chain)
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
-        if self.v.unpinned:
+        if self.v.unpinned == "all":
             os.environ.pop("GGML_CUDA_NO_PINNED", None)
 
 

@@ -390,6 +390,12 @@ if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a 32,768-token c
   python3 benchmarks/kernel_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,11 2>&1 \
     | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-qwen.txt"
   python3 benchmarks/kernel_trace.py --only 0,11 2>&1 | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-gemma.txt"
+  # all host buffers unpinned (the engine's way) against only the output buffers (flipped around the first call
+  # with output rows, in the profile's one thread), against pinned: first use and steady chunk
+  python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 11,12,14 2>&1 \
+    | grep --line-buffered -E "^#|^round" | tee "$OUT/outputs-unpinned-qwen.txt"
+  python3 benchmarks/forward_pass_profile.py --only 11,12,14 2>&1 | grep --line-buffered -E "^#|^round" \
+    | tee "$OUT/outputs-unpinned-gemma.txt"
   # pinned against unpinned host buffers, the reduction on both: the runtime calls of a context's first use
   python3 benchmarks/kernel_trace.py --only 11,12 --rows 15 2>&1 | grep --line-buffered -E "^#|^ |^$" \
     | tee "$OUT/trace-gemma-pinned.txt"
