@@ -13,6 +13,8 @@ export KVQ_CACHE_DIR="${KVQ_CACHE_DIR:-/tmp/kvq-cache}" KVQ_GEMMA_GGUF="${KVQ_GP
 REG="$KVQ_CACHE_DIR/registry.yaml"; mkdir -p "$KVQ_CACHE_DIR"
 printf 'version: 1\nmodels:\n  gemma3-270m:\n    path: %s\n    chat_template: gemma3\n' "$KVQ_GPU_MODEL" > "$REG"
 P="python3 -m pytest -p pytest_kvquality.plugin -p no:cacheprovider --kv-registry=$REG"
+# the Python path with the gguf writer of the llama.cpp just built (benchmarks/real_geometry.py writes models with it)
+WITH_GGUF="${PYTHONPATH:-}:$PWD:$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py 2>/dev/null)"
 stage="${1:-all}"
 T=""; [ -x /usr/bin/time ] && T="/usr/bin/time -v"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
@@ -307,7 +309,7 @@ PY
 fi
 if [ "$stage" = device-geometry ]; then  # issue 17: the Qwen 3.6 35B-A3B geometry at n_ctx 512 and 32,768 with the
   # rows reduced on the GPU, against llama-bench's forward-only rate
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)" \
+  PYTHONPATH="$WITH_GGUF" \
     KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/dg --ctx 512 --long 32768 \
     --bench /tmp/kvq/bin/llama-bench 2>&1 | grep -v "^ *loaded" | tail -12
   cp /tmp/dg/*.json "$OUT/" 2>/dev/null
@@ -317,13 +319,12 @@ if [ "$stage" = forward ]; then  # issue 17: our forward pass against llama-benc
   # (start the build with GPU_TOOLS="llama-bench llama-perplexity")
   python3 benchmarks/forward_pass_profile.py --ctx 32768 --bench /tmp/kvq/bin/llama-bench 2>&1 \
     | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/forward-gemma.txt"
-  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/fw --write-only \
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/fw --write-only \
     --keep --model-dir /tmp/kvq-real
   python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --ctx 32768 --rounds 1 \
     --only 0,2,10,11 --bench /tmp/kvq/bin/llama-bench 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" \
     | tee "$OUT/forward-qwen.txt"
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b \
+  PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b \
     --out /tmp/fw --long 32768 --long-only --keep --model-dir /tmp/kvq-real --perplexity /tmp/kvq/bin/llama-perplexity \
     2>&1 | grep -v "^ *loaded" | tail -6
   cp /tmp/fw/*.json "$OUT/" 2>/dev/null
@@ -333,19 +334,18 @@ if [ "$stage" = pinned-qwen ]; then  # issue 17: what a context's first scored d
   # profile and whole evaluations at n_ctx 32,768 on the Qwen geometry, then at 512 with the rows reduced on the host
   # and on the device (start the build with GPU_TOOLS="llama-bench llama-perplexity")
   $P tests/test_real_device_reduction.py -q 2>&1 | tail -2 | tee "$OUT/device-tests.txt"
-  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/pn --write-only \
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/pn --write-only \
     --keep --model-dir /tmp/kvq-real
   python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --ctx 32768 --rounds 1 \
     --only 0,10,11,12,13 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/pinned-qwen.txt"
   for u in 1 0; do
     NP=""; [ "$u" = 1 ] && NP="GGML_CUDA_NO_PINNED=1"
-    env $NP PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out "/tmp/pn/u$u" --long 32768 --long-only --keep \
+    env $NP PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out "/tmp/pn/u$u" --long 32768 --long-only --keep \
       --model-dir /tmp/kvq-real 2>&1 | grep -v "^ *loaded" | tail -4
     cp "/tmp/pn/u$u/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-unpinned$u.json" 2>/dev/null
   done
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 - <<'PY' | tee "$OUT/perplexity-32k.txt"
-import sys; sys.argv = ["x"]
+  PYTHONPATH="$WITH_GGUF" python3 - <<'PY' | tee "$OUT/perplexity-32k.txt"
+import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from real_geometry import forward_only_rate
@@ -355,7 +355,7 @@ print("llama-perplexity, Qwen geometry, n_ctx 32768:", forward_only_rate("/tmp/k
 PY
   for d in 0 1; do
     NP=""; [ "$d" = 1 ] && NP="GGML_CUDA_NO_PINNED=1"
-    env $NP PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" KVQ_DEVICE_REDUCTION=$d python3 benchmarks/real_geometry.py \
+    env $NP PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=$d python3 benchmarks/real_geometry.py \
       qwen3.6-35b-a3b --out "/tmp/pn/s$d" --ctx 512 --keep --model-dir /tmp/kvq-real 2>&1 | grep -v "^ *loaded" | tail -4
     cp "/tmp/pn/s$d/qwen3.6-35b-a3b.json" "$OUT/qwen-512-device$d.json" 2>/dev/null
   done
@@ -384,8 +384,7 @@ whole process %e s" $P $E --kv-json="/tmp/pn/d-u$u-$r.json" 2>&1 | grep -E "whol
 fi
 if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a 32,768-token chunk, forward pass alone against
   # the second half's rows reduced on the device, and of a context's first use (CUPTI through torch.profiler)
-  G="$(ls -d /tmp/kvq/src/llama_cpp_python-*/vendor/llama.cpp/gguf-py)"
-  PYTHONPATH="${PYTHONPATH:-}:$PWD:$G" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
     --keep --model-dir /tmp/kvq-real
   python3 benchmarks/kernel_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,11 2>&1 \
     | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-qwen.txt"
