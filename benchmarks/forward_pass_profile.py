@@ -126,8 +126,10 @@ class Run:
             self.reduction = device_reduction.DeviceReduction(dll, self.ctx, model.n_vocab, 242, n_ctx, 1)
             self.ids = rng.integers(0, model.n_vocab, (n_ctx, 242)).astype(np.int32)
 
-    def decode(self, upto: int) -> tuple[float, float, int]:
-        """Seconds for the first ``upto`` tokens from an empty cache; seconds inside llama_decode; calls."""
+    def decode(self, upto: int, around: Callable[[int, bool], None] | None = None) -> tuple[float, float, int]:
+        """Seconds for the first ``upto`` tokens from an empty cache; seconds inside llama_decode; calls.
+        ``around(call, before)`` runs just before and just after each llama_decode call (kernel_trace.py
+        starts and stops its profiler there)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         llama_cpp.llama_synchronize(self.ctx)
         scored = np.arange(upto) >= upto // 2 if self.v.scored else np.zeros(upto, bool)
@@ -151,8 +153,12 @@ class Run:
                 llama_cpp.llama_synchronize(self.ctx)
                 if self.v.unpinned == "outputs":
                     os.environ["GGML_CUDA_NO_PINNED"] = "1"
+            if around is not None:
+                around(calls, True)
             t = time.perf_counter()
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
+            if around is not None:
+                around(calls, False)
             if first_scored:
                 llama_cpp.llama_synchronize(self.ctx)
                 self.first_scored = time.perf_counter() - t

@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -382,20 +382,26 @@ whole process %e s" $P $E --kv-json="/tmp/pn/d-u$u-$r.json" 2>&1 | grep -E "whol
     | grep --line-buffered -E "^#|^round" | tee "$OUT/pinned-gemma.txt"
   tar czf "$OUT/pinned.tar.gz" -C /tmp/pn --exclude='*.gguf' .
 fi
-if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a 32,768-token chunk, forward pass alone against
-  # the second half's rows reduced on the device, and of a context's first use (CUPTI through torch.profiler)
+if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a steady 32,768-token chunk's last call without
+  # output rows and of its first with them (ncu), Qwen 3.6 geometry, rows reduced on the device
   PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
     --keep --model-dir /tmp/kvq-real
-  python3 benchmarks/kernel_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,11 2>&1 \
-    | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-qwen.txt"
-  python3 benchmarks/kernel_trace.py --only 0,11 2>&1 | grep --line-buffered -E "^#|^ |^$" | tee "$OUT/trace-gemma.txt"
-  # all host buffers unpinned (the engine's way) against only the output buffers (flipped around the first call
-  # with output rows, in the profile's one thread), against pinned: first use and steady chunk
-  python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 11,12,14 2>&1 \
-    | grep --line-buffered -E "^#|^round" | tee "$OUT/outputs-unpinned-qwen.txt"
-  python3 benchmarks/forward_pass_profile.py --only 11,12,14 2>&1 | grep --line-buffered -E "^#|^round" \
-    | tee "$OUT/outputs-unpinned-gemma.txt"
-  # pinned against unpinned host buffers, the reduction on both: the runtime calls of a context's first use
-  python3 benchmarks/kernel_trace.py --only 11,12 --rows 15 2>&1 | grep --line-buffered -E "^#|^ |^$" \
-    | tee "$OUT/trace-gemma-pinned.txt"
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  "$NCU" --version > "$OUT/ncu.txt" 2>&1
+  python3 benchmarks/kernel_trace.py --ncu "$NCU" --timeout 200 ${TRACE_STEADY_ONLY:+--steady-only} \
+    --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf 2>&1 | tee "$OUT/trace-qwen.txt"
+fi
+if [ "$stage" = outputs ]; then  # issue 17: the engine with only llama.cpp's output buffers unpinned
+  # (engine/host_pinning) on whole evaluations at n_ctx 32,768, Qwen 3.6 geometry; then a context's first call
+  # with output rows, all host buffers unpinned, with and without malloc's huge pages (their clearing the suspect)
+  PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/ou \
+    --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 | grep -v "^ *loaded" | tail -4
+  cp /tmp/ou/qwen3.6-35b-a3b.json "$OUT/qwen-32k-outputs-unpinned.json" 2>/dev/null
+  { grep . /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag; ldd --version | head -1
+    free -g | head -2; } > "$OUT/host.txt" 2>&1
+  for tun in "" glibc.malloc.hugetlb=1; do
+    GLIBC_TUNABLES=$tun python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf \
+      --only 12 --rounds 1 2>&1 | grep --line-buffered -E "^#|^round" | sed "s/^/[${tun:-default}] /" \
+      | tee -a "$OUT/first-use-qwen.txt"
+  done
 fi
