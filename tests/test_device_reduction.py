@@ -121,13 +121,14 @@ def test_it_runs_only_when_asked_for(monkeypatch: pytest.MonkeyPatch, said: str 
 ])
 def test_output_buffers_are_unpinned_exactly_when_no_row_is_copied_out_of_them(env: dict[str, str],
                                                                                unpinned: bool) -> None:
-    """A worker that reduces rows on the device gives llama.cpp's output buffers plain host memory
-    (``GGML_CUDA_NO_PINNED``, read by ggml-cuda at each allocation), set once before any context;
-    the host path, which copies every scored row into them, keeps them pinned."""
-    script = ("from pytest_kvquality.engine import llama; llama.init_backend(); import os; "
-              "print(os.environ.get('GGML_CUDA_NO_PINNED'))")
+    """A worker that reduces rows on the device installs the switch that gives llama.cpp's output
+    buffers plain host memory (``engine/host_pinning``), before any context, and nothing else is
+    unpinned; the host path, which copies every scored row into them, keeps them pinned. Which
+    decodes flip it: ``tests/test_real_device_reduction.py``."""
+    script = ("from pytest_kvquality.engine import llama, host_pinning; llama.init_backend(); import os; "
+              "print(host_pinning.installed(), host_pinning.visible(), os.environ.get('GGML_CUDA_NO_PINNED'))")
     clean = {k: v for k, v in os.environ.items()
              if k not in ("KVQ_DEVICE_REDUCTION", "KVQ_UNPINNED_OUTPUTS", "GGML_CUDA_NO_PINNED")}
     out = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out[-1] == ("1" if unpinned else "None")
+    assert out[-3:] == [str(unpinned), "False", "None"]

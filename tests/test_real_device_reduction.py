@@ -6,6 +6,7 @@ same forward pass), the argmax is the same, the log-normalizer is the host's to 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,63 @@ def test_an_evaluation_reduced_on_the_device_agrees_with_the_host(
     for name in ("kld", "nll", "p_diff"):
         assert np.abs(getattr(host.stats, name) - getattr(device.stats, name)).max() < 2e-5, name
     assert np.array_equal(host.stats.nll_base, device.stats.nll_base)  # the reference's, untouched
+
+
+#: which decodes see GGML_CUDA_NO_PINNED: llama_decode wrapped to record it with the call's output rows
+PINNING = r'''
+import json, sys
+import llama_cpp
+from pytest_kvquality.engine import host_pinning
+from pytest_kvquality.engine.llama import LlamaBackend, init_backend
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+import numpy as np
+
+calls = []
+decode = llama_cpp.llama_decode
+def recorded(ctx, batch):
+    calls.append((sum(batch.logits[i] != 0 for i in range(batch.n_tokens)), host_pinning.visible()))
+    return decode(ctx, batch)
+llama_cpp.llama_decode = recorded
+
+init_backend()
+model = LlamaBackend().load(ModelLoad(sys.argv[1], int(sys.argv[2])))
+chunk = chunk_tokens(model.tokenize(builtin_corpus().texts["coding"]), 128, 1, "coding")[0]
+want = np.zeros(128, bool)
+want[80:] = True  # micro-batches of 32: 0, 0, 16, 32 rows
+ids = [np.zeros((48, 8), np.int32)]
+for _ in range(2):  # a second context grows its own buffers
+    ctx = model.context(CacheConfig.parse("q8_0"), 128, 1, 32)
+    for _ in range(2):
+        list(ctx.reduced_rows([(chunk, want)], ids))
+    list(ctx.scored_logits([(chunk, want)]))  # the host path: pinned
+    ctx.close()
+print(json.dumps(calls), host_pinning.visible())
+'''
+
+
+@pytest.mark.parametrize("on_device", ["1", "0"])
+def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(
+    tmp_path: Path, gemma: ModelLoad, on_device: str
+) -> None:
+    """Reduced on the device, a context's decodes that ask for more output rows than any before it
+    run with ``GGML_CUDA_NO_PINNED`` visible (llama.cpp grows its output buffers there, into plain
+    memory); every other decode, the host path's included, sees it hidden. Without the device
+    reduction the switch is not installed at all."""
+    script = tmp_path / "pinning.py"
+    script.write_text(PINNING, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("GGML_CUDA_NO_PINNED", "KVQ_UNPINNED_OUTPUTS")}
+    done = subprocess.run([sys.executable, str(script), gemma.path, str(gemma.gpu_layers)],
+                          env={**env, "KVQ_DEVICE_REDUCTION": on_device}, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    calls, after = json.loads(line.rsplit(" ", 1)[0]), line.rsplit(" ", 1)[1]
+    host = [[0, False], [0, False], [16, False], [32, False]]
+    reduced = [[0, False], [0, False], [16, True], [32, True], *host]  # the second time nothing grows
+    if on_device == "1":
+        assert calls == (reduced + host) * 2
+    else:
+        assert all(not seen for _, seen in calls)
+    assert after == "False"

@@ -29,7 +29,7 @@ from ..cache_config import GGML_TYPE_IDS, CacheConfig
 from ..environment import cpu_threads, default_cache_dir, env_flag
 from ..files import atomic_produce
 from ..llama_log import OUT_OF_MEMORY, context_log_facts, kv_placement, model_buffers
-from . import device_reduction, llama_devices
+from . import device_reduction, host_pinning, llama_devices
 from .pipeline import unpinned_output_buffers
 from .placement_cache import PlacementCache
 from .protocol import BackendInfo, ModelFacts, ModelLoad, ScoredView, TokenPieces, group_length
@@ -288,6 +288,8 @@ class LlamaContext:
         self.info["decode_seconds"] = 0.0
         self.n_ubatch = int(p.n_ubatch)
         self._reduction: device_reduction.DeviceReduction | None = None
+        #: the most output rows one decode of this context asked for: llama.cpp's output buffers hold them
+        self._output_rows = 0
         self.batch, self._tok, self._pos, self._out = token_batch(self.n_batch)
 
     def _run(self, size: int, at: int) -> None:
@@ -319,9 +321,10 @@ class LlamaContext:
     def scored_logits(self, group: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[ScoredView]:
         """Decode the group from an empty cache (``LogitsContext.scored_logits``)."""
         n = group_length(group, self.n_seq, self.n_ctx)
-        if self._reduction is not None:  # raw logits again
+        if self._reduction is not None:  # raw logits again, in output buffers sized without the sampler
             self._reduction.detach(ctx_alive=True)
             self._reduction = None
+            self._output_rows = 0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         if self.n_seq > 1:
             # one call holding all the micro-batches, so the logits come back in batch order, not
@@ -407,7 +410,13 @@ class LlamaContext:
         for ubatch, ks in zip(ubatches, counts, strict=True):
             rows = sum(k for _, k in ks)
             reduction.next(first, rows)
-            self._run(self._fill(ubatch, member_tokens, group), ubatch[0][1])
+            size = self._fill(ubatch, member_tokens, group)
+            if rows > self._output_rows:  # llama.cpp grows its output buffers: nothing is read from them
+                with host_pinning.outputs_unpinned():
+                    self._run(size, ubatch[0][1])
+                self._output_rows = rows
+            else:
+                self._run(size, ubatch[0][1])
             first += rows
         t = time.perf_counter()
         reduced = reduction.collect(first)  # waits for the device
@@ -613,9 +622,9 @@ def init_backend() -> None:
         # grows the environment while another thread is inside llama.cpp (see LlamaContext._create)
         for name in ("LLAMA_ATTN_ROT_DISABLE", "GGML_SCHED_DEBUG"):
             os.environ.setdefault(name, "0")
-        # ggml-cuda tests for its presence at each host-buffer allocation: set once, before any context
+        # its switch for unpinned output buffers goes into the environment before any other thread
         if unpinned_output_buffers():
-            os.environ.setdefault("GGML_CUDA_NO_PINNED", "1")
+            host_pinning.install()
         llama_cpp.llama_log_set(_log_to_stderr, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True

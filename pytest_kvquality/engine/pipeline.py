@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -151,29 +151,35 @@ def prepare_ahead(offloaded: bool) -> bool:
     return offloaded if said is None else said
 
 
-def reduce_on_device() -> bool:
+def reduce_on_device(env: Mapping[str, str] | None = None) -> bool:
     """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)? Only when
     ``KVQ_DEVICE_REDUCTION=1`` asks. It is faster where copying rows bounds the rate (H200: the
     bundled Gemma's four-configuration run 14,100-14,900 scored tok/s against 9,600-10,900, with
-    the host buffers unpinned), but while a backend sampler is attached llama.cpp reserves four
+    the output buffers unpinned), but while a backend sampler is attached llama.cpp reserves four
     n_vocab-wide host rows per output row (2 GiB for a 512-row micro-batch at a 262,144-token
     vocabulary, against the 0.5 GiB the n_ctx 32,768 memory target allows), and its normalizer is
     ggml's, equal to the host pass's only to float32 rounding."""
-    return env_flag("KVQ_DEVICE_REDUCTION", False) is True
+    return env_flag("KVQ_DEVICE_REDUCTION", False, env) is True
 
 
-def unpinned_output_buffers() -> bool:
-    """Give llama.cpp's host buffers plain memory instead of pinned (``GGML_CUDA_NO_PINNED``)?
+def unpinned_output_buffers(env: Mapping[str, str] | None = None) -> bool:
+    """Give llama.cpp's output buffers plain memory instead of pinned (``engine/host_pinning``)?
     ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows are reduced on the device.
-    Then no row is copied out of the output buffers, so pinning them buys nothing, while pinning a
-    context's 2-4 GiB of sampling rows holds up the CUDA calls of the context decoding beside it
-    (H200, issue 17's measure: 14,100-14,900 scored tok/s unpinned against 11,400-11,500 pinned).
-    The price: ggml's switch is per process, so the scheduler's small host buffer (each micro-batch's
-    input embeddings) is unpinned too, and its copy then waits for the GPU: a steady 32,768-token
-    chunk of the Qwen 3.6 geometry 5 % slower. The host path copies every scored row into the output
-    buffers and keeps them pinned."""
-    said = env_flag("KVQ_UNPINNED_OUTPUTS", None)
-    return reduce_on_device() if said is None else said
+    Then no row is copied out of them, so pinning them buys nothing, while pinning a context's 2-4
+    GiB of sampling rows holds up the CUDA calls of the context decoding beside it (H200, issue 17's
+    measure: 14,100-14,900 scored tok/s unpinned against 11,400-11,500 pinned). The host path
+    copies every scored row into them and keeps them pinned."""
+    said = env_flag("KVQ_UNPINNED_OUTPUTS", None, env)
+    return reduce_on_device(env) if said is None else said
+
+
+def huge_pages(env: Mapping[str, str] | None = None) -> bool:
+    """Ask glibc's malloc for transparent huge pages in the worker (``host_pinning.with_huge_pages``)?
+    ``KVQ_HUGE_PAGES=1/0`` decides; by default exactly when the output buffers are unpinned, where a
+    context's first scored decode clears 2-4 GiB of fresh plain memory (H200, Qwen 3.6 geometry:
+    that decode 0.58 s against 1.13 s; whole n_ctx 32,768 evaluations 8.7-9.1 s against 9.6-9.9 s)."""
+    said = env_flag("KVQ_HUGE_PAGES", None, env)
+    return unpinned_output_buffers(env) if said is None else said
 
 
 def decoded_in_turn(groups: list[G], decode: Callable[[int, G], Iterable[T]], n_contexts: int,
