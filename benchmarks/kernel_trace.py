@@ -8,11 +8,11 @@ segfaults (the numpy crash of shared/gpu/README.md).
 
 The script runs itself under ncu once per traced call, profiling only around that call
 (cuProfilerStart/Stop) and collecting one metric, the kernel's duration, so no kernel is replayed.
-The calls, of the profile's variant (default 11: the second half's rows reduced on the device): the
-context's first call with output rows (tokens 1,024-1,535 of its first 2,048), then, in a steady
-chunk after it, the last call without output rows and the first with them. Per call: the kernels'
-summed time and the kernels by time; then what the scored call adds, kernel by kernel. ncu
-serializes the kernels, so the sums are the GPU's work, not the wall time.
+The calls, of the profile's variant (default 11: the second half's rows reduced on the device): in
+a steady chunk, the last call without output rows and the first with them; then (unless
+``--steady-only``) the context's first call with output rows (tokens 1,024-1,535 of its first
+2,048). Per call: the kernels' summed time and the kernels by time; then what the scored call adds,
+kernel by kernel. ncu serializes the kernels, so the sums are the GPU's work, not the wall time.
 """
 
 from __future__ import annotations
