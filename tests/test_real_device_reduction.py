@@ -182,18 +182,18 @@ import numpy as np
 calls = []
 decode = llama_cpp.llama_decode
 def recorded(ctx, batch):
-    calls.append((sum(batch.logits[i] != 0 for i in range(batch.n_tokens)), host_pinning.visible()))
+    calls.append((batch.n_tokens, sum(batch.logits[i] != 0 for i in range(batch.n_tokens)), host_pinning.visible()))
     return decode(ctx, batch)
 llama_cpp.llama_decode = recorded
 
 init_backend()
 model = LlamaBackend().load(ModelLoad(sys.argv[1], int(sys.argv[2])))
 chunk = chunk_tokens(model.tokenize(builtin_corpus().texts["coding"]), 128, 1, "coding")[0]
-want = np.zeros(128, bool)
-want[80:] = True  # micro-batches of 32: 0, 0, 16, 32 rows
-ids = [np.zeros((48, 8), np.int32)]
-for _ in range(2):  # a second context grows its own buffers
-    ctx = model.context(CacheConfig.parse("q8_0"), 128, 1, 32)
+for first_scored in (80, 16):  # micro-batches of 32: 0, 0, 16, 32 rows; then 16, 32, 32, 32
+    want = np.zeros(128, bool)
+    want[first_scored:] = True
+    ids = [np.zeros((int(want.sum()), 8), np.int32)]
+    ctx = model.context(CacheConfig.parse("q8_0"), 128, 1, 32)  # a new context grows its own buffers
     for _ in range(2):
         list(ctx.reduced_rows([(chunk, want)], ids))
     list(ctx.scored_logits([(chunk, want)]))  # the host path: pinned
@@ -208,8 +208,10 @@ def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(
 ) -> None:
     """Reduced on the device, a context's decodes that ask for more output rows than any before it
     run with ``GGML_CUDA_NO_PINNED`` visible (llama.cpp grows its output buffers there, into plain
-    memory); every other decode, the host path's included, sees it hidden. Without the device
-    reduction the switch is not installed at all."""
+    memory); every other decode, the host path's included, sees it hidden. When the first decode
+    after the samplers are attached would grow them, a one-token decode without output rows comes
+    first, so llama.cpp's new reservation of its scheduler (input buffers) is made pinned. Without
+    the device reduction the switch is not installed and no decode is added."""
     script = tmp_path / "pinning.py"
     script.write_text(PINNING, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("GGML_CUDA_NO_PINNED", "KVQ_UNPINNED_OUTPUTS")}
@@ -219,10 +221,13 @@ def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
     calls, after = json.loads(line.rsplit(" ", 1)[0]), line.rsplit(" ", 1)[1]
-    host = [[0, False], [0, False], [16, False], [32, False]]
-    reduced = [[0, False], [0, False], [16, True], [32, True], *host]  # the second time nothing grows
+    late = [[32, 0, False], [32, 0, False], [32, 16, False], [32, 32, False]]  # rows from token 80
+    early = [[32, 16, False], [32, 32, False], [32, 32, False], [32, 32, False]]  # from token 16
     if on_device == "1":
-        assert calls == (reduced + host) * 2
+        assert calls == [
+            [32, 0, False], [32, 0, False], [32, 16, True], [32, 32, True], *late, *late,  # 2nd time: nothing grows
+            [1, 0, False], [32, 16, True], [32, 32, True], [32, 32, False], [32, 32, False], *early, *early,
+        ]
     else:
-        assert all(not seen for _, seen in calls)
+        assert calls == [*late, *late, *late, *early, *early, *early]
     assert after == "False"

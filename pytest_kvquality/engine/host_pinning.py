@@ -7,7 +7,9 @@ scheduler's host buffer (each micro-batch's input embeddings) must stay pinned, 
 for the GPU (H200, Qwen 3.6 geometry at n_ctx 32,768: a steady chunk 4.33 s with every host buffer
 unpinned, 4.06-4.14 s pinned, 4.12-4.14 s with only the output buffers unpinned).
 
-So the variable is made visible only around the decodes that grow a context's output buffers. It
+So the variable is made visible only around the decodes that grow a context's output buffers (the
+engine makes llama.cpp's new reservation of its scheduler, due after a sampler is attached, in a
+decode that grows none, ``LlamaContext._reserve_pinned``). It
 is put in the C environment once (``install``, before any other thread), under a name one letter
 off, and that letter is flipped in place: the environment's array never changes while other threads
 are inside llama.cpp, and a ``getenv`` reads either name whole.

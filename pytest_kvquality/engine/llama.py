@@ -290,6 +290,8 @@ class LlamaContext:
         self._reduction: device_reduction.DeviceReduction | None = None
         #: the most output rows one decode of this context asked for: llama.cpp's output buffers hold them
         self._output_rows = 0
+        #: whether llama.cpp has decoded since the reduction's samplers were attached (and so reserved again)
+        self._reserved = True
         self.batch, self._tok, self._pos, self._out = token_batch(self.n_batch)
 
     def _run(self, size: int, at: int) -> None:
@@ -387,7 +389,16 @@ class LlamaContext:
             # a group scores at most every row of its n_seq sequences
             self._reduction = device_reduction.DeviceReduction(dll, self.ctx, self.model.n_vocab, width,
                                                                self.n_seq * self.n_ctx, self.n_seq)
+            self._reserved = False
         return self._reduction
+
+    def _reserve_pinned(self, first_token: int) -> None:
+        """Make llama.cpp redo its scheduler's reservation (due after a sampler is attached) in a decode
+        that grows no output buffer, so that its host buffer of inputs stays pinned: one token without
+        output rows, the cache cleared after it."""
+        self._tok[0], self._pos[0], self._out[0] = first_token, 0, 0
+        self._run(1, 0)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
         """``scored_logits``'s micro-batches, one per decode, each row reduced on the device
@@ -406,6 +417,10 @@ class LlamaContext:
             parts.append(ids[s][done[s] : done[s] + k])
             done[s] += k
         reduction.begin(np.concatenate(parts) if parts else np.zeros((0, reduction.width), np.int32))
+        grows_first = bool(counts) and sum(k for _, k in counts[0]) > self._output_rows
+        if not self._reserved and grows_first and host_pinning.installed():
+            self._reserve_pinned(int(member_tokens[0][0]))
+        self._reserved = True
         first = 0
         for ubatch, ks in zip(ubatches, counts, strict=True):
             rows = sum(k for _, k in ks)
