@@ -155,10 +155,11 @@ def reduce_on_device(env: Mapping[str, str] | None = None) -> bool:
     """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)? Only when
     ``KVQ_DEVICE_REDUCTION=1`` asks. It is faster where copying rows bounds the rate (H200: the
     bundled Gemma's four-configuration run 14,100-14,900 scored tok/s against 9,600-10,900, with
-    the output buffers unpinned), but while a backend sampler is attached llama.cpp reserves four
-    n_vocab-wide host rows per output row (2 GiB for a 512-row micro-batch at a 262,144-token
-    vocabulary, against the 0.5 GiB the n_ctx 32,768 memory target allows), and its normalizer is
-    ggml's, equal to the host pass's only to float32 rounding."""
+    all of llama.cpp's host buffers unpinned; not measured again since only its output buffers
+    are), but while a backend sampler is attached llama.cpp reserves four n_vocab-wide host rows
+    per output row (2 GiB for a 512-row micro-batch at a 262,144-token vocabulary, against the 0.5
+    GiB the n_ctx 32,768 memory target allows), and its normalizer is ggml's, equal to the host
+    pass's only to float32 rounding."""
     return env_flag("KVQ_DEVICE_REDUCTION", False, env) is True
 
 
@@ -167,8 +168,8 @@ def unpinned_output_buffers(env: Mapping[str, str] | None = None) -> bool:
     ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows are reduced on the device.
     Then no row is copied out of them, so pinning them buys nothing, while pinning a context's 2-4
     GiB of sampling rows holds up the CUDA calls of the context decoding beside it (H200, issue 17's
-    measure: 14,100-14,900 scored tok/s unpinned against 11,400-11,500 pinned). The host path
-    copies every scored row into them and keeps them pinned."""
+    measure: 14,100-14,900 scored tok/s with all host buffers unpinned against 11,400-11,500
+    pinned). The host path copies every scored row into them and keeps them pinned."""
     said = env_flag("KVQ_UNPINNED_OUTPUTS", None, env)
     return reduce_on_device(env) if said is None else said
 
