@@ -90,6 +90,7 @@ def variants() -> list[Variant]:
         Variant("our reduction, host buffers not pinned", scored="reduced", unpinned="all"),
         Variant("llama.cpp's argmax, host buffers not pinned", scored="greedy", unpinned="all"),
         Variant("our reduction, only the output buffers not pinned", scored="reduced", unpinned="outputs"),
+        Variant("our reduction, each call waited for", scored="reduced", waited=True),
     ]
 
 
@@ -110,6 +111,8 @@ class Run:
         #: seconds of the context's first call with output rows, waited for before and after: where
         #: llama.cpp sizes its output buffers (and reserves again after a sampler was attached)
         self.first_scored: float | None = None
+        #: seconds inside each llama_decode call of the last ``decode``, and whether it had output rows
+        self.per_call: list[tuple[float, bool]] = []
         self.batch, self.tok, self.pos, self.out = llama.token_batch(v.per_call)
         rng = np.random.default_rng(0)
         self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
@@ -136,6 +139,7 @@ class Run:
         if self.reduction is not None:
             self.reduction.begin(self.ids[: int(scored.sum())])
         inside, calls, first = 0.0, 0, 0
+        self.per_call = []
         t0 = time.perf_counter()
         for a in range(0, upto, self.v.per_call):
             size = min(self.v.per_call, upto - a)
@@ -168,6 +172,9 @@ class Run:
             calls += 1
             if self.v.waited:
                 llama_cpp.llama_synchronize(self.ctx)
+            # waited: the call's host work and its GPU work one after the other (kernel_trace.py gives
+            # the GPU's part); else: how long the host stays inside llama_decode
+            self.per_call.append((time.perf_counter() - t, bool(self.out[:size].any())))
         if self.reduction is not None:
             self.reduction.collect(first)
         llama_cpp.llama_synchronize(self.ctx)
@@ -225,11 +232,14 @@ def main() -> None:
             s, inside, calls = run.decode(args.ctx)
             logged, llama._debug = len(llama._debug), None
             run.close()
+            split = {rows: [t for t, r in run.per_call if r == rows] for rows in (False, True)}
+            medians = ", ".join(f"median call {'with' if rows else 'without'} output rows "
+                                f"{1e3 * float(np.median(ts)):.2f} ms" for rows, ts in split.items() if ts)
             print(f"round {rnd}: {v.name:<52} {args.ctx / s:>9,.0f} tok/s  {s:6.2f} s  "
                   f"{1e3 * inside / calls:6.2f} ms inside each of {calls} llama_decode calls, "
                   f"{logged / calls:.1f} debug lines per call; first {min(2048, args.ctx)} tokens of the context "
                   f"{warm:.2f} s (context made in {run.created:.2f} s, its first call with output rows "
-                  f"{run.first_scored or 0:.2f} s)", flush=True)
+                  f"{run.first_scored or 0:.2f} s); {medians}", flush=True)
     model.close()
     if args.bench:
         for extra in (["-b", "512"], ["-b", "2048"], ["-b", "512", "-t", "4"]):

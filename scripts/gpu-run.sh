@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs | hostwait
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -390,6 +390,14 @@ if [ "$stage" = trace ]; then  # issue 17: every CUDA kernel of a steady 32,768-
   "$NCU" --version > "$OUT/ncu.txt" 2>&1
   python3 benchmarks/kernel_trace.py --ncu "$NCU" --timeout 200 ${TRACE_STEADY_ONLY:+--steady-only} \
     --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf 2>&1 | tee "$OUT/trace-qwen.txt"
+fi
+if [ "$stage" = hostwait ]; then  # issue 17: where a scored micro-batch's ~10 ms beyond its GPU work go: each
+  # call's median time inside llama_decode with and without output rows, not waited for (forward alone, the
+  # reduction) and waited for (the host's work plus the GPU's, one after the other; ncu gives the GPU's part)
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
+    --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --only 0,2,11,15 \
+    --rounds 2 2>&1 | grep --line-buffered -E "^#|^round" | tee "$OUT/hostwait-qwen.txt"
 fi
 if [ "$stage" = outputs ]; then  # issue 17: the engine with only llama.cpp's output buffers unpinned
   # (engine/host_pinning) on whole evaluations at n_ctx 32,768, Qwen 3.6 geometry; then a context's first call
