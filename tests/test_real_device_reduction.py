@@ -202,32 +202,26 @@ print(json.dumps(calls), host_pinning.visible())
 '''
 
 
-@pytest.mark.parametrize("on_device", ["1", "0"])
-def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(
-    tmp_path: Path, gemma: ModelLoad, on_device: str
-) -> None:
+def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(tmp_path: Path, gemma: ModelLoad) -> None:
     """Reduced on the device, a context's decodes that ask for more output rows than any before it
     run with ``GGML_CUDA_NO_PINNED`` visible (llama.cpp grows its output buffers there, into plain
     memory); every other decode, the host path's included, sees it hidden. When the first decode
     after the samplers are attached would grow them, a one-token decode without output rows comes
-    first, so llama.cpp's new reservation of its scheduler (input buffers) is made pinned. Without
-    the device reduction the switch is not installed and no decode is added."""
+    first, so llama.cpp's new reservation of its scheduler (input buffers) is made pinned. (Without
+    the device reduction the switch is not installed: ``tests/test_device_reduction.py``.)"""
     script = tmp_path / "pinning.py"
     script.write_text(PINNING, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("GGML_CUDA_NO_PINNED", "KVQ_UNPINNED_OUTPUTS")}
     done = subprocess.run([sys.executable, str(script), gemma.path, str(gemma.gpu_layers)],
-                          env={**env, "KVQ_DEVICE_REDUCTION": on_device}, capture_output=True, text=True,
+                          env={**env, "KVQ_DEVICE_REDUCTION": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
     calls, after = json.loads(line.rsplit(" ", 1)[0]), line.rsplit(" ", 1)[1]
     late = [[32, 0, False], [32, 0, False], [32, 16, False], [32, 32, False]]  # rows from token 80
     early = [[32, 16, False], [32, 32, False], [32, 32, False], [32, 32, False]]  # from token 16
-    if on_device == "1":
-        assert calls == [
-            [32, 0, False], [32, 0, False], [32, 16, True], [32, 32, True], *late, *late,  # 2nd time: nothing grows
-            [1, 0, False], [32, 16, True], [32, 32, True], [32, 32, False], [32, 32, False], *early, *early,
-        ]
-    else:
-        assert calls == [*late, *late, *late, *early, *early, *early]
+    assert calls == [
+        [32, 0, False], [32, 0, False], [32, 16, True], [32, 32, True], *late, *late,  # 2nd time: nothing grows
+        [1, 0, False], [32, 16, True], [32, 32, True], [32, 32, False], [32, 32, False], *early, *early,
+    ]
     assert after == "False"
