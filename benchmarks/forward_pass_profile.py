@@ -205,6 +205,14 @@ def bench(exe: str, model: str, n_ctx: int, extra: list[str]) -> str:
     return f"{float(values['avg_ts']):>9,.0f} tok/s (stddev {float(values['stddev_ts']):,.0f})"
 
 
+def model_and_chunk(path: str, n_ctx: int) -> tuple[llama.LlamaModel, np.ndarray]:
+    """The model on the GPU and one chunk of ``n_ctx`` tokens of the built-in corpus (repeated to fill it)."""
+    llama.init_backend()
+    model = llama.LlamaBackend().load(ModelLoad(path, -1))
+    tokens = model.tokenize("\n\n".join(builtin_corpus().texts.values()))
+    return model, chunk_tokens(np.tile(tokens, 1 + n_ctx // tokens.size), n_ctx, 1, "all")[0].copy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="")
@@ -214,11 +222,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant numbers (default: all)")
     args = ap.parse_args()
     path = args.model or str(bundled_gguf())
-    llama.init_backend()
-    model = llama.LlamaBackend().load(ModelLoad(path, -1))
-    text = "\n\n".join(builtin_corpus().texts.values())
-    tokens = model.tokenize(text)
-    chunk = chunk_tokens(np.tile(tokens, 1 + args.ctx // tokens.size), args.ctx, 1, "all")[0].copy()
+    model, chunk = model_and_chunk(path, args.ctx)
     chosen = [v for i, v in enumerate(variants()) if not args.only or str(i) in args.only.split(",")]
     print(f"# {path}, n_ctx {args.ctx}, cache {os.environ.get('KVQ_PROFILE_CACHE', 'q8_0')}, "
           f"one chunk per variant and round after 2,048 tokens of warm-up", flush=True)

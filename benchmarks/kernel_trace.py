@@ -30,7 +30,7 @@ from pathlib import Path
 import llama_cpp  # before numpy (engine/llama.py says why)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from forward_pass_profile import Run, variants
+from forward_pass_profile import Run, model_and_chunk, variants
 
 UNITS = {"nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3, "second": 1.0, "s": 1.0}
 
@@ -95,17 +95,8 @@ def show(kernels: list[tuple[str, float]], rows: int) -> dict[str, float]:
 
 def inner(args: argparse.Namespace) -> None:
     """Under ncu: decode as the profile does, profiling only the call named by ``args.inner``."""
-    import numpy as np
-
-    from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-    from pytest_kvquality.engine import llama
-    from pytest_kvquality.engine.protocol import ModelLoad
-
     cuda = ctypes.CDLL("libcuda.so.1")
-    llama.init_backend()
-    model = llama.LlamaBackend().load(ModelLoad(args.model, -1))
-    tokens = model.tokenize("\n\n".join(builtin_corpus().texts.values()))
-    chunk = chunk_tokens(np.tile(tokens, 1 + args.ctx // tokens.size), args.ctx, 1, "all")[0].copy()
+    model, chunk = model_and_chunk(args.model, args.ctx)
     run = Run(model, variants()[args.variant], args.ctx, chunk)
     kind, _, at = args.inner.partition(":")
     wanted = 2 if kind == "first" else int(at)  # 512 tokens a call: call 2 holds tokens 1,024-1,535

@@ -13,6 +13,7 @@ context, log capture, placement probe, quantizer), so no other module imports ``
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import threading
@@ -426,12 +427,10 @@ class LlamaContext:
             rows = sum(k for _, k in ks)
             reduction.next(first, rows)
             size = self._fill(ubatch, member_tokens, group)
-            if rows > self._output_rows:  # llama.cpp grows its output buffers: nothing is read from them
-                with host_pinning.outputs_unpinned():
-                    self._run(size, ubatch[0][1])
-                self._output_rows = rows
-            else:
+            # a decode that grows llama.cpp's output buffers makes them unpinned: nothing is read from them
+            with host_pinning.outputs_unpinned() if rows > self._output_rows else contextlib.nullcontext():
                 self._run(size, ubatch[0][1])
+            self._output_rows = max(self._output_rows, rows)
             first += rows
         t = time.perf_counter()
         reduced = reduction.collect(first)  # waits for the device
