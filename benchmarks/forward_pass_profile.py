@@ -149,8 +149,13 @@ class Run:
             if self.v.last_row:
                 self.out[size - 1] = 1
             if self.reduction is not None:
-                self.reduction.next(first, int(self.out[:size].sum()))
-                first += int(self.out[:size].sum())
+                rows = int(self.out[:size].sum())
+                if rows:
+                    self.reduction.next(first, rows)
+                else:  # as the engine does: one row into the trash row, so every graph holds the reduction
+                    self.out[size - 1] = 1
+                    self.reduction.trash(1)
+                first += rows
             self.batch.n_tokens = size
             first_scored = self.first_scored is None and bool(self.out[:size].any())
             if first_scored:

@@ -3,7 +3,7 @@
 # bundled Gemma on the full built-in corpus at n_ctx 512, long documents at n_ctx 8192, and the
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
-#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs | hostwait
+#          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs | hostwait | hosttrace | fixcheck | evals32k
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -412,4 +412,36 @@ if [ "$stage" = outputs ]; then  # issue 17: the engine with only llama.cpp's ou
       --only 12 --rounds 1 2>&1 | grep --line-buffered -E "^#|^round" | sed "s/^/[${tun:-default}] /" \
       | tee -a "$OUT/first-use-qwen.txt"
   done
+fi
+if [ "$stage" = hosttrace ]; then  # issue 17: the host's CUDA and scheduler calls inside each llama_decode of a steady
+  # 32,768-token chunk, forward pass alone and rows reduced on the device (benchmarks/host_trace.py); then the same
+  # two variants with ggml-cuda's CUDA graphs off, for what replaying them saves
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only \
+    --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/host_trace.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf --variants 0,11 2>&1 \
+    | tee "$OUT/hosttrace-qwen.txt"
+  GGML_CUDA_DISABLE_GRAPHS=1 python3 benchmarks/forward_pass_profile.py --model /tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf \
+    --only 0,11 --rounds 1 2>&1 | grep --line-buffered -E "^#|^round" | tee "$OUT/graphs-off-qwen.txt"
+fi
+if [ "$stage" = fixcheck ]; then  # issue 17: micro-batches without scored rows reduce one row into the trash row, so no
+  # decode re-reserves llama.cpp's compute buffers: the host trace and the profile again, the CUDA tests of the reduction
+  Q=/tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only --keep --model-dir /tmp/kvq-real
+  python3 benchmarks/host_trace.py --model $Q --variants 0,11 > "$OUT/hosttrace-fixed-qwen.txt" 2>&1
+  grep -v "^    " "$OUT/hosttrace-fixed-qwen.txt"
+  python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11,14 --rounds 2 2>&1 | grep --line-buffered -E "^#|^round" \
+    | tee "$OUT/profile-fixed-qwen.txt"
+  $P tests/test_real_device_reduction.py -q 2>&1 | tail -2 | tee "$OUT/device-tests.txt"
+fi
+if [ "$stage" = evals32k ]; then  # issue 17: whole evaluations, Qwen geometry, n_ctx 32,768, rows reduced on the device,
+  # glibc's default and malloc keeping freed memory in its heap (a context's output buffers reuse the previous one's
+  # pages), alternated
+  mkdir -p /tmp/ev
+  for r in ${EVAL_ROUNDS:-1 2}; do for m in default reuse; do
+    T=""; [ "$m" = reuse ] && T="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+    env ${T:+GLIBC_TUNABLES=$T} PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py \
+      qwen3.6-35b-a3b --out "/tmp/ev/$m-$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 \
+      | grep -v "^ *loaded" | tail -4
+    cp "/tmp/ev/$m-$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-$m-$r.json" 2>/dev/null
+  done; done
 fi

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytest_kvquality import synthetic
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
 from pytest_kvquality.engine.client import WorkerEngine
@@ -205,10 +206,11 @@ print(json.dumps(calls), host_pinning.visible())
 def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(tmp_path: Path, gemma: ModelLoad) -> None:
     """Reduced on the device, a context's decodes that ask for more output rows than any before it
     run with ``GGML_CUDA_NO_PINNED`` visible (llama.cpp grows its output buffers there, into plain
-    memory); every other decode, the host path's included, sees it hidden. When the first decode
-    after the samplers are attached would grow them, a one-token decode without output rows comes
-    first, so llama.cpp's new reservation of its scheduler (input buffers) is made pinned. (Without
-    the device reduction the switch is not installed: ``tests/test_device_reduction.py``.)"""
+    memory); every other decode, the host path's included, sees it hidden. Before the first decode
+    after the samplers are attached, a one-token decode with one output row comes first, so
+    llama.cpp's new reservation of its scheduler (input buffers) is made pinned. A micro-batch
+    without scored rows decodes one row (its last token's) into the trash row. (Without the device
+    reduction the switch is not installed: ``tests/test_device_reduction.py``.)"""
     script = tmp_path / "pinning.py"
     script.write_text(PINNING, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("GGML_CUDA_NO_PINNED", "KVQ_UNPINNED_OUTPUTS")}
@@ -218,10 +220,57 @@ def test_only_the_decodes_that_grow_the_output_buffers_see_them_unpinned(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
     calls, after = json.loads(line.rsplit(" ", 1)[0]), line.rsplit(" ", 1)[1]
-    late = [[32, 0, False], [32, 0, False], [32, 16, False], [32, 32, False]]  # rows from token 80
+    late = [[32, 1, False], [32, 1, False], [32, 16, False], [32, 32, False]]  # rows from token 80
+    host_late = [[32, 0, False], [32, 0, False], [32, 16, False], [32, 32, False]]  # no trash row there
     early = [[32, 16, False], [32, 32, False], [32, 32, False], [32, 32, False]]  # from token 16
     assert calls == [
-        [32, 0, False], [32, 0, False], [32, 16, True], [32, 32, True], *late, *late,  # 2nd time: nothing grows
-        [1, 0, False], [32, 16, True], [32, 32, True], [32, 32, False], [32, 32, False], *early, *early,
+        [1, 1, False], [32, 1, False], [32, 1, False], [32, 16, True], [32, 32, True], *late, *host_late,
+        [1, 1, False], [32, 16, True], [32, 32, True], [32, 32, False], [32, 32, False], *early, *early,
     ]
     assert after == "False"
+
+
+#: a group decoded twice on the device and twice on the host, on a model whose graph llama.cpp builds
+#: anew for every decode (qwen35moe: its recurrent state keeps it from reusing one), with all layers on
+#: a ggml-rpc-server, so that the scheduler holds two buffer types as with a GPU (its device's and the
+#: host's); GGML_SCHED_DEBUG_REALLOC=2 makes ggml abort at any reservation of its compute buffers
+#: after llama.cpp's own
+REALLOC = r'''
+import sys
+import llama_cpp
+from pytest_kvquality.engine.llama import LlamaBackend, init_backend
+from pytest_kvquality.engine.protocol import ModelLoad
+from pytest_kvquality.cache_config import CacheConfig
+from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
+import numpy as np
+
+init_backend()
+model = LlamaBackend().load(ModelLoad(sys.argv[1], -1, rpc=sys.argv[2]))
+chunk = chunk_tokens(model.tokenize(builtin_corpus().texts["coding"] * 4), 2048, 1, "coding")[0]
+want = np.zeros(2048, bool)
+want[1024:] = True
+ids = [np.zeros((1024, 8), np.int32)]
+ctx = model.context(CacheConfig.parse("q8_0"), 2048, 1, 512)
+for path in ("device", "device", "host", "host"):
+    views = ctx.reduced_rows([(chunk, want)], ids) if path == "device" else ctx.scored_logits([(chunk, want)])
+    print(path, sum(v.logits.shape[0] for v in views), "rows", flush=True)
+'''
+
+
+def test_no_decode_of_a_group_reserves_the_compute_buffers_again(tmp_path: Path, gemma: ModelLoad) -> None:
+    """llama.cpp reserves its compute buffers for a graph that holds the reduction; a decode whose
+    graph lacks it (a micro-batch without scored rows) made ggml reserve them again, waiting for the
+    GPU, and again at every later micro-batch, whose attention spans more of the cache (7-10 ms of
+    each 32,768-token chunk's decodes on an H200, benchmarks/README §10). Such micro-batches now
+    reduce one row into the trash row, and no decode reserves again."""
+    from rpc_servers import rpc_server
+
+    model = synthetic.write(tmp_path / "qwen35moe.gguf", synthetic.TINY["qwen35moe"], Path(gemma.path), seed=1)
+    script = tmp_path / "realloc.py"
+    script.write_text(REALLOC, encoding="utf-8")
+    with rpc_server() as (port, _):
+        done = subprocess.run([sys.executable, str(script), str(model), f"127.0.0.1:{port}"],
+                              env={**os.environ, "GGML_SCHED_DEBUG_REALLOC": "2", "CUDA_VISIBLE_DEVICES": ""},
+                              capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == ["device 1024 rows"] * 2 + ["host 1024 rows"] * 2, done.stdout

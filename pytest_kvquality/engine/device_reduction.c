@@ -191,9 +191,10 @@ static void kvq_backend_set_input(struct llama_sampler * smpl) {
             abort();
         }
     }
-    const int ok = r->ids != NULL && n == r->n_next && r->first >= 0 && r->first + n <= r->n_group &&
+    const int trash = r->first < 0; /* rows announced as not the group's (kvq_reduction_next) */
+    const int ok = !trash && r->ids != NULL && n == r->n_next && r->first + n <= r->n_group &&
                    r->first + n <= r->cap;
-    if (!ok) {
+    if (!ok && !(trash && n == r->n_next)) {
         r->failed = 1; /* every row to the trash row, nothing read */
     }
     for (int64_t j = 0; j < n; j++) {
@@ -283,7 +284,9 @@ int32_t kvq_reduction_begin(kvq_reduction * r, const int32_t * ids, int32_t n_ro
     return 0;
 }
 
-/* The next decode's output rows are the group's rows first .. first + n_rows - 1. */
+/* The next decode's output rows are the group's rows first .. first + n_rows - 1; first -1: they are not
+ * the group's and go to the trash row (a micro-batch without rows of its own is given one, so that every
+ * graph holds the reduction: benchmarks/README §10). */
 void kvq_reduction_next(kvq_reduction * r, int32_t first, int32_t n_rows) {
     r->first = first;
     r->n_next = n_rows;

@@ -129,8 +129,14 @@ class DeviceReduction:
 
     def next(self, first: int, rows: int) -> None:
         """The next decode's output rows are the group's rows ``first .. first + rows - 1``."""
-        assert self._handle is not None
+        assert self._handle is not None and first >= 0
         self._dll.kvq_reduction_next(self._handle, first, rows)
+
+    def trash(self, rows: int = 1) -> None:
+        """The next decode's ``rows`` output rows are not the group's: reduced into the trash row, never
+        read. A micro-batch without rows of its own decodes one (``LlamaContext.reduced_rows`` says why)."""
+        assert self._handle is not None
+        self._dll.kvq_reduction_next(self._handle, -1, rows)
 
     def collect(self, rows: int) -> np.ndarray:
         """After the group's last decode (waits for the device): [rows, width + 2] float32, each row

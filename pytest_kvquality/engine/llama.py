@@ -393,12 +393,14 @@ class LlamaContext:
             self._reserved = False
         return self._reduction
 
-    def _reserve_pinned(self, first_token: int) -> None:
+    def _reserve_pinned(self, first_token: int, reduction: device_reduction.DeviceReduction) -> None:
         """Make llama.cpp redo its scheduler's reservation (due after a sampler is attached) in a decode
-        that grows no output buffer, so that its host buffer of inputs stays pinned: one token without
-        output rows, the cache cleared after it."""
-        self._tok[0], self._pos[0], self._out[0] = first_token, 0, 0
+        that grows its output buffers by one row only, so that its host buffer of inputs stays pinned:
+        one token, its row reduced into the trash row, the cache cleared after it."""
+        self._tok[0], self._pos[0], self._out[0] = first_token, 0, 1
+        reduction.trash(1)
         self._run(1, 0)
+        self._output_rows = max(self._output_rows, 1)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def reduced_rows(self, group: list[tuple[np.ndarray, np.ndarray]], ids: list[np.ndarray]) -> Iterator[ScoredView]:
@@ -418,19 +420,28 @@ class LlamaContext:
             parts.append(ids[s][done[s] : done[s] + k])
             done[s] += k
         reduction.begin(np.concatenate(parts) if parts else np.zeros((0, reduction.width), np.int32))
-        grows_first = bool(counts) and sum(k for _, k in counts[0]) > self._output_rows
+        grows_first = bool(counts) and max(1, sum(k for _, k in counts[0])) > self._output_rows
         if not self._reserved and grows_first and host_pinning.installed():
-            self._reserve_pinned(int(member_tokens[0][0]))
+            self._reserve_pinned(int(member_tokens[0][0]), reduction)
         self._reserved = True
         first = 0
         for ubatch, ks in zip(ubatches, counts, strict=True):
             rows = sum(k for _, k in ks)
-            reduction.next(first, rows)
             size = self._fill(ubatch, member_tokens, group)
+            if rows:
+                reduction.next(first, rows)
+            else:
+                # One row of its last token, reduced into the trash row: then every graph holds the
+                # reduction, as the graph llama.cpp reserved its compute buffers for does. A graph without
+                # it makes ggml reserve them again for that smaller graph, waiting for the GPU, and then
+                # again at each micro-batch further along the cache (benchmarks/README §10).
+                self._out[size - 1] = 1
+                reduction.trash(1)
             # a decode that grows llama.cpp's output buffers makes them unpinned: nothing is read from them
-            with host_pinning.outputs_unpinned() if rows > self._output_rows else contextlib.nullcontext():
+            out_rows = max(rows, 1)
+            with host_pinning.outputs_unpinned() if out_rows > self._output_rows else contextlib.nullcontext():
                 self._run(size, ubatch[0][1])
-            self._output_rows = max(self._output_rows, rows)
+            self._output_rows = max(self._output_rows, out_rows)
             first += rows
         t = time.perf_counter()
         reduced = reduction.collect(first)  # waits for the device
