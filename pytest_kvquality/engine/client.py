@@ -23,7 +23,7 @@ from ..metrics import ReferenceRows
 from ..sequences import Sequences, as_sequences
 from . import host_pinning, ipc
 from .ops import OPS, Op, decode, encode
-from .pipeline import huge_pages
+from .pipeline import huge_pages, keep_freed_memory
 from .protocol import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
@@ -129,8 +129,7 @@ class WorkerEngine:
         c2w_r, c2w_w = os.pipe()
         w2c_r, w2c_w = os.pipe()
         env = dict(os.environ if self.env is None else self.env)
-        if huge_pages(env):
-            env = host_pinning.with_huge_pages(env)
+        env = host_pinning.with_malloc_tunables(env, huge_pages(env), keep_freed_memory(env))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pytest_kvquality.engine.worker", str(c2w_r), str(w2c_w), *self.server_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(c2w_r, w2c_w),

@@ -16,7 +16,8 @@ are inside llama.cpp, and a ``getenv`` reads either name whole.
 
 Those buffers are cleared as soon as they are made, 2-4 GiB of fresh memory whose 4 KiB page faults
 cost a context's first scored decode ~1 s; the worker is started with glibc's malloc asking for
-transparent huge pages instead (``with_huge_pages``).
+transparent huge pages instead, and keeping freed memory in its heap, so that the next context's
+buffers reuse the last one's pages (``with_malloc_tunables``).
 """
 
 from __future__ import annotations
@@ -82,13 +83,20 @@ def visible() -> bool:
 
 #: glibc's malloc backs its large blocks with transparent huge pages (glibc >= 2.35, with the kernel's
 #: THP mode "madvise" or "always"; other C libraries ignore the variable)
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_TUNABLES = {"glibc.malloc.hugetlb": "1"}
+#: glibc's malloc takes even large blocks from its heap and never gives freed memory back to the system:
+#: a context's output buffers then reuse the pages of the context closed before it instead of faulting
+#: in fresh ones (the worker's memory stays at its peak, which it reaches anyway)
+KEEP_FREED_TUNABLES = {"glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(1 << 40)}
 
 
-def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a process to start, glibc's tunable for huge pages added (read once, at exec).
-    A ``glibc.malloc.hugetlb`` the user set is left as it is."""
+def with_malloc_tunables(env: Mapping[str, str], huge_pages: bool, keep_freed: bool) -> dict[str, str]:
+    """``env`` for a process to start, with glibc's malloc tunables (read once, at exec) for huge pages
+    and for keeping freed memory; a tunable the user set in ``GLIBC_TUNABLES`` is left as it is."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in tunables:
+    chosen = {item.split("=", 1)[0] for item in tunables.split(":") if "=" in item}
+    wanted = {**(HUGE_PAGES_TUNABLES if huge_pages else {}), **(KEEP_FREED_TUNABLES if keep_freed else {})}
+    added = [f"{name}={value}" for name, value in wanted.items() if name not in chosen]
+    if not added:
         return dict(env)
-    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
+    return {**env, "GLIBC_TUNABLES": ":".join([tunables, *added] if tunables else added)}
