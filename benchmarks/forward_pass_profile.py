@@ -43,10 +43,9 @@ class Variant:
     #: llama.cpp's greedy argmax ("greedy": the output head without our reduction) or our reduction
     #: read once per chunk ("reduced": what ``KVQ_DEVICE_REDUCTION=1`` decodes)
     scored: str = ""
-    #: llama.cpp's host buffers in plain memory (``GGML_CUDA_NO_PINNED``): "all" of them, as the engine
-    #: does with the device reduction, or "outputs" only: the variable set just around the context's
-    #: first call with output rows, where llama.cpp sizes its output buffers (its compute buffers were
-    #: reserved pinned at the first call after the sampler was attached)
+    #: llama.cpp's host buffers in plain memory (``GGML_CUDA_NO_PINNED``): "all" of them, or "outputs"
+    #: only, as the engine does with the device reduction: the variable set just around the calls that
+    #: grow the output buffers (its compute buffers reserved pinned first, in a one-token decode)
     unpinned: str = ""
 
 
@@ -112,7 +111,10 @@ class Run:
         #: llama.cpp sizes its output buffers (and reserves again after a sampler was attached)
         self.first_scored: float | None = None
         #: seconds inside each llama_decode call of the last ``decode``, and whether it had output rows
+        #: (a reduction's trash row not counted)
         self.per_call: list[tuple[float, bool]] = []
+        #: the most output rows one decode asked for: llama.cpp's output buffers hold them
+        self.output_rows = 0
         self.batch, self.tok, self.pos, self.out = llama.token_batch(v.per_call)
         rng = np.random.default_rng(0)
         self.chunk = rng.integers(1, model.n_vocab, chunk.size).astype(np.int32) if v.random_tokens else chunk
@@ -133,6 +135,16 @@ class Run:
         """Seconds for the first ``upto`` tokens from an empty cache; seconds inside llama_decode; calls.
         ``around(call, before)`` runs just before and just after each llama_decode call (kernel_trace.py
         starts and stops its profiler there)."""
+        if self.reduction is not None and self.output_rows == 0:
+            # as the engine does (LlamaContext._reserve_pinned): llama.cpp's reservation after the sampler
+            # was attached, made in a one-token decode whose one row goes to the trash row, pinned
+            self.tok[0], self.pos[0], self.out[0] = self.chunk[0], 0, 1
+            self.reduction.begin(self.ids[:0])
+            self.reduction.trash(1)
+            self.batch.n_tokens = 1
+            assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
+            self.reduction.collect(0)
+            self.output_rows = 1
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         llama_cpp.llama_synchronize(self.ctx)
         scored = np.arange(upto) >= upto // 2 if self.v.scored else np.zeros(upto, bool)
@@ -148,6 +160,7 @@ class Run:
             self.out[:size] = scored[a : a + size]
             if self.v.last_row:
                 self.out[size - 1] = 1
+            has_rows = bool(self.out[:size].any())  # rows of the chunk's own (not a trash row)
             if self.reduction is not None:
                 rows = int(self.out[:size].sum())
                 if rows:
@@ -157,29 +170,32 @@ class Run:
                     self.reduction.trash(1)
                 first += rows
             self.batch.n_tokens = size
-            first_scored = self.first_scored is None and bool(self.out[:size].any())
+            first_scored = self.first_scored is None and has_rows
+            # as the engine does: only a decode that grows the output buffers sees the variable
+            grows = int(self.out[:size].sum()) > self.output_rows
             if first_scored:
                 llama_cpp.llama_synchronize(self.ctx)
-                if self.v.unpinned == "outputs":
-                    os.environ["GGML_CUDA_NO_PINNED"] = "1"
+            if grows and self.v.unpinned == "outputs":
+                os.environ["GGML_CUDA_NO_PINNED"] = "1"
             if around is not None:
                 around(calls, True)
             t = time.perf_counter()
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
             if around is not None:
                 around(calls, False)
+            if grows and self.v.unpinned == "outputs":
+                os.environ.pop("GGML_CUDA_NO_PINNED", None)
+            self.output_rows = max(self.output_rows, int(self.out[:size].sum()))
             if first_scored:
                 llama_cpp.llama_synchronize(self.ctx)
                 self.first_scored = time.perf_counter() - t
-                if self.v.unpinned == "outputs":
-                    os.environ.pop("GGML_CUDA_NO_PINNED", None)
             inside += time.perf_counter() - t
             calls += 1
             if self.v.waited:
                 llama_cpp.llama_synchronize(self.ctx)
             # waited: the call's host work and its GPU work one after the other (kernel_trace.py gives
             # the GPU's part); else: how long the host stays inside llama_decode
-            self.per_call.append((time.perf_counter() - t, bool(self.out[:size].any())))
+            self.per_call.append((time.perf_counter() - t, has_rows))
         if self.reduction is not None:
             self.reduction.collect(first)
         llama_cpp.llama_synchronize(self.ctx)

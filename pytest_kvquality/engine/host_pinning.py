@@ -9,7 +9,7 @@ unpinned, 4.06-4.14 s pinned, 4.12-4.14 s with only the output buffers unpinned)
 
 So the variable is made visible only around the decodes that grow a context's output buffers (the
 engine makes llama.cpp's new reservation of its scheduler, due after a sampler is attached, in a
-decode that grows none, ``LlamaContext._reserve_pinned``). It
+one-token decode that grows them by one row only, ``LlamaContext._reserve_pinned``). It
 is put in the C environment once (``install``, before any other thread), under a name one letter
 off, and that letter is flipped in place: the environment's array never changes while other threads
 are inside llama.cpp, and a ``getenv`` reads either name whole.
