@@ -434,14 +434,17 @@ if [ "$stage" = fixcheck ]; then  # issue 17: micro-batches without scored rows 
   $P tests/test_real_device_reduction.py -q 2>&1 | tail -2 | tee "$OUT/device-tests.txt"
 fi
 if [ "$stage" = evals32k ]; then  # issue 17: whole evaluations, Qwen geometry, n_ctx 32,768, rows reduced on the device,
-  # glibc's default and malloc keeping freed memory in its heap (a context's output buffers reuse the previous one's
-  # pages), alternated
+  # freed memory returned to the system (KVQ_KEEP_FREED_MEMORY=0) and kept for the next context (1, the default with
+  # the device path), alternated; then the forward pass alone and llama-bench on the same host, for the ratio
   mkdir -p /tmp/ev
-  for r in ${EVAL_ROUNDS:-1 2}; do for m in default reuse; do
-    T=""; [ "$m" = reuse ] && T="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
-    env ${T:+GLIBC_TUNABLES=$T} PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py \
-      qwen3.6-35b-a3b --out "/tmp/ev/$m-$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 \
+  Q=/tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only --keep --model-dir /tmp/kvq-real
+  for r in ${EVAL_ROUNDS:-1 2}; do for k in 0 1; do
+    KVQ_KEEP_FREED_MEMORY=$k PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py \
+      qwen3.6-35b-a3b --out "/tmp/ev/keep$k-$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 \
       | grep -v "^ *loaded" | tail -4
-    cp "/tmp/ev/$m-$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-$m-$r.json" 2>/dev/null
+    cp "/tmp/ev/keep$k-$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-keep$k-$r.json" 2>/dev/null
   done; done
+  python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 ${BENCH:+--bench /tmp/kvq/bin/llama-bench} \
+    2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/forward-same-host.txt"
 fi
