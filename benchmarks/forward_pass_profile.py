@@ -161,14 +161,8 @@ class Run:
             if self.v.last_row:
                 self.out[size - 1] = 1
             has_rows = bool(self.out[:size].any())  # rows of the chunk's own (not a trash row)
-            if self.reduction is not None:
-                rows = int(self.out[:size].sum())
-                if rows:
-                    self.reduction.next(first, rows)
-                else:  # as the engine does: one row into the trash row, so every graph holds the reduction
-                    self.out[size - 1] = 1
-                    self.reduction.trash(1)
-                first += rows
+            if self.reduction is not None:  # as the engine does: a row into the trash row when none
+                first += self.reduction.announce(first, self.out[:size])
             self.batch.n_tokens = size
             first_scored = self.first_scored is None and has_rows
             # as the engine does: only a decode that grows the output buffers sees the variable

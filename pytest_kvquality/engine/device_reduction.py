@@ -134,9 +134,24 @@ class DeviceReduction:
 
     def trash(self, rows: int = 1) -> None:
         """The next decode's ``rows`` output rows are not the group's: reduced into the trash row, never
-        read. A micro-batch without rows of its own decodes one (``LlamaContext.reduced_rows`` says why)."""
+        read."""
         assert self._handle is not None
         self._dll.kvq_reduction_next(self._handle, -1, rows)
+
+    def announce(self, first: int, outputs: np.ndarray) -> int:
+        """Before a decode of the group whose output flags are ``outputs`` (its batch's, written in
+        place): its rows are the group's from ``first``; the number of them. A decode without rows of
+        its own gets one, its last token's, reduced into the trash row: then every graph holds the
+        reduction, as the graph llama.cpp reserved its compute buffers for does. A graph without it
+        makes ggml reserve them again for that smaller graph, waiting for the device, and then again
+        at each micro-batch further along the cache (benchmarks/README §10)."""
+        rows = int(outputs.sum())
+        if rows:
+            self.next(first, rows)
+        else:
+            outputs[-1] = 1
+            self.trash(1)
+        return rows
 
     def collect(self, rows: int) -> np.ndarray:
         """After the group's last decode (waits for the device): [rows, width + 2] float32, each row

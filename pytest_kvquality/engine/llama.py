@@ -425,18 +425,9 @@ class LlamaContext:
             self._reserve_pinned(int(member_tokens[0][0]), reduction)
         self._reserved = True
         first = 0
-        for ubatch, ks in zip(ubatches, counts, strict=True):
-            rows = sum(k for _, k in ks)
+        for ubatch in ubatches:
             size = self._fill(ubatch, member_tokens, group)
-            if rows:
-                reduction.next(first, rows)
-            else:
-                # One row of its last token, reduced into the trash row: then every graph holds the
-                # reduction, as the graph llama.cpp reserved its compute buffers for does. A graph without
-                # it makes ggml reserve them again for that smaller graph, waiting for the GPU, and then
-                # again at each micro-batch further along the cache (benchmarks/README §10).
-                self._out[size - 1] = 1
-                reduction.trash(1)
+            rows = reduction.announce(first, self._out[:size])  # a row into the trash row when none
             # a decode that grows llama.cpp's output buffers makes them unpinned: nothing is read from them
             out_rows = max(rows, 1)
             with host_pinning.outputs_unpinned() if out_rows > self._output_rows else contextlib.nullcontext():
