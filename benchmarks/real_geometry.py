@@ -122,7 +122,9 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
     scored = len(ref.rows)
     out: dict[str, Any] = {"n_ctx": n_ctx, "chunks": int(chunks.shape[0]), "scored_tokens": scored,
                            "reference_seconds": ref.seconds, "configs": {}}
-    for label in CACHES:
+    for i, label in enumerate(CACHES):
+        if i + 1 < len(CACHES):  # as the session does: the next one's contexts made while this one runs
+            engine.prepare(model, CacheConfig.parse(CACHES[i + 1]), chunks)
         run = engine.evaluate(model, CacheConfig.parse(label), chunks, ref.rows)
         s = summarize(run.stats)
         out["configs"][label] = {

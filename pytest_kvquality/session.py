@@ -278,10 +278,10 @@ class KVSession:
                 run = self.engine.evaluate_exact(spec, cache, self.load_spec(ref_model), self.options.ref_cache,
                                                  chunks)
             else:
+                if not per_cat:  # the engine makes the next one's contexts once this one's exist
+                    self._prepare_next(model, cache, chunks)
                 run = self.engine.evaluate(spec, cache, chunks, ref)
                 ref_top.append(np.exp(ref.top_logp.max(axis=1, initial=-np.inf)))
-                if not per_cat:  # this configuration's contexts exist: the next one's can be made meanwhile
-                    self._prepare_next(model, cache, chunks)
             per_cat[cat] = run.stats
             context = run.context
             seconds += run.seconds
@@ -308,9 +308,10 @@ class KVSession:
             generation={cat: g[0] for cat, g in generation.items()} if generation else {})
 
     def _prepare_next(self, model: ResolvedModel, cache: CacheConfig, chunks: Sequences) -> None:
-        """Tell the engine which configuration of this model the run evaluates next (on the same
-        chunks first), so it can create that one's contexts while this one decodes. Not when
-        generating: the generation contexts take the kept ones' memory."""
+        """Tell the engine, before this configuration's first evaluation, which configuration of this
+        model the run evaluates next (on the same chunks first), so it can create that one's contexts
+        while this one decodes, even when the corpus is one category. Not when generating: the
+        generation contexts take the kept ones' memory."""
         if self.planned is None or self._generating():
             return
         mine = [c for alias, c in self.planned if alias == model.alias]

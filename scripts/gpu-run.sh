@@ -434,17 +434,18 @@ if [ "$stage" = fixcheck ]; then  # issue 17: micro-batches without scored rows 
   $P tests/test_real_device_reduction.py -q 2>&1 | tail -2 | tee "$OUT/device-tests.txt"
 fi
 if [ "$stage" = evals32k ]; then  # issue 17: whole evaluations, Qwen geometry, n_ctx 32,768, rows reduced on the device,
-  # freed memory returned to the system (KVQ_KEEP_FREED_MEMORY=0) and kept for the next context (1, the default with
-  # the device path), alternated; then the forward pass alone and llama-bench on the same host, for the ratio
+  # the next configuration's contexts made and primed while the current one runs (KVQ_PREPARE=1, the GPU default) and
+  # made when needed (0), alternated; then the forward pass alone and llama-bench on the same host, for the ratio
   mkdir -p /tmp/ev
   Q=/tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf
   PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only --keep --model-dir /tmp/kvq-real
   for r in ${EVAL_ROUNDS:-1 2}; do for k in 0 1; do
-    KVQ_KEEP_FREED_MEMORY=$k PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py \
-      qwen3.6-35b-a3b --out "/tmp/ev/keep$k-$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 \
-      | grep -v "^ *loaded" | tail -4
-    cp "/tmp/ev/keep$k-$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-keep$k-$r.json" 2>/dev/null
+    KVQ_PREPARE=$k PYTHONPATH="$WITH_GGUF" KVQ_DEVICE_REDUCTION=1 python3 benchmarks/real_geometry.py \
+      qwen3.6-35b-a3b --out "/tmp/ev/prepare$k-$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real 2>&1 \
+      | grep -v "^ *loaded" | grep -v "^{" | tail -3
+    cp "/tmp/ev/prepare$k-$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-prepare$k-$r.json" 2>/dev/null
   done; done
-  python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 ${BENCH:+--bench /tmp/kvq/bin/llama-bench} \
-    2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" | tee "$OUT/forward-same-host.txt"
+  [ -n "${NO_FORWARD:-}" ] || python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 \
+    ${BENCH:+--bench /tmp/kvq/bin/llama-bench} 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" \
+    | tee "$OUT/forward-same-host${EVAL_ROUNDS:+-${EVAL_ROUNDS// /}}.txt"
 fi

@@ -180,7 +180,7 @@ def test_a_long_chunks_contexts_are_not_kept(fake_model: Path, live: list[FakeCo
 
 def gate_with_hints(engine: FakeEngine, model: ModelLoad) -> list[dict[str, np.ndarray]]:
     """What a gate with cached references does: q8_0 then q4_0 on each category, the session saying
-    after q8_0's first category that q4_0 comes next (``KVSession._prepare_next``)."""
+    before q8_0's first category that q4_0 comes next (``KVSession._prepare_next``)."""
     cats = {cat: chunk_tokens(engine.tokenize(model, builtin_corpus().texts[cat]), 128, 5, cat)
             for cat in ("science", "coding")}
     refs = {cat: engine.reference(model, F16, chunks, seed=0).rows for cat, chunks in cats.items()}
@@ -188,9 +188,9 @@ def gate_with_hints(engine: FakeEngine, model: ModelLoad) -> list[dict[str, np.n
     out = []
     for cache, upcoming in ((Q8, Q4), (Q4, None)):
         for i, (cat, chunks) in enumerate(cats.items()):
-            out.append(engine.evaluate(model, cache, chunks, refs[cat]).stats.arrays())
             if i == 0 and upcoming is not None:
                 engine.prepare(model, upcoming, chunks)
+            out.append(engine.evaluate(model, cache, chunks, refs[cat]).stats.arrays())
     return out
 
 
@@ -217,28 +217,60 @@ def test_preparing_decodes_the_widest_group_once_on_each_context(
     fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
 ) -> None:
     """llama.cpp grows a context's logits buffer to the most rows one decode asks for: the priming
-    decode asks for as many as the evaluation's largest group, so no decode of it grows the buffer."""
+    decode asks for as many as the evaluation's largest group, so no decode of it grows the buffer.
+    The named set is made while the evaluation before it runs, after that one's set exists."""
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     monkeypatch.setenv("KVQ_PREPARE", "1")
-    decoded: list[tuple[int, int]] = []
+    decoded: list[tuple[str, int, list[int], int]] = []
     decode = FakeContext.scored_logits
 
     def counting(self: FakeContext, group: Any) -> Any:
-        decoded.append((id(self), sum(int(mask.sum()) for _, mask in group)))
+        decoded.append((self.cache.label, id(self), [t.size for t, _ in group], sum(int(m.sum()) for _, m in group)))
         return decode(self, group)
 
     monkeypatch.setattr(FakeContext, "scored_logits", counting)
     model = ModelLoad(str(fake_model), 0, n_batch=256)
     engine = FakeEngine(threads=2)
     chunks, ref = science_reference(engine, model, 3)  # groups of 2 and 1 chunks
-    decoded.clear()
     engine.prepare(model, Q4, chunks)
+    assert engine.kept._background is None  # named only: nothing competes with q8_0's contexts being made
+    engine.evaluate(model, Q8, chunks, ref)
     engine.evaluate(model, Q4, chunks, ref)
     assert engine.kept.prepared == 1
-    primed, evaluated = decoded[:2], decoded[2:]
-    assert len({ctx for ctx, _ in primed}) == 2  # each context of the set, once
-    assert {rows for _, rows in primed} == {max(rows for _, rows in evaluated)} == {2 * 63}
+    mine = [d[1:] for d in decoded if d[0] == "q4_0"]
+    primed, evaluated = mine[:2], mine[2:]
+    assert len({ctx for ctx, _, _ in primed}) == 2  # each context of the set, once
+    assert {rows for _, _, rows in primed} == {max(rows for _, _, rows in evaluated)} == {2 * 63}
     engine.close()
+
+
+def test_long_chunks_are_primed_with_their_busiest_micro_batch(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    """A chunk decoded a micro-batch per call (n_ctx 32,768: 64 calls) is primed with one micro-batch
+    asking for as many rows as its busiest one, not with the whole chunk."""
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    decoded: list[tuple[str, list[int], int]] = []
+    decode = FakeContext.scored_logits
+
+    def counting(self: FakeContext, group: Any) -> Any:
+        decoded.append((self.cache.label, [t.size for t, _ in group], sum(int(m.sum()) for _, m in group)))
+        return decode(self, group)
+
+    monkeypatch.setattr(FakeContext, "scored_logits", counting)
+    model = ModelLoad(str(fake_model), 0, n_batch=48, n_ubatch=48)  # chunks of 128: micro-batches of 48
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    engine.prepare(model, Q4, chunks)
+    engine.evaluate(model, Q8, chunks, ref)
+    engine.evaluate(model, Q4, chunks, ref)
+    assert engine.kept.prepared == 1
+    mine = [d[1:] for d in decoded if d[0] == "q4_0"]
+    # positions 64..126 scored: the micro-batch at 48..95 asks for 32 rows, the one at 96..127 for 31
+    assert mine[0] == ([48], 32)
+    assert mine[1:] == [([128], 63), ([128], 63)]
+    engine.close()
+    assert live == []
 
 
 def test_a_preparation_that_fails_is_said_and_the_contexts_made_when_needed(
@@ -259,6 +291,7 @@ def test_a_preparation_that_fails_is_said_and_the_contexts_made_when_needed(
 
     monkeypatch.setattr(FakeModel, "context", failing_once)
     engine.prepare(model, Q4, chunks)
+    engine.reference(model, F16, chunks, seed=0)  # the f16 set, kept: q4_0's is made meanwhile, and fails
     run = engine.evaluate(model, Q4, chunks, ref)
     assert np.isfinite(run.stats.kld).all()
     assert (engine.kept.prepared, engine.kept.created) == (0, 2)  # the f16 reference's set and q4_0's, made now
@@ -285,31 +318,27 @@ def test_prepared_contexts_go_before_their_model_and_with_the_engine(
     engine = FakeEngine(threads=2)
     chunks, _ = science_reference(engine, model, 2)
     engine.prepare(model, Q4, chunks)
-    engine.prepare(model, Q8, chunks)  # one at a time: ignored while q4_0's is pending
+    engine.prepare(model, Q8, chunks)  # one at a time: ignored while q4_0's is named
+    engine.reference(model, F16, chunks, seed=0)  # the f16 set, kept: q4_0's is made meanwhile
     engine.close()
     assert live == []
     assert engine.kept.prepared == 0
 
 
-@pytest.mark.parametrize(("prepare", "n_batch", "n_ubatch"), [(None, 256, 256), ("1", 64, 64)])
-def test_nothing_is_prepared_on_the_cpu_by_default_nor_for_long_chunks(
-    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext], prepare: str | None,
-    n_batch: int, n_ubatch: int,
+def test_nothing_is_prepared_on_the_cpu_by_default(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
 ) -> None:
-    """On a CPU build the priming decode would take the cores the evaluation decodes on; a long
-    chunk's contexts are not kept, so there is nothing to make ahead."""
+    """On a CPU build the priming decode would take the cores the evaluation decodes on."""
     monkeypatch.setenv("KVQ_OVERLAP", "1")
-    if prepare is None:
-        monkeypatch.delenv("KVQ_PREPARE", raising=False)
-    else:
-        monkeypatch.setenv("KVQ_PREPARE", prepare)
-    model = ModelLoad(str(fake_model), 0, n_batch=n_batch, n_ubatch=n_ubatch)
+    monkeypatch.delenv("KVQ_PREPARE", raising=False)
+    model = ModelLoad(str(fake_model), 0, n_batch=256)
     engine = FakeEngine(threads=2)
     chunks, ref = science_reference(engine, model, 2)
     engine.prepare(model, Q4, chunks)
+    engine.evaluate(model, Q8, chunks, ref)
     assert engine.kept._background is None
     engine.evaluate(model, Q4, chunks, ref)
-    assert engine.kept.prepared == 0
+    assert (engine.kept.prepared, engine.kept.created) == (0, 3)
     engine.close()
 
 
@@ -340,18 +369,18 @@ def pytest_kvquality_make_engine(config):
 """
 
 
-def test_the_session_names_the_next_configuration_after_the_first_category(
+def test_the_session_names_the_next_configuration_before_the_first_category(
     kv_project: pytest.Pytester, fake_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In item order: while q8_0 is evaluated q4_0 is named, while q4_0 is, q8_0/q4_0; the last names
+    """In item order: before q8_0 is evaluated q4_0 is named, before q4_0 is, q8_0/q4_0; the last names
     nothing. The prepared sets are used, and the JSON is the same with preparing off."""
     kv_project.makeconftest(HINTS_CONFTEST)
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     n_cats = len(builtin_corpus().categories)
     expected = []
     for cache, upcoming in (("q8_0", "q4_0"), ("q4_0", "q8_0/q4_0"), ("q8_0/q4_0", None)):
-        expected += [f"evaluate {cache}"] + ([f"prepare {upcoming}"] if upcoming else [])
-        expected += [f"evaluate {cache}"] * (n_cats - 1)
+        expected += [f"prepare {upcoming}"] if upcoming else []
+        expected += [f"evaluate {cache}"] * n_cats
     results = {}
     for prepare in ("1", "0"):
         log, out = tmp_path / f"hints-{prepare}.log", tmp_path / f"out-{prepare}.json"

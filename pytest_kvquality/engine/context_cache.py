@@ -70,6 +70,8 @@ class ContextCache:
         self.keep = keep
         self._idle: list[ContextSet] = []
         self._pending: dict[ContextKey, Future[ContextSet]] = {}
+        #: a set named by ``prepare``, started on the background thread by the next ``take``
+        self._named: tuple[ContextKey, Callable[[], ContextSet]] | None = None
         self._background: ThreadPoolExecutor | None = None
         #: sets created, reused, and created ahead then used (for tests and benchmarks)
         self.created = 0
@@ -77,18 +79,28 @@ class ContextCache:
         self.prepared = 0
 
     def prepare(self, key: ContextKey, create: Callable[[], ContextSet]) -> None:
-        """Start creating the set for ``key`` on the background thread, unless one is kept or already
-        being prepared."""
-        if self._pending or any(held.key == key for held in self._idle):
+        """Create the set for ``key`` on the background thread once the next ``take`` has its own set,
+        so that it never competes with making the set in use; unless it is kept or being prepared, or
+        another is named."""
+        if self._named or key in self._pending or any(held.key == key for held in self._idle):
             return
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="kvq-prepare")
-        self._pending[key] = self._background.submit(create)
+        self._named = (key, create)
 
     def take(self, key: ContextKey, create: Callable[[], ContextSet]) -> ContextSet:
-        """The idle set made for ``key``, the one prepared for it, or a new one; if creating it fails
-        (out of memory, most likely) while other sets are kept, those are closed and it is tried once
-        more."""
+        """The idle set made for ``key``, the one prepared for it, or a new one; then the set named
+        for another key starts being prepared. If creating a set fails (out of memory, most likely)
+        while other sets are kept or prepared, those are closed and it is tried once more."""
+        held = self._take(key, create)
+        if self._named is not None and self._named[0] == key:
+            self._named = None  # made just now
+        if self._named is not None and not self._pending:  # one set prepared at a time
+            named, self._named = self._named, None
+            if self._background is None:
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="kvq-prepare")
+            self._pending[named[0]] = self._background.submit(named[1])
+        return held
+
+    def _take(self, key: ContextKey, create: Callable[[], ContextSet]) -> ContextSet:
         for i, held in enumerate(self._idle):
             if held.key == key:
                 self.reused += 1
@@ -100,7 +112,7 @@ class ContextCache:
         try:
             made = create()
         except RuntimeError:
-            if not self._idle:
+            if not self._idle and not self._pending:
                 raise
             self.clear()
             made = create()
@@ -132,6 +144,8 @@ class ContextCache:
         for key in [k for k in self._pending if which(k)]:
             if (made := _made(self._pending.pop(key))) is not None:
                 close_all(made.contexts)
+        if self._named is not None and which(self._named[0]):
+            self._named = None
         if self._background is not None:
             self._background.submit(lambda: None).result()  # its jobs run in order: all earlier ones are done
 

@@ -114,6 +114,21 @@ def _widest_group(seqs: Sequences, n_seq: int) -> Group:
     return _group_inputs(seqs, max(groups, key=lambda g: sum(seqs.next_tokens(i).size for i in g)))
 
 
+def _busiest_micro_batch(seqs: Sequences, n_ubatch: int) -> Group:
+    """For chunks decoded a micro-batch per call: the micro-batch asking for the most logits rows, as
+    a group of its own; decoding it once grows a context's logits buffer to what the whole evaluation
+    needs, at the cost of one micro-batch instead of a whole long chunk."""
+    best: tuple[int, int, int] = (0, 0, 0)  # rows, sequence, start
+    for i in range(len(seqs)):
+        scored = seqs.spans[i, : seqs.lengths[i]] > 0
+        for a in range(0, scored.size, n_ubatch):
+            best = max(best, (int(scored[a : a + n_ubatch].sum()), i, a))
+    rows, i, a = best
+    if not rows:
+        return []
+    return [(seqs.sequence(i)[a : a + n_ubatch], seqs.spans[i, a : min(a + n_ubatch, seqs.lengths[i])] > 0)]
+
+
 def _one_decode_per_group(model: ModelLoad, n_ctx: int) -> bool:
     """Each group of chunks is one decode (short chunks): the contexts are worth a second one, keeping
     and preparing; a long chunk decoded a micro-batch per call lends only its last (1 of 64 at n_ctx
@@ -286,15 +301,17 @@ class LocalEngine:
 
     def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray) -> None:
         """A hint that the next evaluation is ``cache`` on ``chunks``: on a GPU (``prepare_ahead``),
-        its contexts are created on a background thread now, and each decodes the widest group of
-        ``chunks`` once so llama.cpp grows its logits buffer before the evaluation needs it. Every
-        decode starts from a cleared cache, so results never depend on it."""
+        its contexts are created on a background thread while the coming evaluation decodes, and
+        each decodes once the widest group of ``chunks`` (long chunks: their busiest micro-batch) so
+        llama.cpp grows its logits buffers before the evaluation needs them. Every decode starts
+        from a cleared cache, so results never depend on it."""
         seqs = as_sequences(chunks)
         n_ctx = seqs.width
-        if not (len(seqs) and _one_decode_per_group(model, n_ctx)
-                and prepare_ahead(self._model(model).describe().gpu_layers > 0)):
+        if not (len(seqs) and prepare_ahead(self._model(model).describe().gpu_layers > 0)):
             return
-        group = _widest_group(seqs, decode_geometry(model.n_batch, model.n_ubatch, n_ctx)[0])
+        n_seq, n_ubatch = decode_geometry(model.n_batch, model.n_ubatch, n_ctx)
+        one_decode = _one_decode_per_group(model, n_ctx)
+        group = _widest_group(seqs, n_seq) if one_decode else _busiest_micro_batch(seqs, n_ubatch)
         if group:  # else nothing is scored: the evaluation decodes nothing
             self.kept.prepare((model, cache, n_ctx), partial(self._primed_contexts, model, cache, n_ctx, group))
 

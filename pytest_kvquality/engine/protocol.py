@@ -223,8 +223,9 @@ class Engine(Protocol):
                  ref: ReferenceRows) -> CandidateRun: ...
 
     def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences) -> None:
-        """A hint: ``evaluate`` of ``cache`` on ``chunks`` comes next. An engine may get ready for it
-        in the background (``LocalEngine.prepare``); it must never change a result."""
+        """A hint: ``evaluate`` of ``cache`` on ``chunks`` comes after the next evaluation. An engine
+        may get ready for it in the background while that one runs (``LocalEngine.prepare``); it must
+        never change a result."""
         ...
 
     def evaluate_exact(self, model: ModelLoad, cache: CacheConfig, ref_model: ModelLoad, ref_cache: CacheConfig,
