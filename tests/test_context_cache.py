@@ -4,6 +4,7 @@ never kept after a failed evaluation, give way when memory runs out, and go befo
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,50 @@ def test_out_of_memory_with_contexts_kept_closes_them_and_tries_again(
     run = engine.evaluate(model, Q4, chunks, ref)  # fits once the kept f16 and q8_0 contexts are gone
     assert np.isfinite(run.stats.kld).all()
     assert engine.kept.created == 3
+    engine.close()
+
+
+def test_out_of_memory_with_a_set_prepared_closes_it_and_tries_again(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    """Long chunks keep no set, so only the one made ahead can hold the memory an evaluation needs:
+    it gives way, and the evaluation runs."""
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    model = ModelLoad(str(fake_model), 0, n_batch=48, n_ubatch=48)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    engine.prepare(model, Q4, chunks)
+    engine.evaluate(model, Q8, chunks, ref)  # q4_0's set is made meanwhile and held
+    deadline = time.monotonic() + 30
+    while not live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(live) == 1
+    create = FakeModel.context
+
+    def one_at_a_time(self: FakeModel, *args: Any, **kwargs: Any) -> FakeContext:
+        if live:
+            raise RuntimeError("out of memory: llama.cpp could not allocate a context")
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeModel, "context", one_at_a_time)
+    run = engine.evaluate(model, F16, chunks, ref)  # the hint was not followed: q4_0's set gives way
+    assert np.isfinite(run.stats.kld).all()
+    assert (engine.kept.created, engine.kept.prepared) == (3, 0)
+    engine.close()
+    assert live == []
+
+
+def test_a_set_named_and_then_taken_at_once_is_made_on_the_caller_s_thread(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    monkeypatch.setenv("KVQ_PREPARE", "1")
+    model = ModelLoad(str(fake_model), 0, n_batch=256)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    engine.prepare(model, Q4, chunks)
+    engine.evaluate(model, Q4, chunks, ref)
+    assert engine.kept._background is None
+    assert (engine.kept.created, engine.kept.prepared) == (2, 0)
     engine.close()
 
 
