@@ -300,8 +300,8 @@ class LocalEngine:
         return ContextSet((model, cache, n_ctx), contexts, overlap, keep=one_decode_per_group)
 
     def prepare(self, model: ModelLoad, cache: CacheConfig, chunks: Sequences | np.ndarray) -> None:
-        """A hint that the next evaluation is ``cache`` on ``chunks``: on a GPU (``prepare_ahead``),
-        its contexts are created on a background thread while the coming evaluation decodes, and
+        """A hint that ``cache`` on ``chunks`` is evaluated after the coming evaluation: on a GPU
+        (``prepare_ahead``), its contexts are created on a background thread while that one decodes, and
         each decodes once the widest group of ``chunks`` (long chunks: their busiest micro-batch) so
         llama.cpp grows its logits buffers before the evaluation needs them. Every decode starts
         from a cleared cache, so results never depend on it."""
