@@ -117,14 +117,8 @@ def test_an_evaluation_that_fails_closes_its_contexts_instead_of_keeping_them(
     engine.close()
 
 
-def test_out_of_memory_with_contexts_kept_closes_them_and_tries_again(
-    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
-) -> None:
-    model = ModelLoad(str(fake_model), 0)
-    engine = FakeEngine(threads=2)
-    chunks, ref = science_reference(engine, model, 2)
-    engine.evaluate(model, Q8, chunks, ref)
-    assert len(live) == 2
+def one_set_at_a_time(monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]) -> None:
+    """Memory for one set of contexts: creating a context while any lives is out of memory."""
     create = FakeModel.context
 
     def one_at_a_time(self: FakeModel, *args: Any, **kwargs: Any) -> FakeContext:
@@ -133,6 +127,35 @@ def test_out_of_memory_with_contexts_kept_closes_them_and_tries_again(
         return create(self, *args, **kwargs)
 
     monkeypatch.setattr(FakeModel, "context", one_at_a_time)
+
+
+#: what each fake context decoded: (cache, context, sequence lengths, rows asked for)
+Decoded = list[tuple[str, int, list[int], int]]
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> Decoded:
+    """Every group a fake context decodes, in order, from any thread."""
+    seen: Decoded = []
+    decode = FakeContext.scored_logits
+
+    def counting(self: FakeContext, group: Any) -> Any:
+        seen.append((self.cache.label, id(self), [t.size for t, _ in group], sum(int(m.sum()) for _, m in group)))
+        return decode(self, group)
+
+    monkeypatch.setattr(FakeContext, "scored_logits", counting)
+    return seen
+
+
+def test_out_of_memory_with_contexts_kept_closes_them_and_tries_again(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+) -> None:
+    model = ModelLoad(str(fake_model), 0)
+    engine = FakeEngine(threads=2)
+    chunks, ref = science_reference(engine, model, 2)
+    engine.evaluate(model, Q8, chunks, ref)
+    assert len(live) == 2
+    one_set_at_a_time(monkeypatch, live)
     run = engine.evaluate(model, Q4, chunks, ref)  # fits once the kept f16 and q8_0 contexts are gone
     assert np.isfinite(run.stats.kld).all()
     assert engine.kept.created == 3
@@ -154,14 +177,7 @@ def test_out_of_memory_with_a_set_prepared_closes_it_and_tries_again(
     while not live and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(live) == 1
-    create = FakeModel.context
-
-    def one_at_a_time(self: FakeModel, *args: Any, **kwargs: Any) -> FakeContext:
-        if live:
-            raise RuntimeError("out of memory: llama.cpp could not allocate a context")
-        return create(self, *args, **kwargs)
-
-    monkeypatch.setattr(FakeModel, "context", one_at_a_time)
+    one_set_at_a_time(monkeypatch, live)
     run = engine.evaluate(model, F16, chunks, ref)  # the hint was not followed: q4_0's set gives way
     assert np.isfinite(run.stats.kld).all()
     assert (engine.kept.created, engine.kept.prepared) == (3, 0)
@@ -259,21 +275,13 @@ def test_contexts_prepared_ahead_give_the_same_bits_and_are_used(
 
 
 def test_preparing_decodes_the_widest_group_once_on_each_context(
-    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext], decoded: Decoded
 ) -> None:
     """llama.cpp grows a context's logits buffer to the most rows one decode asks for: the priming
     decode asks for as many as the evaluation's largest group, so no decode of it grows the buffer.
     The named set is made while the evaluation before it runs, after that one's set exists."""
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     monkeypatch.setenv("KVQ_PREPARE", "1")
-    decoded: list[tuple[str, int, list[int], int]] = []
-    decode = FakeContext.scored_logits
-
-    def counting(self: FakeContext, group: Any) -> Any:
-        decoded.append((self.cache.label, id(self), [t.size for t, _ in group], sum(int(m.sum()) for _, m in group)))
-        return decode(self, group)
-
-    monkeypatch.setattr(FakeContext, "scored_logits", counting)
     model = ModelLoad(str(fake_model), 0, n_batch=256)
     engine = FakeEngine(threads=2)
     chunks, ref = science_reference(engine, model, 3)  # groups of 2 and 1 chunks
@@ -290,19 +298,11 @@ def test_preparing_decodes_the_widest_group_once_on_each_context(
 
 
 def test_long_chunks_are_primed_with_their_busiest_micro_batch(
-    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext]
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, live: list[FakeContext], decoded: Decoded
 ) -> None:
     """A chunk decoded a micro-batch per call (n_ctx 32,768: 64 calls) is primed with one micro-batch
     asking for as many rows as its busiest one, not with the whole chunk."""
     monkeypatch.setenv("KVQ_PREPARE", "1")
-    decoded: list[tuple[str, list[int], int]] = []
-    decode = FakeContext.scored_logits
-
-    def counting(self: FakeContext, group: Any) -> Any:
-        decoded.append((self.cache.label, [t.size for t, _ in group], sum(int(m.sum()) for _, m in group)))
-        return decode(self, group)
-
-    monkeypatch.setattr(FakeContext, "scored_logits", counting)
     model = ModelLoad(str(fake_model), 0, n_batch=48, n_ubatch=48)  # chunks of 128: micro-batches of 48
     engine = FakeEngine(threads=2)
     chunks, ref = science_reference(engine, model, 2)
@@ -310,7 +310,7 @@ def test_long_chunks_are_primed_with_their_busiest_micro_batch(
     engine.evaluate(model, Q8, chunks, ref)
     engine.evaluate(model, Q4, chunks, ref)
     assert engine.kept.prepared == 1
-    mine = [d[1:] for d in decoded if d[0] == "q4_0"]
+    mine = [(sizes, rows) for cache, _, sizes, rows in decoded if cache == "q4_0"]
     # positions 64..126 scored: the micro-batch at 48..95 asks for 32 rows, the one at 96..127 for 31
     assert mine[0] == ([48], 32)
     assert mine[1:] == [([128], 63), ([128], 63)]
