@@ -133,7 +133,8 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
             "context_seconds": run.context.context_seconds, "decode_seconds": run.context.decode_seconds,
             **{k: getattr(run.context, k) for k in ("kv_bytes_per_token", "kv_cache_mib", "kv_mib_per_32k",
                                                "kv_mib_per_128k", "kv_swa_cells", "recurrent_state_mib",
-                                               "kv_mismatch", "kv_devices", "logits_contexts")}}
+                                               "kv_mismatch", "kv_devices", "logits_contexts",
+                                               "device_reduction")}}
         print(f"  n_ctx {n_ctx} {label}: {run.seconds:.1f} s (context {(run.context.context_seconds or 0):.1f} s, "
               f"in llama.cpp {(run.context.decode_seconds or 0):.1f} s), {scored / run.seconds:,.0f} scored tok/s, "
               f"KLD {s.kl_mean:.5f}, top-1 {100 * s.top1:.2f} %, {run.context.logits_contexts} context(s)",

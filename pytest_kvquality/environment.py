@@ -83,6 +83,18 @@ def cpu_threads(env: Mapping[str, str] | None = None) -> int:
     return max(1, cores // workers)
 
 
+def memory_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The memory the kernel says can be given to a new process without swapping (``MemAvailable``);
+    None where it does not say (not Linux)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def default_cache_dir() -> Path:
     """Where models, references and compiled kernels are kept: ``$KVQ_CACHE_DIR`` or the user cache."""
     env = os.environ.get("KVQ_CACHE_DIR")

@@ -31,7 +31,7 @@ RENAMED_FACTS = {"rotation_k": "rotation_applied_k", "rotation_v": "rotation_app
 JSON_FACTS = ("rotation_k", "rotation_v", "kv_cache_mib", "kv_cells", "kv_cache_mib_expected", "kv_bytes_per_token",
               "kv_mib_per_32k", "kv_mib_per_128k", "kv_swa_cells", "kv_swa_full", "recurrent_state_mib",
               "kv_mismatch", "kv_devices", "kv_cpu_fallback", "weight_devices", "kv_layer_devices", "rpc_servers",
-              "split_mode", "tensor_split", "decode_sequences", "n_ubatch")
+              "split_mode", "tensor_split", "decode_sequences", "n_ubatch", "device_reduction")
 
 
 @dataclass

@@ -4,6 +4,7 @@
 # throughput benchmarks. Everything it measures lands in $OUT (docs/results.md is built from it).
 #   stage: tests | full | long | bench | memory | speed | oom | multigpu | sweep | sweep512 | sweep8k
 #          | variants | compaction | kernels | agent | scale | startup | evalkernel | geometry | transfer | footprint | reuse | e2e | prepare | device | device-geometry | forward | pinned-qwen | pinned-gemma | trace | outputs | hostwait | hosttrace | fixcheck | evals32k
+#          | default | default32k
 #          | all (default all; the sweeps, variants, compaction,
 #          kernels, agent, scale, startup and multigpu run only when named)
 # The sweep wants every K/V pair on the GPU: start the build with GPU_FA_ALL_QUANTS=1 (an option of the staging kit).
@@ -448,4 +449,38 @@ if [ "$stage" = evals32k ]; then  # issue 17: whole evaluations, Qwen geometry, 
   [ -n "${NO_FORWARD:-}" ] || python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 \
     ${BENCH:+--bench /tmp/kvq/bin/llama-bench} 2>&1 | grep --line-buffered -E "^#|^round|^llama-bench" \
     | tee "$OUT/forward-same-host${EVAL_ROUNDS:+-${EVAL_ROUNDS// /}}.txt"
+fi
+if [ "$stage" = default ]; then  # issue 17 with the GPU default (KVQ_DEVICE_REDUCTION unset: rows reduced on the GPU when
+  # llama.cpp's sampler rows fit in half the available host memory): issue 17's end-to-end measure at n_ctx 512, three
+  # rounds, against the host path (0) once per round; which path each result says it took; the worker's peak RSS
+  # (/usr/bin/time's maximum covers the waited-for worker); then peak RSS at n_ctx 512 and 32,768 with the default
+  mkdir -p /tmp/df/no-gates
+  grep MemAvailable /proc/meminfo | tee "$OUT/meminfo.txt"
+  G="--kv-model gemma3-270m -m kvquality --kv-cache q8_0,q4_0,q8_0/q4_0,q4_0:norot --kv-thresholds=/tmp/df/no-gates"
+  /usr/bin/time -f "build wall %e s, max RSS %M KB" $P $G --kv-json=/tmp/df/build.json 2>&1 | grep -E "wall|passed|failed|rror" | tail -2
+  for r in 1 2 3; do
+    for d in default 0; do
+      if [ $d = default ]; then E="env -u KVQ_DEVICE_REDUCTION"; else E="env KVQ_DEVICE_REDUCTION=0"; fi
+      $E /usr/bin/time -f "$d run $r: whole process %e s, max RSS %M KB" $P $G --kv-json="/tmp/df/$d-$r.json" 2>&1 \
+        | grep -E "whole|failed|rror" | tail -2
+      python3 benchmarks/e2e_rate.py "/tmp/df/$d-$r.json" | tail -1
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print('  device_reduction:', sorted({str(x.get('device_reduction')) for x in r}))" "/tmp/df/$d-$r.json"
+    done
+  done 2>&1 | tee "$OUT/default-512.txt"
+  tar czf "$OUT/default-512.tar.gz" -C /tmp/df .
+  $P benchmarks/test_memory.py --benchmark-json "$OUT/memory-default.json" 2>&1 | tail -3 | tee "$OUT/memory-default.txt"
+fi
+if [ "$stage" = default32k ]; then  # issue 17 with the GPU default at n_ctx 32,768, Qwen 3.6 geometry: whole evaluations
+  # (contexts made ahead, the GPU default), with llama-perplexity's own forward-only run over the same two chunks, then
+  # the forward pass alone after warm-up on the same host
+  Q=/tmp/kvq-real/qwen3.6-35b-a3b.Q4_0.gguf
+  PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b --out /tmp/tr --write-only --keep --model-dir /tmp/kvq-real
+  for r in ${EVAL_ROUNDS:-1 2}; do
+    env -u KVQ_DEVICE_REDUCTION PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b \
+      --out "/tmp/d32/$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real \
+      ${PPL:+--perplexity /tmp/kvq/bin/llama-perplexity} 2>&1 | grep -v "^ *loaded" | tail -5
+    cp "/tmp/d32/$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-default-$r.json" 2>/dev/null
+  done
+  [ -n "${NO_FORWARD:-}" ] || python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 2>&1 \
+    | grep --line-buffered -E "^#|^round" | tee "$OUT/forward-same-host-default.txt"
 fi

@@ -5,6 +5,7 @@ bit; through llama.cpp they agree to float32 rounding (``tests/test_real_model.p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,8 +17,11 @@ import pytest
 
 from pytest_kvquality.cache_config import CacheConfig
 from pytest_kvquality.corpus import builtin_corpus, chunk_tokens
-from pytest_kvquality.engine.pipeline import reduce_on_device
-from pytest_kvquality.engine.protocol import CandidateRun, ModelLoad, ScoredView
+from pytest_kvquality.engine import local
+from pytest_kvquality.engine.fake import FAKE_KV, FAKE_VOCAB, FakeModel
+from pytest_kvquality.engine.pipeline import SAMPLER_HOST_ROWS, reduce_on_device
+from pytest_kvquality.engine.protocol import CandidateRun, ModelFacts, ModelLoad, ScoredView
+from pytest_kvquality.environment import HostBackend, host_backend
 from pytest_kvquality.metrics import compact_ids, kl_compact, kl_reduced
 from pytest_kvquality.normalizer import normalize_rows
 from pytest_kvquality.testing import FakeContext, FakeEngine
@@ -73,7 +77,7 @@ def test_a_row_given_another_row_s_ids_changes_the_statistics(
     assert not np.array_equal(host.stats.kld, device.stats.kld)
 
 
-def test_the_default_is_the_host(fake_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_on_a_cpu_build_is_the_host(fake_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KVQ_DEVICE_REDUCTION", raising=False)
     engine = FakeEngine(threads=2)
     model = ModelLoad(str(fake_model), 0)
@@ -103,18 +107,87 @@ def test_kl_reduced_reads_what_kl_compact_computes(fake_model: Path) -> None:
     engine.close()
 
 
-@pytest.mark.parametrize(("said", "expected"), [(None, False), ("1", True), ("0", False)])
-def test_it_runs_only_when_asked_for(monkeypatch: pytest.MonkeyPatch, said: str | None, expected: bool) -> None:
-    """Asked for, never a default (pipeline.reduce_on_device says why: llama.cpp's host buffers)."""
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(("said", "on_gpu", "available", "expected"), [
+    (None, True, 32 * GIB, True),  # host rows fit in half of what is available: the GPU default
+    (None, True, 32 * GIB - 1, False),  # one byte short of twice the host rows
+    (None, True, None, False),  # available memory unknown (not Linux)
+    (None, False, 1 << 50, False),  # output layer on the CPU (a CPU build, partial offload, RPC)
+    ("1", False, None, True),  # asked for: as asked (the CPU build's tests use it)
+    ("0", True, 1 << 50, False),
+])
+def test_rows_are_reduced_on_the_gpu_by_default_when_their_host_rows_fit(
+    monkeypatch: pytest.MonkeyPatch, said: str | None, on_gpu: bool, available: int | None, expected: bool
+) -> None:
+    """llama.cpp reserves four n_vocab-wide host rows per output row while the reduction's sampler is
+    attached; by default that must take at most half of the host's available memory (16 GiB here)."""
     if said is None:
         monkeypatch.delenv("KVQ_DEVICE_REDUCTION", raising=False)
     else:
         monkeypatch.setenv("KVQ_DEVICE_REDUCTION", said)
-    assert reduce_on_device() is expected
+    assert reduce_on_device(on_gpu, 16 * GIB, available) is expected
+
+
+def fake_on_a_gpu(monkeypatch: pytest.MonkeyPatch, available: int, gpu: str | None = "CUDA",
+                  gpu_layers: int = 999) -> None:
+    """The fake as llama.cpp on a GPU build with every layer offloaded (the output layer too), and the
+    memory the host says is available."""
+    facts = FakeModel.describe
+
+    def offloaded(self: FakeModel) -> ModelFacts:
+        return dataclasses.replace(facts(self), gpu_layers=gpu_layers)
+
+    monkeypatch.delenv("KVQ_DEVICE_REDUCTION", raising=False)
+    monkeypatch.setattr(FakeModel, "describe", offloaded)
+    monkeypatch.setattr(local, "host_backend", lambda: HostBackend("0.3.36", "0.0.0", gpu))
+    monkeypatch.setattr(local, "memory_available_bytes", lambda: available)
+
+
+def held_sampler_rows(model: ModelLoad) -> int:
+    """Host bytes of the sampler rows of every context the engine may hold: (2 kept + 1 in use + 1
+    prepared) sets of two contexts, four n_vocab-wide float rows per output row of a micro-batch."""
+    return 8 * SAMPLER_HOST_ROWS * model.n_ubatch * FAKE_VOCAB * 4
+
+
+@pytest.mark.parametrize(("spare", "expected"), [(0, True), (-1, False)], ids=["fits", "one-byte-short"])
+def test_the_engine_weighs_every_context_it_may_hold(fake_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      spare: int, expected: bool) -> None:
+    """The default decides on the engine's own count of contexts and the model's vocabulary and
+    micro-batch; the result says which path made it, and both give the same statistics here."""
+    model = ModelLoad(str(fake_model), -1, n_batch=512, n_ubatch=512)
+    fake_on_a_gpu(monkeypatch, 2 * held_sampler_rows(model) + spare)
+    engine = FakeEngine(threads=2)
+    assert engine.max_held_contexts() == 8
+    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 4, "science")
+    ref = engine.reference(model, F16, chunks, seed=0).rows
+    run = engine.evaluate(model, Q4, chunks, ref)
+    monkeypatch.setenv("KVQ_DEVICE_REDUCTION", "0")
+    host = engine.evaluate(model, Q4, chunks, ref)
+    engine.close()
+    assert (run.context.device_reduction, host.context.device_reduction) == (expected, False)
+    assert np.array_equal(run.stats.kld, host.stats.kld)
+
+
+@pytest.mark.parametrize("where", ["cpu-build", "output-layer-on-the-cpu", "rpc-server"])
+def test_the_default_stays_on_the_host_where_the_output_layer_is_not_on_a_local_gpu(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A CPU build gains nothing; a partly offloaded model computes its output rows on the CPU (llama.cpp
+    offloads the output layer only past n_layer layers); an RPC server's rows are not this host's GPU's."""
+    fake_on_a_gpu(monkeypatch, 1 << 50, gpu=None if where == "cpu-build" else "CUDA",
+                  gpu_layers=FAKE_KV[0] if where == "output-layer-on-the-cpu" else 999)
+    model = ModelLoad(str(fake_model), -1, rpc="127.0.0.1:50052" if where == "rpc-server" else "")
+    engine = FakeEngine(threads=1)
+    chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 2, "science")
+    run = engine.evaluate(model, Q4, chunks, engine.reference(model, F16, chunks, seed=0).rows)
+    engine.close()
+    assert run.context.device_reduction is False
 
 
 @pytest.mark.parametrize(("env", "unpinned"), [
-    ({}, False),
+    ({}, host_backend().gpu is not None),  # the GPU default may reduce on the device
     ({"KVQ_DEVICE_REDUCTION": "1"}, True),
     ({"KVQ_DEVICE_REDUCTION": "1", "KVQ_UNPINNED_OUTPUTS": "0"}, False),
     ({"KVQ_UNPINNED_OUTPUTS": "1"}, True),

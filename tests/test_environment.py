@@ -1,13 +1,14 @@
-"""What the host offers: yes/no switches, and each process's share of the cores."""
+"""What the host offers: yes/no switches, each process's share of the cores, available memory."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from pytest_kvquality.engine.pipeline import RowParallel
-from pytest_kvquality.environment import cpu_threads, env_flag
+from pytest_kvquality.environment import cpu_threads, env_flag, memory_available_bytes
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", True), (" Yes ", True), ("off", False), ("FALSE", False),
@@ -38,3 +39,14 @@ def test_the_kl_reduction_takes_its_workers_share(monkeypatch: pytest.MonkeyPatc
         assert rows.threads == 2
     finally:
         rows.close()
+
+
+def test_available_memory_is_the_kernel_s_memavailable(tmp_path: Path) -> None:
+    """What the GPU default weighs the reduction's host rows against; unknown reads None (then the
+    rows are reduced on the host), never a guess."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemFree:  1000 kB\nMemAvailable:   120000000 kB\n")
+    assert memory_available_bytes(meminfo) == 120_000_000 * 1024
+    meminfo.write_text("MemTotal:       131072000 kB\n")
+    assert memory_available_bytes(meminfo) is None
+    assert memory_available_bytes(tmp_path / "absent") is None

@@ -102,20 +102,26 @@ def test_with_freed_memory_kept_a_second_buffer_reuses_the_first_one_s_pages() -
 KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 
 
-@pytest.mark.parametrize(("env", "tunables"), [
-    ({}, None),
-    ({"KVQ_DEVICE_REDUCTION": "1"}, f"glibc.malloc.hugetlb=1:{KEEP}"),
-    ({"KVQ_DEVICE_REDUCTION": "1", "KVQ_HUGE_PAGES": "0"}, KEEP),
-    ({"KVQ_DEVICE_REDUCTION": "1", "KVQ_KEEP_FREED_MEMORY": "0"}, "glibc.malloc.hugetlb=1"),
-    ({"KVQ_DEVICE_REDUCTION": "1", "KVQ_UNPINNED_OUTPUTS": "0"}, None),
-    ({"KVQ_HUGE_PAGES": "1"}, "glibc.malloc.hugetlb=1"),
+@pytest.mark.parametrize(("gpu", "env", "tunables"), [
+    (None, {}, None),  # a CPU build: never on the device unless asked
+    ("CUDA", {}, f"glibc.malloc.hugetlb=1:{KEEP}"),  # a GPU build: rows may be reduced on the device
+    ("CUDA", {"KVQ_DEVICE_REDUCTION": "0"}, None),
+    (None, {"KVQ_DEVICE_REDUCTION": "1"}, f"glibc.malloc.hugetlb=1:{KEEP}"),
+    (None, {"KVQ_DEVICE_REDUCTION": "1", "KVQ_HUGE_PAGES": "0"}, KEEP),
+    (None, {"KVQ_DEVICE_REDUCTION": "1", "KVQ_KEEP_FREED_MEMORY": "0"}, "glibc.malloc.hugetlb=1"),
+    (None, {"KVQ_DEVICE_REDUCTION": "1", "KVQ_UNPINNED_OUTPUTS": "0"}, None),
+    (None, {"KVQ_HUGE_PAGES": "1"}, "glibc.malloc.hugetlb=1"),
 ])
 def test_the_worker_starts_with_malloc_tunables_exactly_when_its_output_buffers_are_unpinned(
-    tmp_path: Path, env: dict[str, str], tunables: str | None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, gpu: str | None, env: dict[str, str], tunables: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The environment the worker is started with (glibc reads the tunables once, at exec; it rewrites
     the variable as it parses it, so the worker's ``/proc/PID/environ`` shows only the first)."""
+    from pytest_kvquality.engine import pipeline
+    from pytest_kvquality.environment import HostBackend
     from pytest_kvquality.testing import TestingWorkerEngine
+
+    monkeypatch.setattr(pipeline, "host_backend", lambda: HostBackend("0.3.36", "0.0.0", gpu))
 
     started: list[dict[str, str]] = []
     popen = subprocess.Popen

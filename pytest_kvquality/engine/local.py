@@ -15,11 +15,13 @@ import numpy as np
 from ..cache_config import CacheConfig
 from ..compaction import compact_rows
 from ..decode_geometry import decode_geometry
+from ..environment import host_backend, memory_available_bytes
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, compact_ids, kl_compact, kl_exact, kl_reduced
 from ..sequences import Sequences, as_sequences
 from .context_cache import ContextCache, ContextSet, close_all
 from .pipeline import (
+    SAMPLER_HOST_ROWS,
     Pipeline,
     RowParallel,
     ScoredBatch,
@@ -66,10 +68,6 @@ Source = Callable[[list[int], Group], Blocks]
 
 def _offloaded(ctx: LogitsContext) -> bool:
     return int(ctx.info.get("gpu_layers", 0)) > 0
-
-
-def _reduces_on_device(ctx: LogitsContext) -> bool:
-    return reduce_on_device() and ctx.reduces_on_device()
 
 
 def _logits_sources(contexts: list[LogitsContext]) -> list[Source]:
@@ -322,7 +320,7 @@ class LocalEngine:
         width = self.top_k + self.tail_samples + 1
         try:
             for ctx in held.contexts:
-                if _reduces_on_device(ctx):
+                if self._reduces_on_device(model, ctx):
                     ids = [np.zeros((int(want.sum()), width), np.int32) for _, want in group]
                     views = ctx.reduced_rows(group, ids)
                 else:
@@ -333,6 +331,22 @@ class LocalEngine:
             close_all(held.contexts)
             raise
         return held
+
+    def _reduces_on_device(self, model: ModelLoad, ctx: LogitsContext) -> bool:
+        """``pipeline.reduce_on_device`` for an evaluation of ``model``: its output layer on a local GPU
+        (not an RPC server's), and the sampler rows of every context the cache may hold at once
+        (kept, in use, prepared; two each) against the host memory available now."""
+        if not ctx.reduces_on_device():
+            return False
+        facts = self._model(model).describe()
+        output_on_gpu = host_backend().gpu is not None and not model.rpc and facts.gpu_layers > facts.n_layer
+        host_bytes = self.max_held_contexts() * SAMPLER_HOST_ROWS * model.n_ubatch * facts.n_vocab * 4
+        return reduce_on_device(output_on_gpu, host_bytes, memory_available_bytes())
+
+    def max_held_contexts(self) -> int:
+        """Scoring contexts alive at once at most: the kept sets, the one in use and the one prepared,
+        two contexts each."""
+        return (self.kept.keep + 2) * 2
 
     def _own_context(self, model: ModelLoad, cache: CacheConfig, n_ctx: int) -> LogitsContext:
         """A generation or speed context; kept scoring contexts are closed first, for its memory."""
@@ -404,7 +418,7 @@ class LocalEngine:
             return compact_ids(ref.slice(int(first_rows[i]), int(first_rows[i + 1])), seqs.next_tokens(i))
 
         with self._scoring(model, cache, seqs.width) as held:
-            on_device = len(ref) > 0 and _reduces_on_device(held.contexts[0])
+            on_device = len(ref) > 0 and self._reduces_on_device(model, held.contexts[0])
             if on_device:
                 parts = self._reduce_all(seqs, [partial(_reduced_batches, ctx, row_ids) for ctx in held.contexts],
                                          held.contexts[0].n_seq, reduced, held.overlap, t0)

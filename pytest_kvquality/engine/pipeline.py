@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..environment import cpu_threads, env_flag
+from ..environment import cpu_threads, env_flag, host_backend
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -151,27 +151,54 @@ def prepare_ahead(offloaded: bool) -> bool:
     return offloaded if said is None else said
 
 
-def reduce_on_device(env: Mapping[str, str] | None = None) -> bool:
-    """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)? Only when
-    ``KVQ_DEVICE_REDUCTION=1`` asks. It is faster where copying rows bounds the rate (H200: the
-    bundled Gemma's four-configuration run 14,100-14,900 scored tok/s against 9,600-10,900, with
-    all of llama.cpp's host buffers unpinned; not measured again since only its output buffers
-    are), but while a backend sampler is attached llama.cpp reserves four n_vocab-wide host rows
-    per output row (2 GiB for a 512-row micro-batch at a 262,144-token vocabulary, against the 0.5
-    GiB the n_ctx 32,768 memory target allows), and its normalizer is ggml's, equal to the host
-    pass's only to float32 rounding."""
-    return env_flag("KVQ_DEVICE_REDUCTION", False, env) is True
+#: n_vocab-wide host rows llama.cpp reserves per output row of a decode while a backend sampler is
+#: attached (``llama_context::output_reserve``: the logits, the sampler's logits and probabilities,
+#: its candidates), against one without
+SAMPLER_HOST_ROWS = 4
+
+
+def device_reduction_asked(env: Mapping[str, str] | None = None) -> bool | None:
+    """``KVQ_DEVICE_REDUCTION=1/0``: rows reduced on the device, or on the host; unset: ``reduce_on_device``
+    decides per evaluation."""
+    return env_flag("KVQ_DEVICE_REDUCTION", None, env)
+
+
+def may_reduce_on_device(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a worker started with ``env`` may reduce rows on the device: asked for, or not refused
+    on a GPU build (decided before the worker starts, for its malloc tunables and pinning switch)."""
+    said = device_reduction_asked(env)
+    return host_backend().gpu is not None if said is None else said
+
+
+def reduce_on_device(output_on_gpu: bool, host_bytes: int, available_bytes: int | None,
+                     env: Mapping[str, str] | None = None) -> bool:
+    """Reduce each scored row where llama.cpp computed it (``engine/device_reduction``)?
+    ``KVQ_DEVICE_REDUCTION=1/0`` decides. Unset: yes when the model's output layer is on a GPU and
+    the host memory llama.cpp then reserves for every context the engine may hold (``host_bytes``:
+    ``SAMPLER_HOST_ROWS`` n_vocab-wide rows per output row of a micro-batch, 2 GiB per context at
+    Gemma's 262,144 tokens) is at most half of what the host has available.
+
+    Why by default: where copying rows bounds the rate it is 3.4x faster (H200, issue 17's measure:
+    the bundled Gemma's four configurations at n_ctx 512, 27,100-27,600 scored tok/s against
+    7,800-8,200 on the host). Why not always: that memory, and a CPU build gains nothing from it. Its
+    normalizer is ggml's, equal to the host pass's to float32 rounding (mean KLD within 0.01 %);
+    each result says which path made it (``device_reduction``)."""
+    said = device_reduction_asked(env)
+    if said is not None:
+        return said
+    return output_on_gpu and available_bytes is not None and 2 * host_bytes <= available_bytes
 
 
 def unpinned_output_buffers(env: Mapping[str, str] | None = None) -> bool:
     """Give llama.cpp's output buffers plain memory instead of pinned (``engine/host_pinning``)?
-    ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows are reduced on the device.
-    Then no row is copied out of them, so pinning them buys nothing, while pinning a context's 2-4
-    GiB of sampling rows holds up the CUDA calls of the context decoding beside it (H200, issue 17's
+    ``KVQ_UNPINNED_OUTPUTS=1/0`` decides; by default exactly when rows may be reduced on the device
+    (``may_reduce_on_device``; the switch is flipped only around decodes that reduce there). Then no
+    row is copied out of them, so pinning them buys nothing, while pinning a context's 2 GiB of
+    sampling rows holds up the CUDA calls of the context decoding beside it (H200, issue 17's
     measure: 14,100-14,900 scored tok/s with all host buffers unpinned against 11,400-11,500
     pinned). The host path copies every scored row into them and keeps them pinned."""
     said = env_flag("KVQ_UNPINNED_OUTPUTS", None, env)
-    return reduce_on_device(env) if said is None else said
+    return may_reduce_on_device(env) if said is None else said
 
 
 def huge_pages(env: Mapping[str, str] | None = None) -> bool:
