@@ -227,7 +227,8 @@ OPTIONS: tuple[Option, ...] = (
            "the logits, so references are kept per geometry", "N", parse=_at_least("--kv-batch", 1)),
     Option("--kv-ubatch", "n_ubatch", "int",
            "tokens per micro-batch, as llama-perplexity's `-ub` (default 512); a scored micro-batch's logits "
-           "are held on the host (n_ubatch x n_vocab x 4 bytes)", "N", parse=_at_least("--kv-ubatch", 1)),
+           "are held on the host (n_ubatch x n_vocab x 4 bytes; four times that per context where rows are "
+           "reduced on the GPU)", "N", parse=_at_least("--kv-ubatch", 1)),
     Option("--kv-swa-full", "swa_full", "flag",
            "keep sliding-window layers' KV cache at full n_ctx (llama.cpp's `--swa-full`); default off, as "
            "llama-server runs, so the reported memory is what a deployment allocates"),

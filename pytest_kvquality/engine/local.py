@@ -19,6 +19,7 @@ from ..environment import host_backend, memory_available_bytes
 from ..generation import Divergence, Generations
 from ..metrics import ReferenceRows, TokenStats, compact_ids, kl_compact, kl_exact, kl_reduced
 from ..sequences import Sequences, as_sequences
+from . import host_pinning
 from .context_cache import ContextCache, ContextSet, close_all
 from .pipeline import (
     SAMPLER_HOST_ROWS,
@@ -396,6 +397,7 @@ class LocalEngine:
         with self._scoring(model, cache, seqs.width) as held:
             parts = self._reduce_all(seqs, _logits_sources(held.contexts), held.contexts[0].n_seq, reduce,
                                      held.overlap, t0)
+        host_pinning.release_freed_memory()
         return ReferenceRun(time.perf_counter() - t0, ReferenceRows.concat(parts))
 
     def evaluate(
