@@ -117,14 +117,17 @@ def corpus_chunks(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: boo
 def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, args: argparse.Namespace,
             text: Path) -> dict[str, Any]:
     chunks = corpus_chunks(engine, model, n_ctx, whole, args.max_chunks)
+    caches = args.caches.split(",")
     f16 = CacheConfig.parse("f16")
+    # as the session does: the first configuration's contexts made while its reference is built
+    engine.prepare(model, CacheConfig.parse(caches[0]), chunks)
     ref = engine.reference(model, f16, chunks, seed=0)
     scored = len(ref.rows)
     out: dict[str, Any] = {"n_ctx": n_ctx, "chunks": int(chunks.shape[0]), "scored_tokens": scored,
                            "reference_seconds": ref.seconds, "configs": {}}
-    for i, label in enumerate(CACHES):
-        if i + 1 < len(CACHES):  # as the session does: the next one's contexts made while this one runs
-            engine.prepare(model, CacheConfig.parse(CACHES[i + 1]), chunks)
+    for i, label in enumerate(caches):
+        if i + 1 < len(caches):  # as the session does: the next one's contexts made while this one runs
+            engine.prepare(model, CacheConfig.parse(caches[i + 1]), chunks)
         run = engine.evaluate(model, CacheConfig.parse(label), chunks, ref.rows)
         s = summarize(run.stats)
         out["configs"][label] = {
@@ -149,7 +152,7 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
                 c["vs_forward_only"] = c["processed_tok_s"] / fo
         print(f"  n_ctx {n_ctx} llama-perplexity forward only: {out['llama_perplexity']}", flush=True)
     if args.bench:
-        out["llama_bench"] = {c: bench_rate(args.bench, model.path, n_ctx, 2048, c) for c in CACHES}
+        out["llama_bench"] = {c: bench_rate(args.bench, model.path, n_ctx, 2048, c) for c in caches}
         for label, c in out["configs"].items():
             rate = out["llama_bench"][label].get("tok_s")
             if rate:
@@ -167,6 +170,9 @@ def main() -> None:
     ap.add_argument("--perplexity", default="", help="llama-perplexity built from the same tree")
     ap.add_argument("--max-ppl-chunks", type=int, default=64)
     ap.add_argument("--bench", default="", help="llama-bench built from the same tree")
+    ap.add_argument("--caches", default=",".join(CACHES),
+                    help="cache configurations in the order evaluated (a gate's: the quantized ones; f16 against "
+                         "the f16 reference shares the reference's contexts, so nothing is made ahead for it first)")
     ap.add_argument("--max-chunks", type=int, default=None, help="at most N chunks per category (default: all)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the architecture (checks the script)")
     ap.add_argument("--keep", action="store_true", help="keep the written model")

@@ -478,8 +478,8 @@ if [ "$stage" = default32k ]; then  # issue 17 with the GPU default at n_ctx 32,
   for r in ${EVAL_ROUNDS:-1 2}; do
     env -u KVQ_DEVICE_REDUCTION PYTHONPATH="$WITH_GGUF" python3 benchmarks/real_geometry.py qwen3.6-35b-a3b \
       --out "/tmp/d32/$r" --long 32768 --long-only --keep --model-dir /tmp/kvq-real \
-      ${PPL:+--perplexity /tmp/kvq/bin/llama-perplexity} 2>&1 | grep -v "^ *loaded" | tail -5
-    cp "/tmp/d32/$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-default-$r.json" 2>/dev/null
+      ${PPL:+--perplexity /tmp/kvq/bin/llama-perplexity} ${CACHES:+--caches $CACHES} 2>&1 | grep -v "^ *loaded" | tail -5
+    cp "/tmp/d32/$r/qwen3.6-35b-a3b.json" "$OUT/qwen-32k-default${CACHES:+-${CACHES//,/-}}-$r.json" 2>/dev/null
   done
   [ -n "${NO_FORWARD:-}" ] || python3 benchmarks/forward_pass_profile.py --model $Q --only 0,11 --rounds 1 2>&1 \
     | grep --line-buffered -E "^#|^round" | tee "$OUT/forward-same-host-default.txt"
