@@ -119,8 +119,6 @@ def measure(engine: WorkerEngine, model: ModelLoad, n_ctx: int, whole: bool, arg
     chunks = corpus_chunks(engine, model, n_ctx, whole, args.max_chunks)
     caches = args.caches.split(",")
     f16 = CacheConfig.parse("f16")
-    # as the session does: the first configuration's contexts made while its reference is built
-    engine.prepare(model, CacheConfig.parse(caches[0]), chunks)
     ref = engine.reference(model, f16, chunks, seed=0)
     scored = len(ref.rows)
     out: dict[str, Any] = {"n_ctx": n_ctx, "chunks": int(chunks.shape[0]), "scored_tokens": scored,
@@ -171,8 +169,8 @@ def main() -> None:
     ap.add_argument("--max-ppl-chunks", type=int, default=64)
     ap.add_argument("--bench", default="", help="llama-bench built from the same tree")
     ap.add_argument("--caches", default=",".join(CACHES),
-                    help="cache configurations in the order evaluated (a gate's: the quantized ones; f16 against "
-                         "the f16 reference shares the reference's contexts, so nothing is made ahead for it first)")
+                    help="cache configurations in the order evaluated (each one's contexts made while the one "
+                         "before runs; the first's when needed)")
     ap.add_argument("--max-chunks", type=int, default=None, help="at most N chunks per category (default: all)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the architecture (checks the script)")
     ap.add_argument("--keep", action="store_true", help="keep the written model")

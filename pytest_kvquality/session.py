@@ -271,9 +271,6 @@ class KVSession:
         seconds = 0.0
         for cat, plan in plans.items():
             chunks = plan.sequences
-            if not per_cat and not self.options.exact and not self._generating():
-                # this configuration's contexts made while its reference is built, when it is
-                self.engine.prepare(spec, cache, chunks)
             ref = None if self.options.exact else self.reference(ref_model, cat, chunks)
             self._doing = f"{model.alias} {cache.label} / {cat}"
             self._say(f"evaluating {self._doing}")

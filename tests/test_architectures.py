@@ -73,6 +73,23 @@ def q4_exact(engine: WorkerEngine, models: dict[str, Path]) -> Callable[[str], T
     return stats
 
 
+@pytest.fixture(scope="module")
+def compact_run(engine: WorkerEngine, models: dict[str, Path]) -> Callable[[str], TokenStats]:
+    """Each architecture's q4_0 cache against its cached compact f16 reference (seed 0), on the same
+    chunks as ``q4_exact``: evaluated once."""
+    done: dict[str, TokenStats] = {}
+
+    def stats(arch: str) -> TokenStats:
+        if arch not in done:
+            model = ModelLoad(str(models[arch]), 0)
+            chunks = coding_chunks(engine, model)
+            ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0)
+            done[arch] = engine.evaluate(model, CacheConfig.parse("q4_0"), chunks, ref.rows).stats
+        return done[arch]
+
+    return stats
+
+
 def expected_kv_bytes(g: synthetic.Geometry, cache: CacheConfig, n_ctx: int, *, swa_full: bool = False,
                       n_ubatch: int = OUR_UBATCH) -> float:
     """KV bytes from the architecture as written (synthetic.Geometry.kv_bytes), not from llama.cpp's log."""
@@ -89,21 +106,40 @@ def test_random_weights_give_non_degenerate_distributions(q4_exact: Callable[[st
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_metrics_equal_llama_perplexity(engine: WorkerEngine, models: dict[str, Path], arch: str,
-                                        q4_exact: Callable[[str], TokenStats], tmp_path: Path) -> None:
+def test_metrics_equal_llama_perplexity(models: dict[str, Path], arch: str, q4_exact: Callable[[str], TokenStats],
+                                        compact_run: Callable[[str], TokenStats], tmp_path: Path) -> None:
     model = ModelLoad(str(models[arch]), 0)
     q4 = CacheConfig.parse("q4_0")
     theirs = llama_perplexity_kld(tmp_path, model.path, builtin_corpus().texts["coding"], N_CTX, N_CHUNKS, q4)
-    chunks = coding_chunks(engine, model)
     exact = summarize(q4_exact(arch))
     assert_matches(exact, theirs)
     # the cached compact reference (top 32 + 16 tail samples): exact top-1; its tail estimate is
-    # unbiased but right-skewed where the tail holds much mass, as on random weights: measured
-    # 0.5-2.9 % low here (within 1 % on the bundled Gemma 3, tests/test_real_oracle.py)
-    ref = engine.reference(model, CacheConfig.parse("f16"), chunks, seed=0)
-    compact = summarize(engine.evaluate(model, q4, chunks, ref.rows).stats)
-    assert compact.top1 == exact.top1
-    assert compact.kl_mean == pytest.approx(exact.kl_mean, rel=0.05)
+    # unbiased but noisy where the tail holds much mass, as on random weights (within 1 % on the
+    # bundled Gemma 3, tests/test_real_oracle.py). So its mean is held to its own sampling error, here
+    # per architecture and pooled over them below (a fixed 5 % held on one CPU and failed on another:
+    # 8.4 % high on qwen35moe, whose exact KL of 2.6e-4 has a standard error of 9.7 % of itself)
+    compact = compact_run(arch)
+    assert summarize(compact).top1 == exact.top1
+    z = bias_z(compact, q4_exact(arch))
+    assert abs(z) <= 4, (arch, summarize(compact).kl_mean, exact.kl_mean, z)
+
+
+def bias_z(compact: TokenStats, exact: TokenStats) -> float:
+    """The mean of the per-token differences between the compact and the exact KL, in standard errors
+    (the tail samples are drawn independently for each token)."""
+    diff = compact.kld.astype(np.float64) - exact.kld.astype(np.float64)
+    return float(diff.mean() / (diff.std(ddof=1) / np.sqrt(diff.size)))
+
+
+def test_the_compact_reference_is_unbiased_over_the_architectures(
+    compact_run: Callable[[str], TokenStats], q4_exact: Callable[[str], TokenStats]
+) -> None:
+    """A bias in the tail estimate has one sign on every architecture: pooled over the distinct ones
+    (the MTP variant decodes as its base), the z-scores' sum over its square root stays within 3. A
+    tail term scaled by 0.8 reads -5.2 here, while each architecture alone sees only -1.9 to -4.1."""
+    archs = [a for a in ARCHS if not a.endswith("-mtp")]
+    zs = [bias_z(compact_run(a), q4_exact(a)) for a in archs]
+    assert abs(sum(zs) / np.sqrt(len(zs))) <= 3, dict(zip(archs, zs, strict=True))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

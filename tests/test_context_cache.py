@@ -405,10 +405,6 @@ class Hinted(FakeEngine):
         self._log(f"evaluate {cache.label}")
         return super().evaluate(model, cache, chunks, ref)
 
-    def reference(self, model, cache, chunks, seed):
-        self._log(f"reference {cache.label}")
-        return super().reference(model, cache, chunks, seed)
-
     def close(self):
         self._log(f"prepared sets used: {self.kept.prepared}")
         super().close()
@@ -418,35 +414,26 @@ def pytest_kvquality_make_engine(config):
 """
 
 
-def test_the_session_names_each_configuration_before_its_reference_and_the_next_before_its_first_category(
+def test_the_session_names_the_next_configuration_before_the_first_category(
     kv_project: pytest.Pytester, fake_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In item order: q8_0 is named before its references are built (its contexts made while they
-    decode), q4_0 before q8_0's first evaluation, and so on; the last names nothing new. All three
-    prepared sets are used, and the JSON is the same with preparing off."""
+    """In item order: before q8_0 is evaluated q4_0 is named, before q4_0 is, q8_0/q4_0; the last names
+    nothing. The prepared sets are used, and the JSON is the same with preparing off."""
     kv_project.makeconftest(HINTS_CONFTEST)
     monkeypatch.setenv("KVQ_OVERLAP", "1")
     n_cats = len(builtin_corpus().categories)
-
-    def expected(references_built: bool) -> list[str]:
-        said = []
-        for cache, upcoming in (("q8_0", "q4_0"), ("q4_0", "q8_0/q4_0"), ("q8_0/q4_0", None)):
-            said += [f"prepare {cache}"]
-            for i in range(n_cats):
-                said += ["reference f16"] if references_built and cache == "q8_0" else []  # then cached
-                said += [f"prepare {upcoming}"] if upcoming and i == 0 else []
-                said += [f"evaluate {cache}"]
-        return said
-
+    expected = []
+    for cache, upcoming in (("q8_0", "q4_0"), ("q4_0", "q8_0/q4_0"), ("q8_0/q4_0", None)):
+        expected += [f"prepare {upcoming}"] if upcoming else []
+        expected += [f"evaluate {cache}"] * n_cats
     results = {}
-    for prepare in ("1", "0"):  # the first run builds the references, the second reads them
+    for prepare in ("1", "0"):
         log, out = tmp_path / f"hints-{prepare}.log", tmp_path / f"out-{prepare}.json"
         monkeypatch.setenv("KVQ_HINT_LOG", str(log))
         monkeypatch.setenv("KVQ_PREPARE", prepare)
         kv_project.runpytest(f"--kv-model={fake_model}", "--kv-cache", "q8_0,q4_0,q8_0/q4_0", "--kv-chunks", "4",
                              "--kv-json", str(out)).assert_outcomes(passed=3)
-        assert log.read_text().splitlines() == [*expected(prepare == "1"),
-                                                f"prepared sets used: {3 if prepare == '1' else 0}"]
+        assert log.read_text().splitlines() == [*expected, f"prepared sets used: {2 if prepare == '1' else 0}"]
         results[prepare] = [{k: v for k, v in r.items() if k != "eval_seconds"}
                             for r in json.loads(out.read_text())["results"]]
     assert results["1"] == results["0"]
