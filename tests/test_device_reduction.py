@@ -155,7 +155,8 @@ def held_sampler_rows(model: ModelLoad) -> int:
 def test_the_engine_weighs_every_context_it_may_hold(fake_model: Path, monkeypatch: pytest.MonkeyPatch,
                                                       spare: int, expected: bool) -> None:
     """The default decides on the engine's own count of contexts and the model's vocabulary and
-    micro-batch; the result says which path made it, and both give the same statistics here."""
+    micro-batch, once per model (a run does not switch paths as its contexts take memory); the result
+    says which path made it, and both give the same statistics here."""
     model = ModelLoad(str(fake_model), -1, n_batch=512, n_ubatch=512)
     fake_on_a_gpu(monkeypatch, 2 * held_sampler_rows(model) + spare)
     engine = FakeEngine(threads=2)
@@ -163,10 +164,13 @@ def test_the_engine_weighs_every_context_it_may_hold(fake_model: Path, monkeypat
     chunks = chunk_tokens(engine.tokenize(model, builtin_corpus().texts["science"]), 128, 4, "science")
     ref = engine.reference(model, F16, chunks, seed=0).rows
     run = engine.evaluate(model, Q4, chunks, ref)
+    monkeypatch.setattr(local, "memory_available_bytes", lambda: 1 << 50 if spare else 0)
+    again = engine.evaluate(model, Q4, chunks, ref)  # the host's memory changed: the default did not
     monkeypatch.setenv("KVQ_DEVICE_REDUCTION", "0")
     host = engine.evaluate(model, Q4, chunks, ref)
     engine.close()
-    assert (run.context.device_reduction, host.context.device_reduction) == (expected, False)
+    assert (run.context.device_reduction, again.context.device_reduction) == (expected, expected)
+    assert host.context.device_reduction is False
     assert np.array_equal(run.stats.kld, host.stats.kld)
 
 

@@ -29,6 +29,7 @@ from .pipeline import (
     chunks_alternate,
     decode_ahead,
     decoded_in_turn,
+    device_reduction_asked,
     in_row_order,
     overlap_default,
     prepare_ahead,
@@ -187,6 +188,8 @@ class LocalEngine:
         self.kept = ContextCache()
         self._speed_ctx: tuple[tuple[ModelLoad, CacheConfig, int], LogitsContext] | None = None
         self._models: dict[ModelLoad, LogitsModel] = {}
+        #: ``_reduces_on_device``'s default per model, decided at its first evaluation
+        self._device_default: dict[ModelLoad, bool] = {}
         #: called now and then during long runs with chunks done, total, scored tokens, seconds
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self._last_tick = 0.0
@@ -336,13 +339,20 @@ class LocalEngine:
     def _reduces_on_device(self, model: ModelLoad, ctx: LogitsContext) -> bool:
         """``pipeline.reduce_on_device`` for an evaluation of ``model``: its output layer on a local GPU
         (not an RPC server's), and the sampler rows of every context the cache may hold at once
-        (kept, in use, prepared; two each) against the host memory available now."""
+        (kept, in use, prepared; two each) against the host memory available at its first evaluation.
+        The default is decided once per model, so a run does not change paths as its own contexts
+        take memory."""
         if not ctx.reduces_on_device():
             return False
+        if device_reduction_asked() is None and model in self._device_default:
+            return self._device_default[model]
         facts = self._model(model).describe()
         output_on_gpu = host_backend().gpu is not None and not model.rpc and facts.gpu_layers > facts.n_layer
         host_bytes = self.max_held_contexts() * SAMPLER_HOST_ROWS * model.n_ubatch * facts.n_vocab * 4
-        return reduce_on_device(output_on_gpu, host_bytes, memory_available_bytes())
+        decided = reduce_on_device(output_on_gpu, host_bytes, memory_available_bytes())
+        if device_reduction_asked() is None:
+            self._device_default[model] = decided
+        return decided
 
     def max_held_contexts(self) -> int:
         """Scoring contexts alive at once at most: the kept sets, the one in use and the one prepared,
