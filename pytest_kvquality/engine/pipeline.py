@@ -159,7 +159,7 @@ SAMPLER_HOST_ROWS = 4
 
 def device_reduction_asked(env: Mapping[str, str] | None = None) -> bool | None:
     """``KVQ_DEVICE_REDUCTION=1/0``: rows reduced on the device, or on the host; unset: ``reduce_on_device``
-    decides per evaluation."""
+    decides, once per model (``LocalEngine._reduces_on_device``)."""
     return env_flag("KVQ_DEVICE_REDUCTION", None, env)
 
 
@@ -178,11 +178,11 @@ def reduce_on_device(output_on_gpu: bool, host_bytes: int, available_bytes: int 
     ``SAMPLER_HOST_ROWS`` n_vocab-wide rows per output row of a micro-batch, 2 GiB per context at
     Gemma's 262,144 tokens) is at most half of what the host has available.
 
-    Why by default: where copying rows bounds the rate it is 3.4x faster (H200, issue 17's measure:
-    the bundled Gemma's four configurations at n_ctx 512, 27,100-27,600 scored tok/s against
-    7,800-8,200 on the host). Why not always: that memory, and a CPU build gains nothing from it. Its
-    normalizer is ggml's, equal to the host pass's to float32 rounding (mean KLD within 0.01 %);
-    each result says which path made it (``device_reduction``)."""
+    Why by default: where copying rows bounds the rate it is ~3x faster (H200, issue 17's measure:
+    the bundled Gemma's four configurations at n_ctx 512, 26,500-28,900 scored tok/s against
+    8,500-9,100 on the host, benchmarks/README.md §12). Why not always: that memory, and a CPU build
+    gains nothing from it. Its normalizer is ggml's, equal to the host pass's to float32 rounding
+    (mean KLD within 0.01 %); each result says which path made it (``device_reduction``)."""
     said = device_reduction_asked(env)
     if said is not None:
         return said
