@@ -344,15 +344,15 @@ class LocalEngine:
         take memory."""
         if not ctx.reduces_on_device():
             return False
-        if device_reduction_asked() is None and model in self._device_default:
-            return self._device_default[model]
-        facts = self._model(model).describe()
-        output_on_gpu = host_backend().gpu is not None and not model.rpc and facts.gpu_layers > facts.n_layer
-        host_bytes = self.max_held_contexts() * SAMPLER_HOST_ROWS * model.n_ubatch * facts.n_vocab * 4
-        decided = reduce_on_device(output_on_gpu, host_bytes, memory_available_bytes())
-        if device_reduction_asked() is None:
-            self._device_default[model] = decided
-        return decided
+        asked = device_reduction_asked()
+        if asked is not None:
+            return asked
+        if model not in self._device_default:
+            facts = self._model(model).describe()
+            output_on_gpu = host_backend().gpu is not None and not model.rpc and facts.gpu_layers > facts.n_layer
+            host_bytes = self.max_held_contexts() * SAMPLER_HOST_ROWS * model.n_ubatch * facts.n_vocab * 4
+            self._device_default[model] = reduce_on_device(output_on_gpu, host_bytes, memory_available_bytes())
+        return self._device_default[model]
 
     def max_held_contexts(self) -> int:
         """Scoring contexts alive at once at most: the kept sets, the one in use and the one prepared,
